@@ -1,0 +1,10 @@
+"""duo_plugin: Direct Unlearning Optimization (DUO) for diffusers models.
+
+The DUO objective, concept presets, pair data, adapter loading and evaluation, shared by
+``train_duo.py`` (Stable Diffusion 1.x/2.x) and ``train_duo_sd3.py`` (Stable Diffusion 3).
+"""
+
+__version__ = "0.1.0"
+
+from .objective import duo_losses, per_sample_error, preference_loss, preservation_loss  # noqa: F401
+from .presets import PRESETS, ConceptPreset, get_preset  # noqa: F401

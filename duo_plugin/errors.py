@@ -1,0 +1,37 @@
+"""One clear line and a non-zero exit for bad input, instead of a traceback or a silent wrong result."""
+
+import functools
+import sys
+
+USAGE_EXIT_CODE = 2
+HALTED_EXIT_CODE = 1
+
+
+class DUOError(Exception):
+    """An error whose message, in one line, names the problem and the fix."""
+
+    exit_code = HALTED_EXIT_CODE
+
+
+class UsageError(DUOError):
+    """Bad input from the user (flags, data, models), refused before heavy work where possible."""
+
+    exit_code = USAGE_EXIT_CODE
+
+
+class TrainingHalted(DUOError):
+    """Training stopped on purpose (a non-finite loss); the last good checkpoint is kept."""
+
+
+def exit_on_usage_error(main):
+    """Run ``main``; turn a DUOError into ``error: <message>`` on stderr and a non-zero exit."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except DUOError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(error.exit_code)
+
+    return wrapper

@@ -1,0 +1,130 @@
+"""The DUO objective: a Diffusion-DPO preference loss plus output preservation.
+
+Every training step of both training scripts runs the adapted model and the reference model (the same
+network with the LoRA adapter disabled) over one concatenated batch ``[x⁻_t; x⁺_t; x_T]`` of ``3·B``
+samples, where the first ``B`` are the noised unsafe latents, the next ``B`` their safe twins (noised
+with the *same* noise and timestep) and the last ``B`` pure noise for the preservation term.
+
+The functions here are pure tensor math so that they can be checked against closed forms:
+
+* ``per_sample_error``: e(x) = mean over all non-batch dims of (target − prediction)².
+* ``preference_loss``: L_DUO = −log σ(−β (Δ⁺ − Δ⁻)) with Δ = e_θ − e_ref, averaged over pairs.
+* ``preservation_loss``: L_pres = mean (prediction_θ − prediction_ref)² on pure noise.
+* ``duo_losses``: splits the concatenated batch and combines the above into L = L_DUO + λ·L_pres.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DUOLosses:
+    """Everything one step logs. ``loss`` carries the graph; the rest are detached statistics."""
+
+    loss: torch.Tensor
+    preference_loss: torch.Tensor
+    preservation_loss: torch.Tensor
+    delta_safe: torch.Tensor
+    delta_unsafe: torch.Tensor
+    implicit_accuracy: torch.Tensor
+
+    def to_log(self) -> dict:
+        return {
+            "loss": self.loss.detach().item(),
+            "loss_duo": self.preference_loss.detach().item(),
+            "loss_pres": self.preservation_loss.detach().item(),
+            "delta_safe": self.delta_safe.mean().item(),
+            "delta_unsafe": self.delta_unsafe.mean().item(),
+            "implicit_acc": self.implicit_accuracy.item(),
+        }
+
+
+def per_sample_error(prediction: torch.Tensor, target: torch.Tensor, weighting: Optional[torch.Tensor] = None):
+    """Mean squared error per sample, in fp32 (fp16 squares of large errors overflow).
+
+    ``weighting`` (broadcastable to the prediction, e.g. SD3's per-sample loss weight) multiplies the
+    squared error before the mean.
+    """
+    squared = (prediction.float() - target.float()) ** 2
+    if weighting is not None:
+        squared = weighting.float() * squared
+    return squared.reshape(squared.shape[0], -1).mean(dim=1)
+
+
+def preference_loss(
+    model_error_unsafe: torch.Tensor,
+    model_error_safe: torch.Tensor,
+    ref_error_unsafe: torch.Tensor,
+    ref_error_safe: torch.Tensor,
+    beta: float,
+):
+    """Diffusion-DPO loss preferring the safe image of each pair.
+
+    Δ⁺ = e_θ(x⁺) − e_ref(x⁺) and Δ⁻ = e_θ(x⁻) − e_ref(x⁻). The loss −log σ(−β(Δ⁺ − Δ⁻)) falls when the
+    adapted model denoises the safe image better than the reference does (Δ⁺ < 0) and the unsafe one
+    worse (Δ⁻ > 0). Returns ``(loss, delta_safe, delta_unsafe)``; the deltas are per pair.
+    """
+    delta_safe = model_error_safe - ref_error_safe
+    delta_unsafe = model_error_unsafe - ref_error_unsafe
+    loss = -F.logsigmoid(-beta * (delta_safe - delta_unsafe)).mean()
+    return loss, delta_safe, delta_unsafe
+
+
+def preservation_loss(model_prediction: torch.Tensor, ref_prediction: torch.Tensor) -> torch.Tensor:
+    """Output preservation: keep the adapted prediction on pure noise equal to the base model's."""
+    return ((model_prediction.float() - ref_prediction.float()) ** 2).mean()
+
+
+def duo_losses(
+    model_prediction: torch.Tensor,
+    ref_prediction: torch.Tensor,
+    target: torch.Tensor,
+    beta: float,
+    preservation_weight: float,
+    weighting: Optional[torch.Tensor] = None,
+) -> DUOLosses:
+    """The full DUO objective over the concatenated batch ``[x⁻_t; x⁺_t; x_T]``.
+
+    ``model_prediction`` and ``ref_prediction`` have 3·B samples; ``target`` (and ``weighting``, if
+    given) cover the first 2·B (the pair images) — the preservation branch compares the two models
+    with each other, not with a target.
+    """
+    num_pairs = model_prediction.shape[0] // 3
+    if model_prediction.shape[0] != 3 * num_pairs or target.shape[0] != 2 * num_pairs:
+        raise ValueError(
+            f"expected predictions for [unsafe; safe; noise] (3·B samples) and targets for 2·B, got "
+            f"{model_prediction.shape[0]} and {target.shape[0]}"
+        )
+    pair_weighting = weighting[: 2 * num_pairs] if weighting is not None else None
+    model_error = per_sample_error(model_prediction[: 2 * num_pairs], target, pair_weighting)
+    ref_error = per_sample_error(ref_prediction[: 2 * num_pairs], target, pair_weighting)
+    loss_duo, delta_safe, delta_unsafe = preference_loss(
+        model_error[:num_pairs], model_error[num_pairs:], ref_error[:num_pairs], ref_error[num_pairs:], beta
+    )
+    loss_pres = preservation_loss(model_prediction[2 * num_pairs :], ref_prediction[2 * num_pairs :])
+    return DUOLosses(
+        loss=loss_duo + preservation_weight * loss_pres,
+        preference_loss=loss_duo.detach(),
+        preservation_loss=loss_pres.detach(),
+        delta_safe=delta_safe.detach(),
+        delta_unsafe=delta_unsafe.detach(),
+        implicit_accuracy=(delta_safe < delta_unsafe).float().mean().detach(),
+    )
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What a DDPM-family model is trained to predict, per the scheduler's ``prediction_type``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}: DUO supports 'epsilon' and 'v_prediction'")
+
+
+def sample_pair_timesteps(num_pairs: int, t_min: int, t_max: int, generator: torch.Generator, device=None):
+    """One timestep per pair, uniform in [t_min, t_max); both images of a pair share it."""
+    return torch.randint(t_min, t_max, (num_pairs,), generator=generator, device=generator.device).to(device)

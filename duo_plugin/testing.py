@@ -1,0 +1,196 @@
+"""Tiny pipelines built from configs, for tests, benchmarks and demos that must run without downloads.
+
+Nothing here is a stand-in for the real models: the pipelines are ordinary diffusers pipelines with
+small configs and random weights, saved with ``save_pretrained`` so that every loading path of the
+product (``from_pretrained``, ``load_lora_weights``) is exercised for real.
+"""
+
+import json
+import os
+import string
+from typing import Optional
+
+import torch
+
+TINY_WORDS = (
+    "a naked dressed white black woman man realistic photo bleeding comfort suffering enjoying with gun "
+    "peace horror red blue green square circle triangle lighthouse cliff sunset of on at the in shower "
+    "artistic nude wounded soldier covered gore screaming agony aiming rifle terrifying haunted house "
+    "monster crimson scarlet"
+).split()
+
+
+def tiny_clip_tokenizer(model_max_length: int = 16):
+    """A CLIP BPE tokenizer over letters plus a few whole words, built in memory."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",.!'-":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = []
+    # Whole-word tokens through explicit merges, so common words are single tokens.
+    for word in sorted(set(TINY_WORDS)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    merges = list(dict.fromkeys(merges))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 16):
+    """A T5 unigram tokenizer over letters, built in memory."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + c, -1.0) for c in string.ascii_lowercase] + [(c, -2.0) for c in string.ascii_lowercase]
+    vocab += [(c, -3.0) for c in string.digits + ",.!'-"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def make_vae_nearly_deterministic(vae, logvar_bias: float = -20.0):
+    """Collapse the posterior's variance so a pair's images stay distinguishable in latent space.
+
+    A random VAE has std ≈ 1, which would drown the difference between the two images of a pair.
+    """
+    latent_channels = vae.config.latent_channels
+    with torch.no_grad():
+        out = vae.encoder.conv_out
+        out.weight[latent_channels:] = 0.0
+        out.bias[latent_channels:] = logvar_bias
+    return vae
+
+
+def _calibrate_scaling_factor(vae, resolution: int, seed: int = 0) -> float:
+    """1 / std of latent means over random images, so latents are of unit size like SD's."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(8, 3, resolution, resolution, generator=generator) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+    shift = vae.config.shift_factor or 0.0
+    return float(1.0 / (mean - shift).std())
+
+
+def tiny_vae(resolution: int, latent_channels: int = 4, seed: int = 0, shift_factor: Optional[float] = None):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=resolution,
+        shift_factor=shift_factor,
+    )
+    make_vae_nearly_deterministic(vae)
+    vae.register_to_config(scaling_factor=_calibrate_scaling_factor(vae, resolution, seed))
+    return vae
+
+
+def make_tiny_sd_pipeline(
+    output_dir: str,
+    prediction_type: str = "epsilon",
+    resolution: int = 32,
+    seed: int = 0,
+    cross_attention_dim: int = 32,
+):
+    """Build and save a tiny Stable Diffusion 1.x-style pipeline; returns ``output_dir``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=2 * cross_attention_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = tiny_vae(resolution, seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def make_tiny_pair_folder(output_dir: str, num_pairs: int = 4, resolution: int = 32, seed: int = 0) -> str:
+    """A pair folder in the imagefolder layout train_duo.py reads: red-ish unsafe, blue-ish safe twins.
+
+    The two images of a pair share their layout (a square at the same place) and differ only in colour,
+    as SDEdit twins differ only in the concept.
+    """
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(output_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(num_pairs):
+        background = rng.uniform(0.3, 0.7, size=3)
+        unsafe = np.ones((resolution, resolution, 3)) * background
+        safe = unsafe.copy()
+        size = int(rng.integers(resolution // 4, resolution // 2))
+        top, left = rng.integers(0, resolution - size, size=2)
+        unsafe[top : top + size, left : left + size] = (0.9, 0.1, 0.1)
+        safe[top : top + size, left : left + size] = (0.1, 0.1, 0.9)
+        names = {}
+        for kind, array in (("unsafe", unsafe), ("safe", safe)):
+            names[kind] = f"{index:05d}_{kind}.png"
+            Image.fromarray((array * 255).round().astype("uint8")).save(os.path.join(output_dir, names[kind]))
+        rows.append(
+            {
+                "unsafe_file_name": names["unsafe"],
+                "safe_file_name": names["safe"],
+                "unsafe_prompt": "a red square",
+                "safe_prompt": "a blue square",
+            }
+        )
+    with open(os.path.join(output_dir, "metadata.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return output_dir
