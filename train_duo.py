@@ -9,12 +9,11 @@ empty prompt, plus an output-preservation regulariser on pure noise. See duo_plu
 """
 
 import argparse
-import logging
-import math
 import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -22,7 +21,7 @@ from duo_plugin import data, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import get_pair_images
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -140,7 +139,9 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        cpu=training.cpu_only_multi_process(),
     )
+    training.check_distributed_setup(accelerator)
     training.check_environment_args(args, accelerator.device.type)
     training.setup_logging(accelerator)
     set_seed(args.seed)
@@ -166,9 +167,8 @@ def main(argv=None):
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for module in (unet, vae, text_encoder):
+        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -270,7 +270,7 @@ def main(argv=None):
                 losses = objective.duo_losses(
                     model_prediction, ref_prediction, target.to(device), args.beta_dpo, args.preservation_weight
                 )
-                training.check_finite(accelerator, losses.loss, step, last_checkpoint)
+                training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)

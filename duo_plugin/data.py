@@ -34,14 +34,21 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
     from datasets import load_dataset
 
     if os.path.isdir(dataset_name):
-        if not os.path.exists(os.path.join(dataset_name, "metadata.jsonl")) and not any(
-            name.endswith((".parquet", ".arrow")) for name in os.listdir(dataset_name)
-        ):
+        if not os.path.exists(os.path.join(dataset_name, "metadata.jsonl")):
             raise UsageError(
                 f"--dataset_name {dataset_name} has no metadata.jsonl: a pair folder needs metadata.jsonl rows with "
                 f"unsafe_file_name and safe_file_name (python -m duo_plugin.pairs writes one)"
             )
-        return load_dataset("imagefolder", data_dir=dataset_name, split="train", cache_dir=cache_dir)
+        with open(os.path.join(dataset_name, "metadata.jsonl")) as f:
+            if not any(line.strip() for line in f):
+                raise UsageError(f"dataset {dataset_name} is empty: its metadata.jsonl lists no pair")
+        try:
+            return load_dataset("imagefolder", data_dir=dataset_name, split="train", cache_dir=cache_dir)
+        except Exception as error:
+            raise UsageError(
+                f"could not read the pair folder {dataset_name} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                f"check that metadata.jsonl rows name existing files in unsafe_file_name/safe_file_name"
+            ) from None
     if os.path.exists(dataset_name):
         raise UsageError(f"--dataset_name {dataset_name} is a file: give a pair folder or a Hub dataset id")
     try:

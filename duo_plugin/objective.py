@@ -42,15 +42,19 @@ class DUOLosses:
         }
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def per_sample_error(prediction: torch.Tensor, target: torch.Tensor, weighting: Optional[torch.Tensor] = None):
     """Mean squared error per sample, in fp32 (fp16 squares of large errors overflow).
 
     ``weighting`` (broadcastable to the prediction, e.g. SD3's per-sample loss weight) multiplies the
     squared error before the mean.
     """
-    squared = (prediction.float() - target.float()) ** 2
+    squared = (_at_least_fp32(prediction) - _at_least_fp32(target)) ** 2
     if weighting is not None:
-        squared = weighting.float() * squared
+        squared = _at_least_fp32(weighting) * squared
     return squared.reshape(squared.shape[0], -1).mean(dim=1)
 
 
@@ -75,7 +79,7 @@ def preference_loss(
 
 def preservation_loss(model_prediction: torch.Tensor, ref_prediction: torch.Tensor) -> torch.Tensor:
     """Output preservation: keep the adapted prediction on pure noise equal to the base model's."""
-    return ((model_prediction.float() - ref_prediction.float()) ** 2).mean()
+    return ((_at_least_fp32(model_prediction) - _at_least_fp32(ref_prediction)) ** 2).mean()
 
 
 def duo_losses(

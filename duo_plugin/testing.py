@@ -57,8 +57,9 @@ def make_vae_nearly_deterministic(vae, logvar_bias: float = -20.0):
     A random VAE has std ≈ 1, which would drown the difference between the two images of a pair.
     """
     latent_channels = vae.config.latent_channels
+    # The last layer producing (mean, logvar) is quant_conv when the VAE has one, else the encoder's conv_out.
+    out = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
     with torch.no_grad():
-        out = vae.encoder.conv_out
         out.weight[latent_channels:] = 0.0
         out.bias[latent_channels:] = logvar_bias
     return vae

@@ -159,6 +159,26 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
         raise UsageError("--report_to tensorboard needs tensorboard: pip install tensorboard, or pass --report_to none")
 
 
+def cpu_only_multi_process() -> bool:
+    """True when a multi-process launch found no accelerator.
+
+    accelerate sets up MULTI_CPU only when asked to use the CPU; without that, each of N processes would
+    train alone and all of them would write the outputs. Scripts pass this as ``Accelerator(cpu=...)``.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched and not (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+
+
+def check_distributed_setup(accelerator):
+    """Refuse N independent single-process runs pretending to be one distributed run."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UsageError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: "
+            f"check `accelerate config` (use --cpu for CPU-only multi-process runs)"
+        )
+
+
 def resolve_concept(args, architecture: str, base_learning_rate: float) -> ConceptPreset:
     """Fill every preset-dependent flag the user left unset; returns the preset used."""
     args.unsafe_prompt = read_prompt_list(args.unsafe_prompt)
@@ -515,7 +535,8 @@ def write_model_card(output_dir: str, config: dict, pipeline_class: str, sample_
     ``sample_images`` is a list of (file name relative to output_dir, prompt); callers pass only
     images of unrelated prompts that no detector flagged.
     """
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH
+    from huggingface_hub import ModelCard, ModelCardData
 
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     widget = [{"text": prompt, "output": {"url": path}} for path, prompt in sample_images]
@@ -572,16 +593,19 @@ The full configuration is in `{DUO_CONFIG_NAME}`.
 Unlearning lowers, but does not rule out, the chance of generating the concept. Evaluate the adapter on your own
 prompts (`python -m duo_plugin.evaluate`) before relying on it.
 """
-    card = load_or_create_model_card(
-        repo_id_or_path=name,
-        from_training=True,
-        license="creativeml-openrail-m",
-        base_model=config["base_model"],
+    # Always a fresh card from diffusers' training template: never fetch (and reuse) a card from the Hub.
+    card = ModelCard.from_template(
+        card_data=ModelCardData(
+            license="creativeml-openrail-m",
+            library_name="diffusers",
+            base_model=config["base_model"],
+            tags=MODEL_CARD_TAGS + [f"duo-{config['concept']}"],
+            inference=True,
+            widget=widget or None,
+        ),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
-        inference=True,
-        widget=widget or None,
     )
-    card = populate_model_card(card, tags=MODEL_CARD_TAGS + [f"duo-{config['concept']}"])
     card.save(os.path.join(output_dir, "README.md"))
 
 
