@@ -10,6 +10,7 @@ empty prompt, plus an output-preservation regulariser on pure noise. See duo_plu
 
 import argparse
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -36,6 +37,54 @@ def parse_args(argv=None):
 def encode_prompts(tokenizer, text_encoder, prompts, device):
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
     return text_encoder(tokens.input_ids.to(device))[0]
+
+
+@dataclass
+class DUOBatch:
+    """One micro-step's inputs: the concatenated [x⁻_t; x⁺_t; x_T] batch and the pair targets."""
+
+    model_input: torch.Tensor
+    timesteps: torch.Tensor
+    condition: torch.Tensor
+    target: torch.Tensor
+
+
+def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None):
+    """Sample the pairs' latents, one noise and one timestep per pair (shared by both images), and pure noise
+    at the last training timestep for the preservation branch. All draws come from ``generator``."""
+    num_pairs = len(pair_indices)
+    flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
+    unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
+    noise = torch.randn(unsafe_latents.shape, generator=generator)
+    timesteps = objective.sample_pair_timesteps(num_pairs, t_min, t_max, generator)
+    pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
+
+    clean = torch.cat([unsafe_latents, safe_latents])
+    pair_noise = torch.cat([noise, noise])
+    pair_timesteps = torch.cat([timesteps, timesteps])
+    last_timestep = noise_scheduler.config.num_train_timesteps - 1
+    empty = empty_embedding.expand(num_pairs, -1, -1)
+    condition = torch.cat([pair_condition, pair_condition, empty]) if pair_condition is not None else empty.repeat(3, 1, 1)
+    return DUOBatch(
+        model_input=torch.cat([noise_scheduler.add_noise(clean, pair_noise, pair_timesteps), pure_noise]),
+        timesteps=torch.cat([pair_timesteps, torch.full((num_pairs,), last_timestep)]),
+        condition=condition,
+        target=objective.diffusion_target(noise_scheduler, clean, pair_noise, pair_timesteps),
+    )
+
+
+def duo_forward(accelerator, unet, batch, beta_dpo, preservation_weight, weight_dtype):
+    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch."""
+    model = accelerator.unwrap_model(unet)
+    device = accelerator.device
+    model_input = batch.model_input.to(device, dtype=weight_dtype)
+    timesteps = batch.timesteps.to(device)
+    condition = batch.condition.to(device, dtype=weight_dtype)
+    with torch.no_grad(), accelerator.autocast(), training.adapters_disabled(model):
+        ref_prediction = model(model_input, timesteps, condition).sample
+    with accelerator.autocast():
+        model_prediction = unet(model_input, timesteps, condition).sample
+    return objective.duo_losses(model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight)
 
 
 def make_validation_pipeline(args, unet, vae, text_encoder, tokenizer, noise_scheduler):
@@ -231,45 +280,21 @@ def main(argv=None):
 
     model = accelerator.unwrap_model(unet)
     device = accelerator.device
-    last_timestep = num_train_timesteps - 1
     progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for step in range(first_step, args.max_train_steps):
+        step_logs = []
         for micro_step in range(args.gradient_accumulation_steps):
             generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
             pair_indices = data.pair_indices_for_step(
                 len(pairs), step, micro_step, args.gradient_accumulation_steps, args.train_batch_size,
                 accelerator.process_index, accelerator.num_processes, args.seed,
             )
-            num_pairs = len(pair_indices)
-            flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
-            unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
-            # One noise and one timestep per pair, shared by both of its images.
-            noise = torch.randn(unsafe_latents.shape, generator=generator)
-            timesteps = objective.sample_pair_timesteps(num_pairs, args.t_min, args.t_max, generator)
-            pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
-
-            clean = torch.cat([unsafe_latents, safe_latents])
-            pair_noise = torch.cat([noise, noise])
-            pair_timesteps = torch.cat([timesteps, timesteps])
-            noisy = noise_scheduler.add_noise(clean, pair_noise, pair_timesteps)
-            target = objective.diffusion_target(noise_scheduler, clean, pair_noise, pair_timesteps)
-            model_input = torch.cat([noisy, pure_noise]).to(device, dtype=weight_dtype)
-            model_timesteps = torch.cat([pair_timesteps, torch.full((num_pairs,), last_timestep)]).to(device)
-            if args.condition_on_prompts:
-                pair_condition = prompt_embeddings[pair_indices]
-                condition = torch.cat([pair_condition, pair_condition, empty_embedding.expand(num_pairs, -1, -1)])
-            else:
-                condition = empty_embedding.expand(3 * num_pairs, -1, -1)
-            condition = condition.to(device, dtype=weight_dtype)
-
+            pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
+            batch = make_duo_batch(
+                latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
+            )
             with accelerator.accumulate(unet):
-                with torch.no_grad(), accelerator.autocast(), training.adapters_disabled(model):
-                    ref_prediction = model(model_input, model_timesteps, condition).sample
-                with accelerator.autocast():
-                    model_prediction = unet(model_input, model_timesteps, condition).sample
-                losses = objective.duo_losses(
-                    model_prediction, ref_prediction, target.to(device), args.beta_dpo, args.preservation_weight
-                )
+                losses = duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
                 training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)
                 if accelerator.sync_gradients:
@@ -278,9 +303,12 @@ def main(argv=None):
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
+                step_logs.append(losses.to_log())
+
         global_step = step + 1
         progress_bar.update(1)
-        logs = {**losses.to_log(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {key: sum(row[key] for row in step_logs) / len(step_logs) for key in step_logs[0]}
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
         progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
         accelerator.log(logs, step=global_step)
         metrics.write(global_step, logs)
