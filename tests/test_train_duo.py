@@ -177,3 +177,12 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_p
     assert "non-finite" in error_lines[0] and "checkpoint-1" in error_lines[0] and "--learning_rate" in error_lines[0]
     assert (output_dir / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
     assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_bf16_keeps_lora_parameters_fp32(tiny_sd, tiny_pairs, tmp_path):
+    output_dir = tmp_path / "bf16"
+    args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--mixed_precision", "bf16")
+    assert_ok(run_script("train_duo.py", args, accelerate=False))
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert (output_dir / "validation" / "step-000002.png").is_file()
