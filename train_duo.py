@@ -9,18 +9,14 @@ empty prompt, plus an output-preservation regulariser on pure noise. See duo_plu
 """
 
 import argparse
-import os
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
 
 from duo_plugin import data, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
-from duo_plugin.pairs import get_pair_images
+from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
 logger = get_logger(__name__)
 
@@ -30,6 +26,7 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 1.x/2.x (UNet models).")
     training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
+    add_generation_arguments(parser, for_training=True)
     return parser.parse_args(argv)
 
 
@@ -104,58 +101,34 @@ def make_validation_pipeline(args, unet, vae, text_encoder, tokenizer, noise_sch
     return pipeline
 
 
-def generate(pipeline, prompt, seeds, num_inference_steps, autocast):
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    with autocast:
-        return pipeline(
-            [prompt] * len(seeds), num_inference_steps=num_inference_steps, generator=generators
-        ).images
+def image_generator(args, pipeline, weight_dtype, device):
+    """``generate(prompt, seeds) -> images`` with the live model (never cast: autocast handles fp16/bf16)."""
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+
+    def generate(prompt, seeds):
+        with autocast:
+            return pipeline(
+                [prompt] * len(seeds),
+                num_inference_steps=args.num_validation_inference_steps,
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            ).images
+
+    return generate
 
 
-def log_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step):
-    """Base vs unlearned on the validation prompts, same seeds; saved and sent to the trackers.
-
-    The live model is used as it is (never cast): the adapter is switched off for the base images.
-    """
-    logger.info("Running validation at step %d", step)
-    vae.to(accelerator.device)
-    text_encoder.to(accelerator.device)
+def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset=None):
+    """Validation grid (and, with ``preset``, the model card samples); the VAE and text encoder are on the
+    accelerator only meanwhile."""
+    device = accelerator.device
     model = accelerator.unwrap_model(unet)
+    vae.to(device)
+    text_encoder.to(device)
     pipeline = make_validation_pipeline(args, model, vae, text_encoder, tokenizer, noise_scheduler)
-    autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
-    seeds = [args.seed + i for i in range(args.num_validation_images)]
-    rows = []
-    for prompt in args.validation_prompts:
-        with training.adapters_disabled(model):
-            base = generate(pipeline, prompt, seeds, args.num_validation_inference_steps, autocast)
-        unlearned = generate(pipeline, prompt, seeds, args.num_validation_inference_steps, autocast)
-        rows.append(base + unlearned)
-    grid = training.image_grid(rows)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
-    training.log_images_to_trackers(accelerator, "validation (left: base, right: unlearned)", grid, step)
+    generate = image_generator(args, pipeline, weight_dtype, device)
+    training.validation_grid(args, accelerator, model, generate, step)
+    samples = training.save_model_card_samples(args, preset, generate) if preset is not None else []
     vae.to("cpu")
     text_encoder.to("cpu")
-    return pipeline, autocast
-
-
-def save_model_card_samples(args, preset, pipeline, autocast):
-    """Samples for the public model card: unrelated prompts only, and nothing a detector flags."""
-    from duo_plugin.detectors import get_detector
-
-    detector = get_detector(preset.detector) if preset.detector else None
-    samples = []
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    seeds = [args.seed + i for i in range(args.num_validation_images)]
-    for p, prompt in enumerate(preset.unrelated_prompts):
-        images = generate(pipeline, prompt, seeds, args.num_validation_inference_steps, autocast)
-        verdicts = detector(images) if detector else [None] * len(images)
-        for i, (image, verdict) in enumerate(zip(images, verdicts)):
-            if verdict is not None and verdict.flagged:
-                continue
-            name = f"samples/sample_{p}_{i}.png"
-            image.save(os.path.join(args.output_dir, name))
-            samples.append((name, prompt))
     return samples
 
 
@@ -182,30 +155,17 @@ def main(argv=None):
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd", "train_duo.py")
 
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        cpu=training.cpu_only_multi_process(),
-    )
-    training.check_distributed_setup(accelerator)
-    training.check_environment_args(args, accelerator.device.type)
-    training.setup_logging(accelerator)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = training.create_accelerator(args)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     model_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs)
     text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **model_kwargs)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs)
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs)
@@ -215,20 +175,10 @@ def main(argv=None):
 
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = training.weight_dtype_for(accelerator)
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    target_modules = training.lora_target_modules(unet, args.lora_target)
-    training.add_duo_adapter(unet, args.rank, args.lora_alpha, target_modules)
-    training.cast_lora_params_to_fp32(unet)
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    target_modules = training.prepare_denoiser_for_training(args, unet)
 
     # Everything the loop needs from the VAE and the text encoder, computed once.
     latents_cache = data.encode_pairs(
@@ -245,90 +195,31 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    optimizer = training.make_optimizer(args, lora_params)
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    unet, optimizer, lr_scheduler, lora_params, resume_path, first_step = training.prepare_optimization(
+        args, accelerator, unet, save_lora_weights, lora_prefix="unet"
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    training.register_adapter_state_hooks(
-        accelerator, unet, lambda out, state: save_lora_weights(out, state, accelerator.unwrap_model(unet)), "unet"
-    )
-
-    first_step = 0
-    resume_path = training.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
-        first_step = training.checkpoint_step(resume_path)
-    last_checkpoint = resume_path
-
-    if accelerator.is_main_process:
-        tracker_config = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in vars(args).items()}
-        accelerator.init_trackers("duo", config=tracker_config)
-    metrics = training.MetricsLog(os.path.join(logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=resume_path is not None)
-    metrics.truncate_after(first_step)
-
-    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running DUO training *****")
-    logger.info("  Concept = %s, pairs = %d, β = %g, λ = %g, lr = %g", args.concept, len(pairs), args.beta_dpo, args.preservation_weight, args.learning_rate)
-    logger.info("  Pairs per optimizer step = %d, steps = %d (from %d)", pairs_per_step, args.max_train_steps, first_step)
-
     model = accelerator.unwrap_model(unet)
-    device = accelerator.device
-    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    for step in range(first_step, args.max_train_steps):
-        step_logs = []
-        for micro_step in range(args.gradient_accumulation_steps):
-            generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
-            pair_indices = data.pair_indices_for_step(
-                len(pairs), step, micro_step, args.gradient_accumulation_steps, args.train_batch_size,
-                accelerator.process_index, accelerator.num_processes, args.seed,
-            )
-            pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
-            batch = make_duo_batch(
-                latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
-            )
-            with accelerator.accumulate(unet):
-                losses = duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
-                training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
-                accelerator.backward(losses.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
 
-                step_logs.append(losses.to_log())
+    def compute_losses(pair_indices, generator):
+        pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
+        batch = make_duo_batch(
+            latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
+        )
+        return duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
 
-        global_step = step + 1
-        progress_bar.update(1)
-        logs = {key: sum(row[key] for row in step_logs) / len(step_logs) for key in step_logs[0]}
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
-        accelerator.log(logs, step=global_step)
-        metrics.write(global_step, logs)
+    def validate(step, preset=None):
+        return run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset)
 
-        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            last_checkpoint = training.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            if accelerator.is_main_process and not args.skip_validation:
-                log_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, global_step)
-            accelerator.wait_for_everyone()
+    training.train_duo_steps(
+        args, accelerator, unet, optimizer, lr_scheduler, lora_params, len(pairs), first_step, resume_path,
+        compute_losses, validate, project_name="duo",
+    )
 
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora_weights(args.output_dir, training.lora_state_dict(model), model)
         samples = []
         if not args.skip_validation:
-            pipeline, autocast = log_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, args.max_train_steps)
-            vae.to(device)
-            text_encoder.to(device)
-            samples = save_model_card_samples(args, preset, pipeline, autocast)
+            samples = validate(args.max_train_steps, preset)
         architecture = {
             "family": "sd",
             "pipeline_class": pipeline_class,
@@ -338,11 +229,7 @@ def main(argv=None):
             "prediction_type": noise_scheduler.config.prediction_type,
         }
         config = training.write_duo_config(args.output_dir, args, architecture, target_modules)
-        training.write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
-        logger.info("Saved the DUO adapter to %s", args.output_dir)
-        if args.push_to_hub:
-            repo_id = training.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private)
-            logger.info("Pushed to https://huggingface.co/%s", repo_id)
+        training.finish_run(args, accelerator, config, pipeline_class, samples)
     accelerator.end_training()
 
 

@@ -31,7 +31,11 @@ def exit_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except DUOError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            # tqdm.write moves past any open progress bar, so the message starts its own line.
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            sys.stderr.flush()
             sys.exit(error.exit_code)
 
     return wrapper

@@ -132,3 +132,105 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 def sample_pair_timesteps(num_pairs: int, t_min: int, t_max: int, generator: torch.Generator, device=None):
     """One timestep per pair, uniform in [t_min, t_max); both images of a pair share it."""
     return torch.randint(t_min, t_max, (num_pairs,), generator=generator, device=generator.device).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flow matching (Stable Diffusion 3)
+#
+# SD3 is trained on the straight path x_σ = (1 − σ)·x + σ·ε from data (σ = 0) to pure noise (σ = 1) and
+# predicts the velocity ε − x. The DUO objective is unchanged; only the noising, the target and the
+# timestep table differ. ``FlowMatchEulerDiscreteScheduler`` keeps its training table in *descending*
+# order: index 0 is σ = 1 (timestep ``num_train_timesteps``), the last index the least noise. The
+# ``--t_min/--t_max`` range of the official SD3 recipe indexes this table.
+# --------------------------------------------------------------------------------------------------
+
+FLOW_MATCHING_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape one value per sample, (N,), to broadcast against a batch shaped like ``like``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def flow_matching_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_σ = (1 − σ)·x + σ·ε, with one σ per sample. At σ = 1 this is the noise itself."""
+    sigmas = _per_sample(sigmas, latents).to(latents.dtype)
+    return (1.0 - sigmas) * latents + sigmas * noise
+
+
+def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor, precondition_outputs: bool) -> torch.Tensor:
+    """What the (preconditioned) prediction is compared with: the velocity ε − x, or x itself.
+
+    With preconditioning (EDM §5, diffusers' SD3 LoRA default and the official DUO SD3 run) the model
+    output v̂ is turned into a clean-latent estimate x̂ = x_σ − σ·v̂ (``precondition_flow_matching_output``),
+    so the squared error is σ²·‖(ε − x) − v̂‖²: the velocity error weighted by σ².
+    """
+    return latents if precondition_outputs else noise - latents
+
+
+def precondition_flow_matching_output(model_output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x̂ = x_σ − σ·v̂: the clean latent a velocity prediction implies."""
+    return model_output * (-_per_sample(sigmas, model_output).to(model_output.dtype)) + noisy
+
+
+def sample_flow_matching_indices(
+    num_pairs: int,
+    t_min: int,
+    t_max: int,
+    generator: torch.Generator,
+    weighting_scheme: str = "none",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """One index per pair into the scheduler's (descending) sigma table, in [t_min, t_max).
+
+    Uniform over the range, as the official SD3 recipe draws it, unless ``weighting_scheme`` is a
+    sampling density (``logit_normal``, ``mode``): then u ∈ (0, 1) is drawn from diffusers'
+    ``compute_density_for_timestep_sampling`` and mapped linearly onto the range,
+    index = t_min + ⌊u·(t_max − t_min)⌋. With t_min = 0 and t_max = num_train_timesteps this is exactly
+    diffusers' SD3 LoRA sampling. ``sigma_sqrt`` and ``cosmap`` sample uniformly and weight the loss.
+    """
+    if weighting_scheme not in FLOW_MATCHING_WEIGHTING_SCHEMES:
+        raise ValueError(f"unknown weighting scheme {weighting_scheme!r}: choose one of {', '.join(FLOW_MATCHING_WEIGHTING_SCHEMES)}")
+    if weighting_scheme in ("logit_normal", "mode"):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme, num_pairs, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, generator=generator
+        )
+        span = t_max - t_min
+        return t_min + (u * span).long().clamp(0, span - 1)
+    return sample_pair_timesteps(num_pairs, t_min, t_max, generator)
+
+
+def flow_matching_sigmas_and_timesteps(scheduler, indices: torch.Tensor):
+    """σ and the model's timestep (σ·num_train_timesteps, shifted as the scheduler shifts) for table indices.
+
+    Reads the table a freshly built ``FlowMatchEulerDiscreteScheduler`` holds; do not pass one that
+    ``set_timesteps`` has changed (a pipeline's), build a copy with ``from_config``.
+    """
+    if len(scheduler.sigmas) != scheduler.config.num_train_timesteps:
+        raise ValueError("the scheduler's table was changed by set_timesteps: use a fresh FlowMatchEulerDiscreteScheduler")
+    return scheduler.sigmas[indices].float(), scheduler.timesteps[indices].float()
+
+
+def pure_noise_sigma_and_timestep(scheduler):
+    """(σ, timestep) of the first sampling step, where the input is pure noise: σ = 1, t = num_train_timesteps.
+
+    The output-preservation branch feeds pure noise, so it must be told σ = 1. (The official SD3 code
+    reads the last entry of the descending table here, t ≈ 1 — the *final*, almost noise-free step —
+    while feeding pure noise: an input the model never sees at that timestep.)
+    """
+    sigmas, timesteps = flow_matching_sigmas_and_timesteps(scheduler, torch.tensor([0]))
+    if abs(sigmas.item() - 1.0) > 1e-6:
+        raise ValueError(f"the scheduler's largest sigma is {sigmas.item()}, not 1: DUO needs a table that reaches pure noise")
+    return sigmas[0], timesteps[0]
+
+
+def flow_matching_loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight of the scheme (diffusers' ``compute_loss_weighting_for_sd3``): σ⁻² for
+    ``sigma_sqrt``, 2 / (π(1 − 2σ + 2σ²)) for ``cosmap``, 1 otherwise."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float())

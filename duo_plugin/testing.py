@@ -195,3 +195,84 @@ def make_tiny_pair_folder(output_dir: str, num_pairs: int = 4, resolution: int =
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return output_dir
+
+
+def make_tiny_sd3_pipeline(output_dir: str, with_t5: bool = True, resolution: int = 32, seed: int = 0) -> str:
+    """Build and save a tiny Stable Diffusion 3 pipeline; returns ``output_dir``.
+
+    The shapes follow SD3's wiring: two CLIP encoders with projection (their hidden states, concatenated,
+    fill ``joint_attention_dim`` and their pooled projections ``pooled_projection_dim``), a T5 encoder of
+    width ``joint_attention_dim`` (or none, as a T5-less base), 16 latent channels, a VAE with a shift
+    factor, and a flow-matching scheduler with SD3's shift of 3.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_hidden_size, projection_dim, joint_attention_dim, latent_channels = 16, 16, 32, 16
+    clip_tokenizer = tiny_clip_tokenizer()
+
+    def clip_encoder(offset):
+        torch.manual_seed(seed + offset)
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=clip_hidden_size,
+                intermediate_size=2 * clip_hidden_size,
+                projection_dim=projection_dim,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=clip_tokenizer.model_max_length,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                hidden_act="gelu",
+            )
+        )
+
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        tokenizer_3 = tiny_t5_tokenizer()
+        torch.manual_seed(seed + 3)
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=joint_attention_dim,
+                d_kv=8,
+                d_ff=2 * joint_attention_dim,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+    vae = tiny_vae(resolution, latent_channels=latent_channels, seed=seed, shift_factor=0.1)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    torch.manual_seed(seed + 4)
+    transformer = SD3Transformer2DModel(
+        sample_size=resolution // vae_scale_factor,
+        patch_size=2,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * projection_dim,
+        pos_embed_max_size=resolution // vae_scale_factor,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_encoder(1),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_encoder(2),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(output_dir)
+    return output_dir

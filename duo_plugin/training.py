@@ -12,8 +12,7 @@ import logging
 import os
 import re
 import shutil
-import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -138,7 +137,7 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
     if args.resolution % 8 != 0:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8; use e.g. {args.resolution // 8 * 8 or 8}")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        raise UsageError("--report_to wandb with --hub_token would expose the token in the run's config: log in with `huggingface-cli login` instead")
+        raise UsageError("--report_to wandb with --hub_token would expose the token in the run's config: log in with `hf auth login` instead")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
@@ -228,6 +227,23 @@ def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional
     return config["_class_name"]
 
 
+def base_has_t5(pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> bool:
+    """False for a T5-less SD3 base, saved with ``text_encoder_3: [null, null]`` in model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+    return (config.get("text_encoder_3") or [None])[0] is not None
+
+
+def dtype_kwargs(dtype) -> dict:
+    """``from_pretrained``'s dtype argument: diffusers 0.42 renamed ``torch_dtype`` to ``dtype``."""
+    import diffusers
+    from packaging import version
+
+    name = "dtype" if version.parse(diffusers.__version__) >= version.parse("0.42.0") else "torch_dtype"
+    return {name: dtype}
+
+
 def require_family(pipeline_class: str, expected: str, script: str):
     """Refuse a base model of the wrong family, pointing at the script that handles it."""
     family = pipeline_family(pipeline_class)
@@ -281,6 +297,20 @@ def lora_target_modules(model: torch.nn.Module, lora_target: str) -> List[str]:
 def target_module_patterns(target_modules: List[str]) -> List[str]:
     """The distinct layer kinds adapted, e.g. ``attn1.to_q``, for the config and the model card."""
     return sorted({re.sub(r"^.*?\b(attn\d*\.)", r"\1", name) for name in target_modules})
+
+
+def prepare_denoiser_for_training(args, model) -> List[str]:
+    """Memory options, then the DUO LoRA adapter with fp32 parameters; returns the adapted module names."""
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    target_modules = lora_target_modules(model, args.lora_target)
+    add_duo_adapter(model, args.rank, args.lora_alpha, target_modules)
+    cast_lora_params_to_fp32(model)
+    return target_modules
 
 
 def add_duo_adapter(model, rank: int, alpha: int, target_modules: List[str]):
@@ -521,6 +551,7 @@ def write_duo_config(output_dir: str, args, architecture: dict, target_modules: 
         "resolution": args.resolution,
         "seed": args.seed,
         "dataset": args.dataset_name,
+        "pairs_dir": getattr(args, "pairs_dir", None),
         "library_versions": library_versions(),
     }
     config.update(extra or {})
@@ -612,30 +643,41 @@ prompts (`python -m duo_plugin.evaluate`) before relying on it.
 FINAL_ARTIFACT_PATTERNS = [LORA_WEIGHT_NAME, DUO_CONFIG_NAME, "README.md", "samples/*.png", "validation/*.png"]
 
 
-def push_to_hub(output_dir: str, repo_id: Optional[str], token: Optional[str], private: bool) -> str:
-    """Upload the final artifacts only (never checkpoints). On failure everything stays local."""
+def push_to_hub(
+    output_dir: str,
+    repo_id: Optional[str],
+    token: Optional[str],
+    private: bool,
+    allow_patterns: Sequence[str] = tuple(FINAL_ARTIFACT_PATTERNS),
+    repo_type: str = "model",
+    commit_message: str = "DUO unlearning adapter",
+) -> str:
+    """Upload only ``allow_patterns`` of ``output_dir`` (never checkpoints). On failure everything stays local."""
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     try:
-        repo_id = create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
+        repo_id = create_repo(repo_id, repo_type=repo_type, exist_ok=True, token=token, private=private).repo_id
         upload_folder(
             repo_id=repo_id,
+            repo_type=repo_type,
             folder_path=output_dir,
-            allow_patterns=FINAL_ARTIFACT_PATTERNS,
-            commit_message="DUO unlearning adapter",
+            allow_patterns=list(allow_patterns),
+            commit_message=commit_message,
             token=token,
         )
     except Exception as error:
+        retry = f"hf upload {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id} {output_dir} ."
+        if repo_type == "model":
+            retry += f" --include {' '.join(repr(p) for p in allow_patterns)}"
         raise UsageError(
             f"push to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"everything is saved in {output_dir}. Retry with: huggingface-cli upload {repo_id} {output_dir} . "
-            f"--include {' '.join(repr(p) for p in FINAL_ARTIFACT_PATTERNS)}"
+            f"everything is kept in {output_dir}. Retry with: {retry}"
         ) from None
     return repo_id
 
 
-def image_grid(rows: List[List["Image.Image"]]):
+def image_grid(rows: list):
     """Paste a list of image rows into one image."""
     from PIL import Image
 
@@ -645,6 +687,45 @@ def image_grid(rows: List[List["Image.Image"]]):
         for c, image in enumerate(row):
             grid.paste(image, (c * width, r * height))
     return grid
+
+
+def validation_grid(args, accelerator, model, generate, step):
+    """Base vs unlearned on the validation prompts, same seeds; saved and sent to the trackers.
+
+    The live model is used as it is (never cast): the adapter is switched off for the base images.
+    ``generate(prompt, seeds) -> images`` hides the family's pipeline.
+    """
+    logger.info("Running validation at step %d", step)
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    rows = []
+    for prompt in args.validation_prompts:
+        with adapters_disabled(model):
+            base = generate(prompt, seeds)
+        rows.append(base + generate(prompt, seeds))
+    grid = image_grid(rows)
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    log_images_to_trackers(accelerator, "validation (left: base, right: unlearned)", grid, step)
+
+
+def save_model_card_samples(args, preset, generate):
+    """Samples for the public model card: unrelated prompts only, and nothing a detector flags."""
+    from .detectors import get_detector
+
+    detector = get_detector(preset.detector) if preset.detector else None
+    samples = []
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    for p, prompt in enumerate(preset.unrelated_prompts):
+        images = generate(prompt, seeds)
+        verdicts = detector(images) if detector else [None] * len(images)
+        for i, (image, verdict) in enumerate(zip(images, verdicts)):
+            if verdict is not None and verdict.flagged:
+                continue
+            name = f"samples/sample_{p}_{i}.png"
+            image.save(os.path.join(args.output_dir, name))
+            samples.append((name, prompt))
+    return samples
 
 
 def log_images_to_trackers(accelerator, tag: str, grid, step: int):
@@ -675,3 +756,151 @@ def setup_logging(accelerator):
         diffusers.utils.logging.set_verbosity_error()
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: accelerator, optimization, the step loop (the same for every model family)
+# --------------------------------------------------------------------------------------------------
+
+
+def create_accelerator(args):
+    """The Accelerator of a DUO run, after the checks that need to know the device and the process count."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        cpu=cpu_only_multi_process(),
+    )
+    check_distributed_setup(accelerator)
+    check_environment_args(args, accelerator.device.type)
+    setup_logging(accelerator)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype_for(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights: the mixed-precision dtype; the LoRA weights stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_optimization(args, accelerator, model, save_lora_weights, lora_prefix: str):
+    """Optimizer, LR schedule, ``accelerator.prepare``, adapter-only checkpoints, and resuming.
+
+    ``save_lora_weights(output_dir, state_dict, model)`` is the family's LoRA saver. Returns
+    ``(model, optimizer, lr_scheduler, lora_params, resume_path, first_step)``.
+    """
+    from diffusers.optimization import get_scheduler
+
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, lora_params)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # A prepared scheduler steps once per process per optimizer step.
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    register_adapter_state_hooks(accelerator, model, lambda out, state: save_lora_weights(out, state, unwrapped), lora_prefix)
+
+    first_step = 0
+    resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        first_step = checkpoint_step(resume_path)
+    return model, optimizer, lr_scheduler, lora_params, resume_path, first_step
+
+
+def train_duo_steps(
+    args,
+    accelerator,
+    model,
+    optimizer,
+    lr_scheduler,
+    lora_params,
+    num_pairs: int,
+    first_step: int,
+    resume_path: Optional[str],
+    compute_losses,
+    validate,
+    project_name: str,
+):
+    """The optimization loop shared by both scripts.
+
+    ``compute_losses(pair_indices, generator)`` returns the step's ``DUOLosses`` (it builds the family's batch
+    from the pairs and runs the reference and adapted forwards); ``validate(step)`` runs on the main process.
+    Every random draw of a micro-step comes from ``data.step_generator``, so resuming is exact.
+    """
+    from tqdm.auto import tqdm
+
+    from . import data
+
+    if accelerator.is_main_process:
+        tracker_config = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in vars(args).items()}
+        accelerator.init_trackers(project_name, config=tracker_config)
+    metrics = MetricsLog(
+        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=resume_path is not None
+    )
+    metrics.truncate_after(first_step)
+
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        logger.info("***** Running DUO training *****")
+        logger.info("  Concept = %s, pairs = %d, β = %g, λ = %g, lr = %g", args.concept, num_pairs, args.beta_dpo, args.preservation_weight, args.learning_rate)
+        logger.info("  Pairs per optimizer step = %d, steps = %d (from %d)", pairs_per_step, args.max_train_steps, first_step)
+
+    last_checkpoint = resume_path
+    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    for step in range(first_step, args.max_train_steps):
+        step_logs = []
+        for micro_step in range(args.gradient_accumulation_steps):
+            generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
+            pair_indices = data.pair_indices_for_step(
+                num_pairs, step, micro_step, args.gradient_accumulation_steps, args.train_batch_size,
+                accelerator.process_index, accelerator.num_processes, args.seed,
+            )
+            with accelerator.accumulate(model):
+                losses = compute_losses(pair_indices, generator)
+                check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
+                accelerator.backward(losses.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_logs.append(losses.to_log())
+
+        global_step = step + 1
+        progress_bar.update(1)
+        logs = {key: sum(row[key] for row in step_logs) / len(step_logs) for key in step_logs[0]}
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
+        accelerator.log(logs, step=global_step)
+        metrics.write(global_step, logs)
+
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            last_checkpoint = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if accelerator.is_main_process and not args.skip_validation:
+                validate(global_step)
+            accelerator.wait_for_everyone()
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+
+
+def finish_run(args, accelerator, config: dict, pipeline_class: str, samples: List[tuple]):
+    """Model card and optional Hub push, on the main process, after the adapter and config are written."""
+    write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
+    logger.info("Saved the DUO adapter to %s", args.output_dir)
+    if args.push_to_hub:
+        repo_id = push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private)
+        logger.info("Pushed to https://huggingface.co/%s", repo_id)

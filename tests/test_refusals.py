@@ -118,7 +118,7 @@ def test_xformers_flag_without_xformers(train_duo_main, tiny_sd, tiny_pairs, tmp
 def test_wandb_with_hub_token(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
     argv = tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o") + ["--report_to", "wandb", "--hub_token", "hf_x"]
     line = refuse(train_duo_main, argv, capsys)
-    assert "token" in line and "huggingface-cli login" in line
+    assert "token" in line and "hf auth login" in line
 
 
 def test_refusal_through_accelerate_launch(tiny_sd, tiny_pairs, tmp_path):
@@ -135,5 +135,5 @@ def test_failed_push_keeps_everything_local(tiny_sd, tiny_pairs, tmp_path):
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "push to the Hub failed" in error_lines[0]
-    assert "huggingface-cli upload someone/duo-test" in error_lines[0]
+    assert "hf upload someone/duo-test" in error_lines[0]
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file() and (output_dir / "README.md").is_file()
