@@ -200,8 +200,8 @@ def encode_pairs(
     means, stds = [], []
     for start in tqdm(range(0, len(flat), batch_size), desc="Caching pair latents", disable=not progress):
         posterior = vae.encode(flat[start : start + batch_size].to(device=device, dtype=dtype)).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
+        means.append(posterior.mean.float().cpu().contiguous())
+        stds.append(posterior.std.float().cpu().contiguous())
     shape = (len(pixels), len(views), 2)
     mean = torch.cat(means).reshape(*shape, *means[0].shape[1:])
     std = torch.cat(stds).reshape(*shape, *stds[0].shape[1:])
