@@ -216,7 +216,8 @@ def test_a_fresh_process_with_hf_hub_offline_loads_by_repo_id(hub, images, tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub["cache"]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "image.npy")], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    np.testing.assert_allclose(np.load(tmp_path / "image.npy"), images["nudity"], atol=1e-6)
+    # Another process may use another number of threads, which reorders float sums (seen: 1.3e-6).
+    np.testing.assert_allclose(np.load(tmp_path / "image.npy"), images["nudity"], atol=1e-5)
 
 
 def test_loads_from_the_training_output_folder(hub, images):
