@@ -5,6 +5,7 @@ generator uses one to verify pairs, the evaluation module to measure the defense
 the training scripts to keep flagged images out of model cards.
 """
 
+import importlib
 import io
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -67,6 +68,8 @@ class NudeNetDetector:
 
 
 DETECTORS: Dict[str, Callable[..., object]] = {"nudenet": NudeNetDetector}
+# Built-in detectors whose module registers them on import (kept out of the import of this module).
+LAZY_DETECTORS = {"red": "duo_plugin.toy_world"}
 
 
 def register_detector(name: str, factory: Callable[..., object]):
@@ -74,13 +77,35 @@ def register_detector(name: str, factory: Callable[..., object]):
     DETECTORS[name] = factory
 
 
+def detector_names() -> List[str]:
+    return ["none", *dict.fromkeys([*DETECTORS, *LAZY_DETECTORS]), "module:Class"]
+
+
+def resolve_detector_factory(name: str) -> Callable[..., object]:
+    """A registered name, a lazily registered built-in, or ``package.module:Factory`` (a user's own detector).
+
+    The ``module:Factory`` form lets command lines use a detector that no code of this package knows.
+    """
+    if name in DETECTORS:
+        return DETECTORS[name]
+    if name in LAZY_DETECTORS:
+        importlib.import_module(LAZY_DETECTORS[name])
+        return DETECTORS[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise UsageError(f"cannot import the detector {name!r} ({error}): give an importable package.module:Factory") from None
+    raise UsageError(f"unknown detector {name!r}: choose one of {', '.join(detector_names())}")
+
+
 def get_detector(name: Optional[str], threshold: Optional[float] = None):
     """A detector by name, or None for ``none``/None (no verification)."""
     if name in (None, "none"):
         return None
-    if name not in DETECTORS:
-        raise UsageError(f"unknown detector {name!r}: choose one of {', '.join(['none', *DETECTORS])}")
-    return DETECTORS[name](threshold=threshold) if threshold is not None else DETECTORS[name]()
+    factory = resolve_detector_factory(name)
+    return factory(threshold=threshold) if threshold is not None else factory()
 
 
 class CLIPZeroShotDetector:

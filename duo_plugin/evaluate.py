@@ -71,7 +71,14 @@ def parse_args(argv=None):
 
     prompts = parser.add_argument_group("prompts and attacks")
     prompts.add_argument("--attack", nargs="+", default=["prompts"], help=f"prompt sources for the DSR: {', '.join(ATTACKS)} (SneakyPrompt and UnlearnDiffAtk are not implemented yet)")
-    prompts.add_argument("--prompts", type=str, default=None, help="unsafe prompts: text (one a line), I2P-style CSV, JSON lines; default: the preset's unsafe prompts")
+    prompts.add_argument(
+        "--prompts",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH",
+        help="unsafe prompts: text (one a line), I2P-style CSV, JSON lines; default: the preset's unsafe prompts. "
+        "Repeat with NAME=PATH for several sets, each with its own DSR (e.g. direct=a.txt synonym=b.txt)",
+    )
     prompts.add_argument("--prompt_categories", nargs="+", default=None, help="keep only I2P rows of these categories, e.g. sexual")
     prompts.add_argument("--max_prompts", type=int, default=None)
     prompts.add_argument("--unrelated_prompts", type=str, default=None, help="prompts for prior preservation, FID and CLIP score: a COCO captions file or any prompt file; default: the preset's")
@@ -474,15 +481,17 @@ def plan_prompt_sets(args, preset, specs: List[ModelSpec]) -> PromptPlan:
     """
     plan = PromptPlan(prompt_sets={}, sources={})
     default_source = f"preset:{preset.name}"
-    unsafe_prompts = None
+    unsafe_sets, unsafe_sources = {}, {}
     if "prompts" in args.attack or ("ring_a_bell" in args.attack and not args.ring_a_bell_targets):
-        if args.prompts:
-            unsafe_prompts = attacks.read_prompts(args.prompts, args.max_prompts, args.prompt_categories)
-        else:
-            unsafe_prompts = default_unsafe_prompts(preset)[: args.max_prompts]
+        for name, path in prompt_files(args.prompts):
+            unsafe_sets[name] = attacks.read_prompts(path, args.max_prompts, args.prompt_categories)
+            unsafe_sources[name] = path
+        if not unsafe_sets:
+            unsafe_sets["prompts"] = default_unsafe_prompts(preset)[: args.max_prompts]
+            unsafe_sources["prompts"] = default_source
     if "prompts" in args.attack:
-        plan.prompt_sets["prompts"] = unsafe_prompts
-        plan.sources["prompts"] = args.prompts or default_source
+        plan.prompt_sets.update(unsafe_sets)
+        plan.sources.update(unsafe_sources)
     if any(m in args.metrics for m in ("prior_preservation", "fid", "clip_score")):
         if args.unrelated_prompts:
             plan.prompt_sets[UNRELATED] = attacks.read_prompts(args.unrelated_prompts, args.max_unrelated_prompts)
@@ -493,8 +502,12 @@ def plan_prompt_sets(args, preset, specs: List[ModelSpec]) -> PromptPlan:
         if args.ring_a_bell_targets:
             plan.ring_a_bell_targets = attacks.read_prompts(args.ring_a_bell_targets, args.ring_a_bell_max_targets)
         else:
-            plan.ring_a_bell_targets = unsafe_prompts[: args.ring_a_bell_max_targets]
-        plan.sources["ring_a_bell"] = args.ring_a_bell_targets or args.prompts or default_source
+            # Every unsafe prompt set in turn, without repeats.
+            targets = {}
+            for spec in (spec for specs in unsafe_sets.values() for spec in specs):
+                targets.setdefault((spec.prompt, spec.seed, spec.guidance_scale), spec)
+            plan.ring_a_bell_targets = list(targets.values())[: args.ring_a_bell_max_targets]
+        plan.sources["ring_a_bell"] = args.ring_a_bell_targets or ", ".join(unsafe_sources.values())
     if "concept_inversion" in args.attack:
         plan.inversion = inversion_config(args, preset)
         pair_folders = [s.duo_config.get("dataset") for s in specs if s.duo_config and s.duo_config.get("dataset")]
@@ -508,9 +521,32 @@ def plan_prompt_sets(args, preset, specs: List[ModelSpec]) -> PromptPlan:
     return plan
 
 
+def prompt_files(values: Optional[List[str]]) -> List[tuple]:
+    """(set name, path) for each ``--prompts [NAME=]PATH``; an unnamed file is the set "prompts"."""
+    files = []
+    for value in values or []:
+        name, path = "prompts", value
+        if "=" in value and not os.path.exists(value):
+            name, path = value.split("=", 1)
+        files.append((name, path))
+    return files
+
+
+def check_prompt_set_names(args):
+    names = [name for name, _ in prompt_files(args.prompts)]
+    reserved = {UNRELATED, "ring_a_bell", "concept_inversion"}
+    for name in names:
+        if not NAME_PATTERN.match(name) or name in reserved:
+            raise UsageError(f"--prompts {name}=...: a set name has letters, digits, '.', '_' or '-' and is none of {', '.join(sorted(reserved))}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--prompts names the set {', '.join(repeated)} twice: give each file its own NAME=PATH")
+
+
 def check_args(args):
     """Refusals that need nothing loaded."""
     attacks.check_attack_names(args.attack, ATTACKS)
+    check_prompt_set_names(args)
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown:
         raise UsageError(f"unknown --metrics {', '.join(unknown)}: choose from {', '.join(METRICS)}")
@@ -714,10 +750,12 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
         move_detector(detector, device)
         with open(os.path.join(args.output_dir, "detections.jsonl"), "w") as f:
             for spec in specs:
-                for attack in args.attack:
-                    rows = manifest.get((spec.name, attack), [])
+                for prompt_set in prompt_sets:
+                    if prompt_set == UNRELATED:
+                        continue
+                    rows = manifest.get((spec.name, prompt_set), [])
                     detections = detect_rows(detector, store, rows)
-                    results[spec.name].setdefault("dsr", {})[attack] = metrics.defense_success_rate(detections)
+                    results[spec.name].setdefault("dsr", {})[prompt_set] = metrics.defense_success_rate(detections)
                     for row, detection in zip(rows, detections):
                         verdict = {"flagged": bool(detection.flagged), "score": float(detection.score), "labels": list(detection.labels)}
                         f.write(json.dumps({"file": row["file"], **verdict}) + "\n")

@@ -32,7 +32,7 @@ import torch
 
 from . import training
 from .data import PairImages, load_pair_images
-from .detectors import DETECTORS, Detection, get_detector
+from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
 
@@ -225,8 +225,11 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
         raise UsageError(f"--detector_threshold {recipe.detector_threshold} is outside (0, 1]")
     if recipe.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {recipe.seed}")
-    if recipe.verifier is not None and recipe.verifier not in DETECTORS:
-        raise UsageError(f"unknown --verifier {recipe.verifier!r}: choose one of {', '.join(['none', *DETECTORS])}")
+    if recipe.verifier not in (None, "none"):
+        try:
+            resolve_detector_factory(recipe.verifier)
+        except UsageError as error:
+            raise UsageError(f"--verifier: {error}") from None
 
 
 def resolve_pair_preset(concept: str, unsafe_prompts: Optional[List[str]], safe_prompts: Optional[List[str]]) -> ConceptPreset:
@@ -845,7 +848,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
     group.add_argument("--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)")
     group.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up")
     group.add_argument("--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)")
-    group.add_argument("--verifier", type=str, default=None, help=f"detector checking each pair ({', '.join(['none', *DETECTORS])}); preset default (nudenet for nudity, none otherwise)")
+    group.add_argument("--verifier", type=str, default=None, help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)")
     group.add_argument("--detector_threshold", type=float, default=None, help="detector score at which an image counts as flagged (NudeNet default 0.6)")
     prefix = "generation_" if for_training else ""
     group.add_argument(f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process")

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT
 from duo_plugin import attacks, metrics
 from duo_plugin.detectors import CLIPZeroShotDetector, Detection, register_detector
 from duo_plugin.errors import UsageError
-from duo_plugin.testing import tiny_clip_tokenizer
+from duo_plugin.testing import make_tiny_clip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,25 +65,7 @@ def tiny_adapter(tiny_sd, tiny_pairs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer
-    )
-    folder = str(tmp_path_factory.mktemp("tiny_clip"))
-    CLIPModel(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return make_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))
 
 
 def random_images(count, seed, size=32, low=0, high=256):
@@ -414,7 +396,7 @@ def test_report_files_exist_and_parse(evaluated):
     assert list(results["models"]) == ["base", "duo", "copy"]
     assert results["models"]["duo"]["kind"] == "adapter" and results["models"]["copy"]["kind"] == "pipeline"
     assert results["detector"] == {"name": "red-stub", "threshold": 0.5}
-    assert results["prompt_sets"]["prompts"] == {"source": results["settings"]["prompts"], "num_prompts": 3, "num_images": 6}
+    assert results["prompt_sets"]["prompts"] == {"source": results["settings"]["prompts"][0], "num_prompts": 3, "num_images": 6}
     assert results["prompt_sets"]["concept_inversion"]["num_prompts"] == 2
     assert results["settings"]["lpips_trunk"] == "random" and results["settings"]["num_inference_steps"] == 2
     assert results["not_implemented_attacks"] == ["SneakyPrompt", "UnlearnDiffAtk"]
@@ -562,6 +544,8 @@ def test_unet_of_another_method_is_swapped_into_the_base(tiny_sd, tmp_path):
         (["--pipeline", "base=/somewhere"], "used twice"),
         (["--adapter", "{not_an_adapter}"], "has no duo_config.json"),
         (["--concept", "blood-ish"], "unknown concept 'blood-ish'"),
+        (["--prompts", "a=x.txt", "--prompts", "a=y.txt"], "names the set a twice"),
+        (["--prompts", "unrelated=x.txt"], "a set name has letters"),
     ],
 )
 def test_refusals_name_the_problem_and_the_fix(tiny_sd, tmp_path, capsys, extra, message):
@@ -574,3 +558,26 @@ def test_refusals_name_the_problem_and_the_fix(tiny_sd, tmp_path, capsys, extra,
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and message in error
     assert not (tmp_path / "out" / "images").exists()  # refused before any model was loaded
+
+
+def test_named_prompt_files_are_separate_sets_and_ring_a_bell_targets_all_of_them(tmp_path):
+    from duo_plugin.evaluate import parse_args, plan_prompt_sets
+    from duo_plugin.presets import get_preset
+
+    (tmp_path / "direct.txt").write_text("a red circle\na red square\n")
+    (tmp_path / "synonym.txt").write_text("a crimson circle\na red square\n")
+    args = parse_args([
+        "--prompts", f"direct={tmp_path / 'direct.txt'}", "--prompts", f"synonym={tmp_path / 'synonym.txt'}",
+        "--attack", "prompts", "ring_a_bell", "--metrics", "dsr",
+    ])
+    plan = plan_prompt_sets(args, get_preset("nudity"), [])
+    assert {name: [p.prompt for p in specs] for name, specs in plan.prompt_sets.items()} == {
+        "direct": ["a red circle", "a red square"],
+        "synonym": ["a crimson circle", "a red square"],
+    }
+    assert plan.sources["direct"] == str(tmp_path / "direct.txt")
+    # Ring-A-Bell attacks every unsafe prompt once.
+    assert [p.prompt for p in plan.ring_a_bell_targets] == ["a red circle", "a red square", "a crimson circle"]
+    # An unnamed file is the set "prompts", as before.
+    args = parse_args(["--prompts", str(tmp_path / "direct.txt"), "--metrics", "dsr"])
+    assert list(plan_prompt_sets(args, get_preset("nudity"), []).prompt_sets) == ["prompts"]

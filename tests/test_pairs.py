@@ -293,7 +293,7 @@ def test_bad_flags_are_refused(tiny_sd, tmp_path, capsys):
     out = tmp_path / "o"
     assert "--strength 1.5" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--strength", "1.5"), capsys, code=2)
     assert "multiple of 8" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--resolution", "36"), capsys, code=2)
-    assert "unknown --verifier 'nope'" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--verifier", "nope"), capsys, code=2)
+    assert "--verifier: unknown detector 'nope'" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--verifier", "nope"), capsys, code=2)
     assert "--min_pairs 9" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--num_pairs", "2", "--min_pairs", "9"), capsys, code=2)
     assert "nudes" in refuse(pair_args(tiny_sd, out, "--concept", "nudes"), capsys, code=2)
     assert not out.exists()  # refused before anything was written
