@@ -276,3 +276,26 @@ def make_tiny_sd3_pipeline(output_dir: str, with_t5: bool = True, resolution: in
     )
     pipeline.save_pretrained(output_dir)
     return output_dir
+
+
+def make_tiny_clip(output_dir: str, seed: int = 0) -> str:
+    """A CLIP model and processor with the tiny CLIP tokenizer's vocabulary and 32-pixel images (for the
+    CLIP zero-shot detector and the CLIP score without downloads)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    CLIPModel(config).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
