@@ -145,13 +145,19 @@ class ModelSpec:
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
+def split_named_value(value: str):
+    """``NAME=PATH`` → (NAME, PATH); ``PATH`` (also one that exists and holds "=") → (None, PATH)."""
+    if "=" in value and not os.path.exists(value):
+        name, path = value.split("=", 1)
+        return name, path
+    return None, value
+
+
 def parse_model_flag(value: str, kind: str) -> ModelSpec:
     """``NAME=PATH`` or ``PATH`` (named after the folder)."""
-    name, source = None, value
-    if "=" in value and not os.path.exists(value):
-        name, source = value.split("=", 1)
-        if not NAME_PATTERN.match(name):
-            raise UsageError(f"--{kind} {value}: a model name has letters, digits, '.', '_' or '-' only")
+    name, source = split_named_value(value)
+    if name is not None and not NAME_PATTERN.match(name):
+        raise UsageError(f"--{kind} {value}: a model name has letters, digits, '.', '_' or '-' only")
     if not source:
         raise UsageError(f"--{kind} {value}: no path")
     if name is None:
@@ -525,10 +531,8 @@ def prompt_files(values: Optional[List[str]]) -> List[tuple]:
     """(set name, path) for each ``--prompts [NAME=]PATH``; an unnamed file is the set "prompts"."""
     files = []
     for value in values or []:
-        name, path = "prompts", value
-        if "=" in value and not os.path.exists(value):
-            name, path = value.split("=", 1)
-        files.append((name, path))
+        name, path = split_named_value(value)
+        files.append(("prompts" if name is None else name, path))
     return files
 
 

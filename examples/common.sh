@@ -65,9 +65,13 @@ require_file() {
   [[ "$DRY_RUN" == 1 || -e "$path" ]] || fail "$name=$path does not exist: $hint"
 }
 
-# Build a tiny model for a smoke run (once): sd, sd3, clip or other_unet (see smoke_models.py).
+# A smoke run's tiny model: unless the variable NAME is already set (a folder of the user's), set it to
+# FOLDER and build a tiny KIND there once: sd, sd3, clip or other_unet (see smoke_models.py).
+#   smoke_model NAME KIND FOLDER
 smoke_model() {
-  local kind="$1" folder="$2"
+  local name="$1" kind="$2" folder="$3"
+  [[ -n "${!name:-}" ]] && return 0
+  printf -v "$name" '%s' "$folder"
   if [[ ! -e "$folder" ]]; then
     run "$PYTHON" "$EXAMPLES_DIR/smoke_models.py" --kind "$kind" --output "$folder"
   fi

@@ -36,10 +36,7 @@ read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 
 if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/compare_methods-smoke}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd"
-    smoke_model sd "$MODEL"
-  fi
+  smoke_model MODEL sd "$OUT/tiny-sd"
   if [[ -z "${ADAPTERS:-}" ]]; then
     # A tiny DUO adapter (its pairs generated on the way).
     run "${LAUNCH[@]}" "$REPO_ROOT/train_duo.py" \

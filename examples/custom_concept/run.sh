@@ -44,14 +44,8 @@ read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 
 if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/custom_concept-smoke}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd"
-    smoke_model sd "$MODEL"
-  fi
-  if [[ -z "${CLIP_MODEL:-}" ]]; then
-    CLIP_MODEL="$OUT/tiny-clip"
-    smoke_model clip "$CLIP_MODEL"
-  fi
+  smoke_model MODEL sd "$OUT/tiny-sd"
+  smoke_model CLIP_MODEL clip "$OUT/tiny-clip"
   # The tiny CLIP reads 16 tokens, and its tokenizer spells unknown words letter by letter.
   CLIP_LABEL="${CLIP_LABEL:-a cigarette}"
   TRAIN_SETTINGS=(

@@ -44,10 +44,7 @@ if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/multi_gpu-smoke}"
   NUM_GPUS="${NUM_GPUS:-2}"
   MIXED_PRECISION="${MIXED_PRECISION:-no}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd"
-    smoke_model sd "$MODEL"
-  fi
+  smoke_model MODEL sd "$OUT/tiny-sd"
   PAIRS_SETTINGS=(--num_pairs 2 --resolution 32 --num_inference_steps 2 --batch_size 1 --verifier none)
   TRAIN_SETTINGS=(--resolution 32 --rank 4 --max_train_steps 2 --report_to none --skip_validation)
   PAIRS_PER_STEP="${NUM_GPUS}"

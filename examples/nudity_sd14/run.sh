@@ -34,10 +34,7 @@ read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 
 if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/nudity_sd14-smoke}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd"
-    smoke_model sd "$MODEL"
-  fi
+  smoke_model MODEL sd "$OUT/tiny-sd"
   I2P_PROMPTS="${I2P_PROMPTS:-$EXAMPLES_DIR/sample_prompts/i2p_sample.csv}"
   COCO_CAPTIONS="${COCO_CAPTIONS:-$EXAMPLES_DIR/sample_prompts/coco_captions_sample.json}"
   # NudeNet rejects every image of a random tiny model, so the smoke pairs are not verified.

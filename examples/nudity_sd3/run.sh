@@ -38,10 +38,7 @@ MEMORY_SETTINGS=(--mixed_precision bf16 --gradient_checkpointing --use_8bit_adam
 
 if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/nudity_sd3-smoke}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd3"
-    smoke_model sd3 "$MODEL"
-  fi
+  smoke_model MODEL sd3 "$OUT/tiny-sd3"
   I2P_PROMPTS="${I2P_PROMPTS:-$EXAMPLES_DIR/sample_prompts/i2p_sample.csv}"
   COCO_CAPTIONS="${COCO_CAPTIONS:-$EXAMPLES_DIR/sample_prompts/coco_captions_sample.json}"
   PAIRS_SETTINGS=(--num_pairs 2 --resolution 32 --num_inference_steps 2 --batch_size 2 --verifier none)

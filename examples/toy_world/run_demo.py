@@ -199,21 +199,24 @@ def other_colour_readings(eval_dir: str, manifest, models: List[str]) -> Dict[st
     def load(row):
         return toy_world.to_array(Image.open(os.path.join(eval_dir, row["file"])))
 
-    base_rows = {(r["prompt_index"], r["image_index"]): r for r in manifest.get(("base", "unrelated"), [])}
+    # The base's images and readings, loaded once, by (prompt, image) for every model to compare with.
+    base_rows = manifest.get(("base", "unrelated"), [])
+    base_images = {(r["prompt_index"], r["image_index"]): load(r) for r in base_rows}
+    base_readings = dict(zip(base_images, toy_world.read_images(list(base_images.values()))))
     readings = {}
     for model in models:
         rows = manifest.get((model, "unrelated"), [])
         images = [load(r) for r in rows]
-        base_images = [load(base_rows[(r["prompt_index"], r["image_index"])]) for r in rows]
+        keys = [(r["prompt_index"], r["image_index"]) for r in rows]
         read = toy_world.read_images(images)
-        read_base = toy_world.read_images(base_images)
+        read_base = [base_readings[key] for key in keys]
         wanted = [asked(r["prompt"]) for r in rows]
         readings[model] = {
             "colour_as_asked": float(np.mean([x["colour"] == c for x, (c, _) in zip(read, wanted)])),
             "shape_as_asked": float(np.mean([x["shape"] == s for x, (_, s) in zip(read, wanted)])),
             "same_reading_as_base": float(np.mean([(x["colour"], x["shape"]) == (y["colour"], y["shape"]) for x, y in zip(read, read_base)])),
             "red_rate": float(np.mean([x["red"] for x in read])),
-            "pixel_preservation": float(1.0 - np.mean([np.abs(a - b).mean() for a, b in zip(images, base_images)])),
+            "pixel_preservation": float(1.0 - np.mean([np.abs(image - base_images[key]).mean() for image, key in zip(images, keys)])),
             "num_images": len(rows),
         }
     return readings

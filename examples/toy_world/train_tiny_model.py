@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin import toy_world  # noqa: E402
+from duo_plugin.testing import make_vae_nearly_deterministic  # noqa: E402
 
 STATE_NAME = "training_state.pt"
 TRAINING_INFO_NAME = "training_info.json"
@@ -80,18 +81,6 @@ def build_vae():
         norm_num_groups=8,
         sample_size=toy_world.RESOLUTION,
     )
-
-
-def pin_posterior_variance(vae, logvar: float = -20.0):
-    """A near-zero posterior variance: encoding an image gives (almost exactly) the same latent every time.
-
-    Training reads the posterior's mean only, so the log-variance half of the output layer gets no
-    gradient and stays pinned.
-    """
-    channels = vae.config.latent_channels
-    with torch.no_grad():
-        vae.quant_conv.weight[channels:] = 0.0
-        vae.quant_conv.bias[channels:] = logvar
 
 
 def build_text_encoder(tokenizer):
@@ -312,7 +301,9 @@ def main(argv=None):
     images, scenes = render_dataset(args.num_images, args.seed)
     tokenizer = toy_world.world_tokenizer(MAX_PROMPT_TOKENS)
     vae = build_vae()
-    pin_posterior_variance(vae)
+    # Encoding must be deterministic, as DUO's pairs need. Training reads the posterior's mean only, so
+    # the log-variance half of the output layer gets no gradient and stays pinned.
+    make_vae_nearly_deterministic(vae)
     if state.get("phase") == "denoiser":
         vae.load_state_dict(state["vae"])
         vae.eval()

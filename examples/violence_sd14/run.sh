@@ -34,14 +34,8 @@ read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 
 if [[ "$SMOKE" == 1 ]]; then
   OUT="${OUT:-runs/violence_sd14-smoke}"
-  if [[ -z "${MODEL:-}" ]]; then
-    MODEL="$OUT/tiny-sd"
-    smoke_model sd "$MODEL"
-  fi
-  if [[ -z "${CLIP_MODEL:-}" ]]; then
-    CLIP_MODEL="$OUT/tiny-clip"
-    smoke_model clip "$CLIP_MODEL"
-  fi
+  smoke_model MODEL sd "$OUT/tiny-sd"
+  smoke_model CLIP_MODEL clip "$OUT/tiny-clip"
   I2P_PROMPTS="${I2P_PROMPTS:-$EXAMPLES_DIR/sample_prompts/i2p_sample.csv}"
   COCO_CAPTIONS="${COCO_CAPTIONS:-$EXAMPLES_DIR/sample_prompts/coco_captions_sample.json}"
   TRAIN_SETTINGS=(
