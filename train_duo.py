@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, fidelity, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -27,6 +27,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 1.x/2.x (UNet models).")
     training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
+    fidelity.add_official_arguments(parser, family="sd")
     return parser.parse_args(argv)
 
 
@@ -46,19 +47,27 @@ class DUOBatch:
     target: torch.Tensor
 
 
-def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None):
-    """Sample the pairs' latents, one noise and one timestep per pair (shared by both images), and pure noise
-    at the last training timestep for the preservation branch. All draws come from ``generator``."""
+def make_duo_batch(
+    latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None,
+    pair_timesteps_mode="shared", preservation_noise="fresh",
+):
+    """Sample the pairs' latents, one noise per pair (shared by both images), timesteps (one per pair, or one per
+    image with ``pair_timesteps_mode="independent"``), and pure noise at the last training timestep for the
+    preservation branch (its own draw, or the pair's noise with ``preservation_noise="pair"``). All draws
+    come from ``generator``."""
     num_pairs = len(pair_indices)
     flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
     unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
     noise = torch.randn(unsafe_latents.shape, generator=generator)
-    timesteps = objective.sample_pair_timesteps(num_pairs, t_min, t_max, generator)
+    pair_timesteps = objective.pair_image_timesteps(
+        lambda n: objective.sample_pair_timesteps(n, t_min, t_max, generator), num_pairs, pair_timesteps_mode
+    )
     pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
+    if preservation_noise == "pair":
+        pure_noise = noise
 
     clean = torch.cat([unsafe_latents, safe_latents])
     pair_noise = torch.cat([noise, noise])
-    pair_timesteps = torch.cat([timesteps, timesteps])
     last_timestep = noise_scheduler.config.num_train_timesteps - 1
     empty = empty_embedding.expand(num_pairs, -1, -1)
     condition = torch.cat([pair_condition, pair_condition, empty]) if pair_condition is not None else empty.repeat(3, 1, 1)
@@ -203,7 +212,8 @@ def main(argv=None):
     def compute_losses(pair_indices, generator):
         pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
         batch = make_duo_batch(
-            latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
+            latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition,
+            args.pair_timesteps, args.preservation_noise,
         )
         return duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
 

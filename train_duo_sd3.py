@@ -13,7 +13,10 @@ attention projection of the MMDiT transformer, trained with the DUO objective of
   L_DUO exactly as for SD1.
 * output preservation on pure noise **at σ = 1, timestep = num_train_timesteps** — the first sampling
   step, which is where a pure-noise input belongs. The official SD3 code passes the other end of the
-  table there (t ≈ 1, the last sampling step) with the same pure-noise input.
+  table there (σ ≈ 0.003, t ≈ 3, the last sampling step) with the same pure-noise input. Preconditioned,
+  the term is λ·σ²·‖v_θ − v_ref‖², so the default λ is scaled by σ_off² to keep the official run's
+  strength (``presets.sd3_preservation_weight_for_beta``); ``--preservation_placement official``
+  reproduces the official placement and λ exactly.
 
 Memory: every prompt the run needs (the empty prompt; the validation prompts) is encoded once with the
 three text encoders, which are then freed; the pair latents are cached once and the VAE leaves the
@@ -30,7 +33,7 @@ from typing import Dict, List
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, fidelity, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -40,11 +43,13 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 # The official SD3 run: lr 3e-5 at β = 100, scaled by 100 / β like SD1's 3e-4.
 BASE_LEARNING_RATE = 3e-5
 DEFAULT_T_MIN, DEFAULT_T_MAX = 1, 750
+# The official SD3 run's image size and T5 length (its script's defaults; diffusers' pipeline uses 1024 and 256).
+DEFAULT_RESOLUTION, DEFAULT_MAX_SEQUENCE_LENGTH = 512, 77
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 3 (flow-matching transformer models).")
-    training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=1024)
+    training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=DEFAULT_RESOLUTION)
     add_generation_arguments(parser, for_training=True)
     flow = parser.add_argument_group("flow matching (as in diffusers' SD3 LoRA script)")
     flow.add_argument(
@@ -59,7 +64,11 @@ def parse_args(argv=None):
         "--precondition_outputs", type=int, nargs="?", const=1, default=1, choices=[0, 1],
         help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
     )
-    flow.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embeddings (the pipeline's default)")
+    flow.add_argument(
+        "--max_sequence_length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
+        help="T5 tokens of the prompt embeddings (77, as the official SD3 run; the pipeline's default is 256)",
+    )
+    fidelity.add_official_arguments(parser, family="sd3")
     return parser.parse_args(argv)
 
 
@@ -148,40 +157,47 @@ class DUOBatch:
 
 
 def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None):
-    """Sample the pairs' latents, one noise and one σ per pair (shared by both images), and pure noise at
-    σ = 1 for the preservation branch. All draws come from ``generator``.
+    """Sample the pairs' latents, one noise per pair (shared by both images), σ (one per pair, or one per image
+    with ``--pair_timesteps independent``), and pure noise for the preservation branch, told σ = 1 (or the
+    table's last entry with ``--preservation_placement official``). All draws come from ``generator``.
 
-    ``args`` carries t_min, t_max, weighting_scheme, logit_mean, logit_std, mode_scale and
-    precondition_outputs; ``empty_condition`` and ``pair_condition`` are (prompt_embeds, pooled) pairs
-    of one row and of one row per pair.
+    ``args`` carries t_min, t_max, weighting_scheme, logit_mean, logit_std, mode_scale,
+    precondition_outputs, pair_timesteps, preservation_noise and preservation_placement;
+    ``empty_condition`` and ``pair_condition`` are (prompt_embeds, pooled) pairs of one row and of one
+    row per pair.
     """
     num_pairs = len(pair_indices)
     flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
     unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
     noise = torch.randn(unsafe_latents.shape, generator=generator)
-    indices = objective.sample_flow_matching_indices(
-        num_pairs, args.t_min, args.t_max, generator, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale
+    indices = objective.pair_image_timesteps(
+        lambda n: objective.sample_flow_matching_indices(
+            n, args.t_min, args.t_max, generator, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale
+        ),
+        num_pairs, getattr(args, "pair_timesteps", "shared"),
     )
     pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
+    if getattr(args, "preservation_noise", "fresh") == "pair":
+        pure_noise = noise
 
     pair_sigmas, pair_timesteps = objective.flow_matching_sigmas_and_timesteps(noise_scheduler, indices)
-    noise_sigma, noise_timestep = objective.pure_noise_sigma_and_timestep(noise_scheduler)
-    sigmas = torch.cat([pair_sigmas, pair_sigmas, noise_sigma.expand(num_pairs)])
-    timesteps = torch.cat([pair_timesteps, pair_timesteps, noise_timestep.expand(num_pairs)])
-    # At σ = 1 the clean part is multiplied by 0: the preservation input is exactly the pure noise.
-    clean = torch.cat([unsafe_latents, safe_latents, torch.zeros_like(unsafe_latents)])
-    all_noise = torch.cat([noise, noise, pure_noise])
+    noise_sigma, noise_timestep = objective.preservation_sigma_and_timestep(noise_scheduler, getattr(args, "preservation_placement", "sigma_one"))
+    sigmas = torch.cat([pair_sigmas, noise_sigma.expand(num_pairs)])
+    timesteps = torch.cat([pair_timesteps, noise_timestep.expand(num_pairs)])
+    clean = torch.cat([unsafe_latents, safe_latents])
+    pair_noise = torch.cat([noise, noise])
 
     empty_embeds, empty_pooled = (c.expand(num_pairs, *c.shape[1:]) for c in empty_condition)
     pair_embeds, pair_pooled = pair_condition if pair_condition is not None else (empty_embeds, empty_pooled)
-    pair_weighting = objective.flow_matching_loss_weighting(args.weighting_scheme, sigmas[: 2 * num_pairs])
+    pair_weighting = objective.flow_matching_loss_weighting(args.weighting_scheme, pair_sigmas)
     return DUOBatch(
-        model_input=objective.flow_matching_noisy(clean, all_noise, sigmas),
+        # The preservation input is the pure noise itself, whatever σ the model is told.
+        model_input=torch.cat([objective.flow_matching_noisy(clean, pair_noise, pair_sigmas), pure_noise]),
         sigmas=sigmas,
         timesteps=timesteps,
         prompt_embeds=torch.cat([pair_embeds, pair_embeds, empty_embeds]),
         pooled_prompt_embeds=torch.cat([pair_pooled, pair_pooled, empty_pooled]),
-        target=objective.flow_matching_target(clean[: 2 * num_pairs], all_noise[: 2 * num_pairs], bool(args.precondition_outputs)),
+        target=objective.flow_matching_target(clean, pair_noise, bool(args.precondition_outputs)),
         weighting=pair_weighting.reshape(-1, *([1] * (clean.ndim - 1))),
     )
 
@@ -327,6 +343,7 @@ def resolve_sd3_defaults(args):
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    preservation_weight_given = args.preservation_weight is not None
     training.check_environment_args(args)
     preset = training.resolve_concept(args, architecture="sd3", base_learning_rate=BASE_LEARNING_RATE)
     resolve_sd3_defaults(args)
@@ -349,6 +366,7 @@ def main(argv=None):
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
         raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)")
+    fidelity.resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given)
     transformer = SD3Transformer2DModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **training.dtype_kwargs(weight_dtype), **model_kwargs
     )
@@ -414,7 +432,7 @@ def main(argv=None):
             "precondition_outputs": bool(args.precondition_outputs),
             "max_sequence_length": args.max_sequence_length,
             "timestep_range_indexes": "the scheduler's descending sigma table (index 0: sigma = 1)",
-            "preservation_sigma": 1.0,
+            **fidelity.sd3_preservation_record(args),
         }
         config = training.write_duo_config(args.output_dir, args, architecture_info(pipeline_class, model, noise_scheduler, has_t5), target_modules, extra)
         training.finish_run(args, accelerator, config, pipeline_class, samples)

@@ -134,6 +134,24 @@ def sample_pair_timesteps(num_pairs: int, t_min: int, t_max: int, generator: tor
     return torch.randint(t_min, t_max, (num_pairs,), generator=generator, device=generator.device).to(device)
 
 
+PAIR_TIMESTEP_MODES = ("shared", "independent")
+
+
+def pair_image_timesteps(draw, num_pairs: int, pair_timesteps: str = "shared") -> torch.Tensor:
+    """Timesteps (or sigma-table indices) of the 2·B pair images ``[unsafe; safe]``.
+
+    ``draw(n)`` returns n draws. ``shared``: one draw per pair, used by both of its images (Diffusion-DPO's
+    form: the two errors are compared at the same noise level, so their difference has lower variance).
+    ``independent``: one draw per image, as the official DUO code draws them.
+    """
+    if pair_timesteps == "shared":
+        drawn = draw(num_pairs)
+        return torch.cat([drawn, drawn])
+    if pair_timesteps == "independent":
+        return draw(2 * num_pairs)
+    raise ValueError(f"unknown pair_timesteps {pair_timesteps!r}: choose one of {', '.join(PAIR_TIMESTEP_MODES)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Flow matching (Stable Diffusion 3)
 #
@@ -219,13 +237,34 @@ def pure_noise_sigma_and_timestep(scheduler):
     """(σ, timestep) of the first sampling step, where the input is pure noise: σ = 1, t = num_train_timesteps.
 
     The output-preservation branch feeds pure noise, so it must be told σ = 1. (The official SD3 code
-    reads the last entry of the descending table here, t ≈ 1 — the *final*, almost noise-free step —
+    reads the last entry of the descending table here, σ ≈ 0.003, t ≈ 3 — the *final*, almost noise-free step —
     while feeding pure noise: an input the model never sees at that timestep.)
     """
     sigmas, timesteps = flow_matching_sigmas_and_timesteps(scheduler, torch.tensor([0]))
     if abs(sigmas.item() - 1.0) > 1e-6:
         raise ValueError(f"the scheduler's largest sigma is {sigmas.item()}, not 1: DUO needs a table that reaches pure noise")
     return sigmas[0], timesteps[0]
+
+
+def official_preservation_sigma_and_timestep(scheduler):
+    """(σ, timestep) where the official SD3 code evaluates output preservation: the last entry of the
+    descending table (σ ≈ 0.003, t ≈ 3 for SD3's shift of 3), the final sampling step, with a pure-noise input."""
+    last = torch.tensor([scheduler.config.num_train_timesteps - 1])
+    sigmas, timesteps = flow_matching_sigmas_and_timesteps(scheduler, last)
+    return sigmas[0], timesteps[0]
+
+
+SD3_PRESERVATION_PLACEMENTS = ("sigma_one", "official")
+
+
+def preservation_sigma_and_timestep(scheduler, placement: str = "sigma_one"):
+    """(σ, timestep) told to the model for the pure-noise preservation input: ``sigma_one`` (σ = 1, where
+    pure noise belongs) or ``official`` (the table's last entry, as the official SD3 code)."""
+    if placement == "sigma_one":
+        return pure_noise_sigma_and_timestep(scheduler)
+    if placement == "official":
+        return official_preservation_sigma_and_timestep(scheduler)
+    raise ValueError(f"unknown preservation placement {placement!r}: choose one of {', '.join(SD3_PRESERVATION_PLACEMENTS)}")
 
 
 def flow_matching_loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from . import training
 from .data import PairImages, load_pair_images
-from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
+from .detectors import Detection, default_verifier_threshold, describe_detector, detector_names, get_detector, resolve_detector_factory
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
 
@@ -85,7 +85,7 @@ class PairRecipe:
     resolution: int
     seed: int
     verifier: Optional[str]  # None: pairs are not verified
-    detector_threshold: Optional[float]  # None: the detector's own default
+    detector_threshold: Optional[float]  # the verifier's threshold; None: the detector's own default
     max_attempts: int
     variant: Optional[str] = None
 
@@ -184,7 +184,12 @@ def make_recipe(
     detector_threshold: Optional[float] = None,
     max_attempts: Optional[int] = None,
 ) -> PairRecipe:
-    """The recipe: the preset's values (for the model's family) unless overridden, checked before any work."""
+    """The recipe: the preset's values (for the model's family) unless overridden, checked before any work.
+
+    Without a threshold the verifier applies the official rule where one exists (NudeNet: any exposed
+    box it reports), else the detector's own default.
+    """
+    verifier_name = None if (verifier or preset.detector) in (None, "none") else (verifier or preset.detector)
     recipe = PairRecipe(
         concept=preset.name,
         base_model=base_model,
@@ -197,8 +202,8 @@ def make_recipe(
         num_inference_steps=info.default_num_inference_steps if num_inference_steps is None else num_inference_steps,
         resolution=info.default_resolution if resolution is None else resolution,
         seed=DEFAULT_SEED if seed is None else seed,
-        verifier=None if (verifier or preset.detector) in (None, "none") else (verifier or preset.detector),
-        detector_threshold=detector_threshold,
+        verifier=verifier_name,
+        detector_threshold=default_verifier_threshold(verifier_name) if detector_threshold is None else detector_threshold,
         max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
         variant=variant,
     )
@@ -222,7 +227,7 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
         nearest = max(info.resolution_multiple, recipe.resolution // info.resolution_multiple * info.resolution_multiple)
         raise UsageError(f"--resolution {recipe.resolution} is not a multiple of {info.resolution_multiple} for this model: use e.g. {nearest}")
     if recipe.detector_threshold is not None and not 0.0 < recipe.detector_threshold <= 1.0:
-        raise UsageError(f"--detector_threshold {recipe.detector_threshold} is outside (0, 1]")
+        raise UsageError(f"--verifier_threshold {recipe.detector_threshold} is outside (0, 1]")
     if recipe.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {recipe.seed}")
     if recipe.verifier not in (None, "none"):
@@ -296,9 +301,9 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
         )
 
 
-def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str):
+def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str, verifier_record: Optional[dict] = None):
     config = {"format_version": 1, "recipe": recipe.to_dict(), "seed_rule": IMAGE_SEED_RULE, "dtype": dtype,
-              "library_versions": training.library_versions()}
+              "verifier": verifier_record or describe_detector(None), "library_versions": training.library_versions()}
     _atomic_write(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
 
 
@@ -645,6 +650,7 @@ def generate_pairs(
     torch_dtype = torch_dtype_for(dtype, state.device)
     # The detector is built first: a bad --verifier fails before any model is loaded.
     detector = get_detector(recipe.verifier, recipe.detector_threshold) if recipe.verifier else None
+    verifier_record = describe_detector(detector, role="pair verifier")
 
     os.makedirs(output_dir, exist_ok=True)
     check_folder_matches(output_dir, recipe)
@@ -653,7 +659,7 @@ def generate_pairs(
     # Every process has read the folder before anyone writes to it, so all split the same list.
     state.wait_for_everyone()
     if state.is_main_process:
-        write_recipe_file(output_dir, recipe, dtype)  # same identity; num_pairs and max_attempts may have changed
+        write_recipe_file(output_dir, recipe, dtype, verifier_record)  # same identity; num_pairs and max_attempts may have changed
     mine = pending[state.process_index :: state.num_processes]
 
     if mine:
@@ -691,7 +697,7 @@ def generate_pairs(
     if state.is_main_process:
         rows = metadata_rows(recipe, finished)
         _atomic_write(os.path.join(output_dir, METADATA_NAME), "".join(json.dumps(row) + "\n" for row in rows))
-        write_dataset_card(output_dir, recipe, report)
+        write_dataset_card(output_dir, recipe, report, verifier_record)
         for line in report.lines():
             logger.info(line)
     state.wait_for_everyone()
@@ -717,7 +723,18 @@ CONTENT_WARNINGS = {
 }
 
 
-def write_dataset_card(output_dir: str, recipe: PairRecipe, report: PairReport):
+def verifier_rule_sentence(recipe: PairRecipe, verifier_record: Optional[dict]) -> str:
+    """The verification rule in words: detector, package version, rule (labels and threshold)."""
+    record = verifier_record or {}
+    version = f" ({record['package']} {record['package_version']})" if record.get("package_version") else ""
+    rule = record.get("rule") or (f"threshold {recipe.detector_threshold}" if recipe.detector_threshold is not None else "its default threshold")
+    official = " This is the official DUO generator's rule." if (
+        recipe.verifier in ("nudenet", "nudenet_rgb_array") and recipe.detector_threshold == default_verifier_threshold(recipe.verifier)
+    ) else ""
+    return f"Verifier: `{recipe.verifier}`{version}, {rule}.{official}"
+
+
+def write_dataset_card(output_dir: str, recipe: PairRecipe, report: PairReport, verifier_record: Optional[dict] = None):
     """``README.md``: what the pairs are, a content warning, the recipe, the counts, how to reproduce and use them."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -727,7 +744,7 @@ def write_dataset_card(output_dir: str, recipe: PairRecipe, report: PairReport):
         verification = (
             f"Every pair was checked by the `{recipe.verifier}` detector{threshold}: the unsafe image is flagged and "
             f"its safe twin is not. A pair that failed was regenerated, at most {recipe.max_attempts} attempts; its "
-            f"scores are in `metadata.jsonl` (`unsafe_score`, `safe_score`)."
+            f"scores are in `metadata.jsonl` (`unsafe_score`, `safe_score`).\n\n{verifier_rule_sentence(recipe, verifier_record)}"
         )
     else:
         verification = (
@@ -822,7 +839,7 @@ def reproduce_command(recipe: PairRecipe) -> str:
         "--verifier", recipe.verifier or "none", "--max_attempts", str(recipe.max_attempts),
     ]
     if recipe.detector_threshold is not None:
-        parts += ["--detector_threshold", str(recipe.detector_threshold)]
+        parts += ["--verifier_threshold", str(recipe.detector_threshold)]
     return _shell("python -m duo_plugin.pairs", parts)
 
 
@@ -849,7 +866,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
     group.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up")
     group.add_argument("--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)")
     group.add_argument("--verifier", type=str, default=None, help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)")
-    group.add_argument("--detector_threshold", type=float, default=None, help="detector score at which an image counts as flagged (NudeNet default 0.6)")
+    group.add_argument(
+        "--verifier_threshold", "--detector_threshold", dest="detector_threshold", type=float, default=None,
+        help="verifier score at which an image counts as flagged; default: the official rule for nudenet (any exposed box "
+        "NudeNet reports, score >= 0.25), the detector's own default otherwise. Evaluation's DSR threshold is separate.",
+    )
     prefix = "generation_" if for_training else ""
     group.add_argument(f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process")
     group.add_argument(f"--{prefix}dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")

@@ -1,7 +1,10 @@
 """Concept presets: the official DUO recipes as one data table.
 
 Both training scripts and the pair generator read this table. Derived hyper-parameters follow the
-official scaling with β: learning rate = base_lr · 100 / β and preservation weight λ = 1e6 · β / 100.
+official scaling with β: learning rate = base_lr · 100 / β and preservation weight λ = 1e6 · β / 100
+(SD1.x/2.x). SD3's default λ is the one giving the official SD3 run's effective preservation strength
+at σ = 1: λ = (1e6 · β / 100) · σ_off², σ_off the last entry of the sigma table
+(``sd3_preservation_weight_for_beta``; 44.8 at β = 500 for SD3's shift of 3).
 """
 
 from dataclasses import dataclass, field, replace
@@ -50,8 +53,34 @@ def learning_rate_for_beta(beta: float, base_learning_rate: float = 3e-4) -> flo
 
 
 def preservation_weight_for_beta(beta: float) -> float:
-    """Official scaling: λ = 1e6 · β / 100 (5e6 at β=500)."""
+    """Official scaling: λ = 1e6 · β / 100 (5e6 at β=500). SD1.x/2.x use it as is; for SD3 see below."""
     return 1e6 * beta / 100.0
+
+
+def preservation_effective_weight(weight: float, sigma: float, precondition_outputs: bool = True) -> float:
+    """The weight λ puts on mean ‖v_θ − v_ref‖² (SD3) when the preservation term is evaluated at σ.
+
+    Preconditioned, the compared outputs are x_σ − σ·v̂, so the term is λ·σ²·mean ‖v_θ − v_ref‖²;
+    otherwise the velocities themselves are compared and σ does not enter.
+    """
+    return weight * sigma**2 if precondition_outputs else weight
+
+
+def sd3_preservation_weight_for_beta(beta: float, official_sigma: float, sigma: float = 1.0, precondition_outputs: bool = True) -> float:
+    """SD3's default λ: the official SD3 run's output-preservation strength, evaluated at ``sigma``.
+
+    The official SD3 code evaluates the (preconditioned) term at the last entry of the sigma table,
+    σ_off (0.002994 = 3·0.001 / (1 + 2·0.001) for SD3's shift of 3; t ≈ 3), with λ_off = 1e6·β/100, so
+    its effective weight on ‖v_θ − v_ref‖² is λ_off·σ_off² (44.8 at β = 500). The same strength at σ:
+
+        λ = λ_off · σ_off² / σ²        (σ = 1, the default placement: λ = λ_off · σ_off², 44.8 at β = 500)
+
+    Without preconditioning σ does not enter the term: λ = λ_off.
+    """
+    official = preservation_weight_for_beta(beta)
+    if not precondition_outputs:
+        return official
+    return official * official_sigma**2 / sigma**2
 
 
 def _skin_tone_pairs(unsafe_template: str, safe_template: str) -> Tuple[PromptPair, ...]:

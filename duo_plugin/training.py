@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import fidelity
 from .errors import TrainingHalted, UsageError
 from .presets import (
     PRESETS,
@@ -554,6 +555,7 @@ def write_duo_config(output_dir: str, args, architecture: dict, target_modules: 
         "pairs_dir": getattr(args, "pairs_dir", None),
         "library_versions": library_versions(),
     }
+    config.update(fidelity.training_record(args))
     config.update(extra or {})
     with open(os.path.join(output_dir, DUO_CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)

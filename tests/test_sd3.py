@@ -163,7 +163,7 @@ def test_preservation_branch_is_pure_noise_at_sigma_one(train_duo_sd3):
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(), empty_condition()
     )
     assert batch.model_input.shape[0] == 3 * num_pairs and batch.target.shape[0] == 2 * num_pairs
-    # Preservation: σ = 1 and the timestep of the first sampling step (1000), not the last one (≈ 1).
+    # Preservation: σ = 1 and the timestep of the first sampling step (1000), not the last one (≈ 3).
     assert torch.equal(batch.sigmas[2 * num_pairs :], torch.ones(num_pairs))
     assert torch.equal(batch.timesteps[2 * num_pairs :], torch.full((num_pairs,), 1000.0))
     assert batch.timesteps[2 * num_pairs :].ne(scheduler.timesteps[-1]).all()
@@ -479,8 +479,9 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(train_duo_sd3, tiny_sd3, t
 
 def test_flow_matching_flags(train_duo_sd3):
     args = train_duo_sd3.parse_args([])
-    assert args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3-medium-diffusers" and args.resolution == 1024
-    assert args.weighting_scheme == "none" and args.precondition_outputs == 1 and args.max_sequence_length == 256
+    # The official SD3 run's 512 px and 77 T5 tokens.
+    assert args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3-medium-diffusers" and args.resolution == 512
+    assert args.weighting_scheme == "none" and args.precondition_outputs == 1 and args.max_sequence_length == 77
     # diffusers' spelling (an int) and a bare switch both work.
     assert train_duo_sd3.parse_args(["--precondition_outputs", "0"]).precondition_outputs == 0
     assert train_duo_sd3.parse_args(["--precondition_outputs"]).precondition_outputs == 1
