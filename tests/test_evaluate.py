@@ -395,7 +395,10 @@ def test_report_files_exist_and_parse(evaluated):
     assert results == json.loads(json.dumps(returned))
     assert list(results["models"]) == ["base", "duo", "copy"]
     assert results["models"]["duo"]["kind"] == "adapter" and results["models"]["copy"]["kind"] == "pipeline"
-    assert results["detector"] == {"name": "red-stub", "threshold": 0.5}
+    detector = results["detector"]
+    assert (detector["name"], detector["threshold"], detector["role"]) == ("red-stub", 0.5, "defense success rate")
+    assert {"package", "package_version", "labels", "rule"} <= set(detector)
+    assert results["seeds"]["seed"] == results["settings"]["seed"] == 0
     assert results["prompt_sets"]["prompts"] == {"source": results["settings"]["prompts"][0], "num_prompts": 3, "num_images": 6}
     assert results["prompt_sets"]["concept_inversion"]["num_prompts"] == 2
     assert results["settings"]["lpips_trunk"] == "random" and results["settings"]["num_inference_steps"] == 2

@@ -493,6 +493,13 @@ def test_official_sd3_defaults(train_duo_sd3):
     args = train_duo_sd3.parse_args(["--concept", "nudity"])
     training.resolve_concept(args, architecture="sd3", base_learning_rate=train_duo_sd3.BASE_LEARNING_RATE)
     train_duo_sd3.resolve_sd3_defaults(args)
-    assert args.beta_dpo == 500 and args.learning_rate == pytest.approx(3e-5 * 100 / 500) and args.preservation_weight == 5e6
+    assert args.beta_dpo == 500 and args.learning_rate == pytest.approx(3e-5 * 100 / 500)
+    # λ: the official run's effective strength at σ = 1, 5e6·σ_off² (tests/test_fidelity.py pins the relation).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from duo_plugin import fidelity
+
+    fidelity.resolve_sd3_preservation(args, FlowMatchEulerDiscreteScheduler(shift=3.0), preservation_weight_given=False)
+    assert args.preservation_weight == pytest.approx(5e6 * (3e-3 / 1.002) ** 2) and args.official_preservation_weight == 5e6
     assert args.rank == 32 and args.lora_alpha == 32 and args.lora_target == "attn" and args.max_train_steps == 1000
     assert (args.t_min, args.t_max) == (1, 750)
