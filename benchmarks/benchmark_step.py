@@ -568,7 +568,9 @@ class Hyperparameters:
     seed: int = 42
     pairs_per_step: int = 1
     max_grad_norm: float = 1.0
-    max_sequence_length: int = 256  # SD3's T5 tokens, train_duo_sd3.py's default
+    # SD3's T5 tokens: diffusers' pipeline default, which the committed numbers used; train_duo_sd3.py now
+    # defaults to the official run's 77 (fewer tokens: a cheaper step for both recipes alike).
+    max_sequence_length: int = 256
 
 
 def default_hyperparameters(family: str, full_size: bool) -> Hyperparameters:

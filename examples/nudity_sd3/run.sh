@@ -55,7 +55,7 @@ else
     require_file COCO_CAPTIONS "COCO's annotations/captions_val2014.json or any prompt file (or SKIP_EVAL=1)"
   fi
   PAIRS_SETTINGS=(--dtype bf16)
-  # One pair per step (4 steps accumulated), 1024 px, 1000 steps: train_duo_sd3.py's defaults.
+  # One pair per step (4 steps accumulated), 512 px, 77 T5 tokens, 1000 steps: train_duo_sd3.py's defaults (the official run's).
   TRAIN_SETTINGS=(--checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest)
   EVAL_SETTINGS=(--mixed_precision bf16 --num_inference_steps 28 --guidance_scale 7.0 --max_unrelated_prompts 1000 --ring_a_bell_max_targets "${RING_A_BELL_MAX_TARGETS:-100}")
 fi
