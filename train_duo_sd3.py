@@ -402,8 +402,10 @@ def main(argv=None):
     )
     model = accelerator.unwrap_model(transformer)
     logger.info(
-        "σ-table indices [%d, %d), weighting = %s, preconditioned = %s",
-        args.t_min, args.t_max, args.weighting_scheme, bool(args.precondition_outputs), main_process_only=True,
+        "σ-table indices [%d, %d), weighting = %s, preconditioned = %s; preservation at σ = %.4g with λ = %g "
+        "(effective weight %g, the official run's %g)",
+        args.t_min, args.t_max, args.weighting_scheme, bool(args.precondition_outputs), args.preservation_sigma,
+        args.preservation_weight, args.preservation_effective_weight, args.official_preservation_effective_weight, main_process_only=True,
     )
 
     def compute_losses(pair_indices, generator):
