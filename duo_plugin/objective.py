@@ -3,7 +3,8 @@
 Every training step of both training scripts runs the adapted model and the reference model (the same
 network with the LoRA adapter disabled) over one concatenated batch ``[x⁻_t; x⁺_t; x_T]`` of ``3·B``
 samples, where the first ``B`` are the noised unsafe latents, the next ``B`` their safe twins (noised
-with the *same* noise and timestep) and the last ``B`` pure noise for the preservation term.
+with the *same* noise and, unless ``--pair_timesteps independent``, the same timestep) and the last ``B``
+pure noise for the preservation term.
 
 The functions here are pure tensor math so that they can be checked against closed forms:
 
