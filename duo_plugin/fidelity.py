@@ -21,7 +21,7 @@ from . import objective
 from .presets import preservation_effective_weight, preservation_weight_for_beta, sd3_preservation_weight_for_beta
 
 PRESERVATION_NOISE_MODES = ("fresh", "pair")
-PAIR_RECIPE_FILE = "duo_pairs_config.json"  # duo_plugin.pairs.RECIPE_NAME (pairs imports training, which imports this)
+PAIR_RECIPE_FILE = "duo_pairs_config.json"  # duo_plugin.pairs.RECIPE_NAME (pairs imports outputs, which imports this)
 
 
 def add_official_arguments(parser, family: str):

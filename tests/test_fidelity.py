@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, tiny_train_args
-from duo_plugin import detectors, fidelity, objective, pairs, presets, training
+from duo_plugin import arguments, detectors, fidelity, objective, pairs, presets, sd, sd3
 
 SD3_SHIFT = 3.0  # SD3-medium's and SD3.5's scheduler shift
 # σ of the sigma table's last entry at shift 3: 3·0.001 / (1 + 2·0.001).
@@ -143,11 +143,11 @@ def test_resolve_sd3_preservation(placement, given, precondition, expected_weigh
         assert args.preservation_effective_weight == pytest.approx(expected_official_effective, rel=1e-6)
 
 
-def test_sd3_official_placement_batch(train_duo_sd3):
+def test_sd3_official_placement_batch():
     """The official placement tells the model σ_off and t ≈ 3 for the same pure-noise input."""
     scheduler, num_pairs = sd3_scheduler(), 3
     batches = {
-        placement: train_duo_sd3.make_duo_batch(
+        placement: sd3.make_duo_batch(
             latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler,
             sd3_batch_args(preservation_placement=placement), sd3_condition(),
         )
@@ -181,12 +181,12 @@ def sd1_noise_of(scheduler, model_input, clean, timesteps):
 
 
 @pytest.mark.parametrize("mode", ["shared", "independent"])
-def test_sd1_pair_timesteps(train_duo, mode):
+def test_sd1_pair_timesteps(mode):
     from diffusers import DDPMScheduler
 
     scheduler, num_pairs = DDPMScheduler(num_train_timesteps=1000), 64
     cache = latent_cache(num_pairs)
-    batch = train_duo.make_duo_batch(
+    batch = sd.make_duo_batch(
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750,
         torch.zeros(1, 4, 8), pair_timesteps_mode=mode,
     )
@@ -204,13 +204,13 @@ def test_sd1_pair_timesteps(train_duo, mode):
     assert torch.equal(batch.timesteps[2 * num_pairs :], torch.full((num_pairs,), 999))
 
 
-def test_sd1_shared_mode_is_the_previous_draw(train_duo):
+def test_sd1_shared_mode_is_the_previous_draw():
     """``shared`` keeps the earlier random stream: flips, latents, noise, one timestep per pair, pure noise."""
     from diffusers import DDPMScheduler
 
     scheduler, num_pairs = DDPMScheduler(num_train_timesteps=1000), 3
     cache = latent_cache(num_pairs)
-    batch = train_duo.make_duo_batch(cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750, torch.zeros(1, 4, 8))
+    batch = sd.make_duo_batch(cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750, torch.zeros(1, 4, 8))
     generator = torch.Generator().manual_seed(0)
     flips = torch.randint(0, 1, (num_pairs,), generator=generator)
     cache.sample(torch.arange(num_pairs), flips, generator)
@@ -223,10 +223,10 @@ def test_sd1_shared_mode_is_the_previous_draw(train_duo):
 
 
 @pytest.mark.parametrize("mode", ["shared", "independent"])
-def test_sd3_pair_timesteps(train_duo_sd3, mode):
+def test_sd3_pair_timesteps(mode):
     scheduler, num_pairs = sd3_scheduler(), 64
     cache = latent_cache(num_pairs)
-    batch = train_duo_sd3.make_duo_batch(
+    batch = sd3.make_duo_batch(
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, sd3_batch_args(pair_timesteps=mode), sd3_condition()
     )
     unsafe_sigma, safe_sigma = batch.sigmas[:num_pairs], batch.sigmas[num_pairs : 2 * num_pairs]
@@ -244,12 +244,12 @@ def test_sd3_pair_timesteps(train_duo_sd3, mode):
     assert torch.equal(batch.sigmas[2 * num_pairs :], torch.ones(num_pairs))
 
 
-def test_preservation_noise_pair_reuses_the_pairs_noise(train_duo, train_duo_sd3):
+def test_preservation_noise_pair_reuses_the_pairs_noise():
     from diffusers import DDPMScheduler
 
     num_pairs = 3
     sd1 = {
-        mode: train_duo.make_duo_batch(
+        mode: sd.make_duo_batch(
             latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), DDPMScheduler(num_train_timesteps=1000),
             0, 750, torch.zeros(1, 4, 8), preservation_noise=mode,
         )
@@ -259,13 +259,13 @@ def test_preservation_noise_pair_reuses_the_pairs_noise(train_duo, train_duo_sd3
     assert not torch.equal(sd1["fresh"].model_input[2 * num_pairs :], sd1["fresh"].target[:num_pairs])
     assert torch.equal(sd1["pair"].model_input[: 2 * num_pairs], sd1["fresh"].model_input[: 2 * num_pairs])  # pairs unchanged
 
-    sd3 = train_duo_sd3.make_duo_batch(
+    flow = sd3.make_duo_batch(
         latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), sd3_scheduler(),
         sd3_batch_args(preservation_noise="pair", precondition_outputs=0), sd3_condition(),
     )
     clean = torch.cat([latent_cache(num_pairs).mean[:, 0, 0], latent_cache(num_pairs).mean[:, 0, 1]])
-    velocity_noise = sd3.target + clean  # unpreconditioned target: ε − x
-    torch.testing.assert_close(sd3.model_input[2 * num_pairs :], velocity_noise[:num_pairs])
+    velocity_noise = flow.target + clean  # unpreconditioned target: ε − x
+    torch.testing.assert_close(flow.model_input[2 * num_pairs :], velocity_noise[:num_pairs])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_sd3_defaults_are_the_official_runs(train_duo_sd3):
     args = train_duo_sd3.parse_args([])
     assert (args.resolution, args.max_sequence_length) == (512, 77)
     assert (args.pair_timesteps, args.preservation_noise, args.preservation_placement) == ("shared", "fresh", "sigma_one")
-    training.resolve_concept(args, architecture="sd3", base_learning_rate=train_duo_sd3.BASE_LEARNING_RATE)
+    arguments.resolve_training_args(args, family="sd3")
     fidelity.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
     assert args.preservation_weight == pytest.approx(44.82, abs=0.01)
 
