@@ -37,16 +37,6 @@ def train_duo_sd3():
     return load_script("train_duo_sd3")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def sd3_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
