@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -71,19 +72,22 @@ LEAKED_PROCESSES = []
 def run_in_own_group(command, env=None, cwd=REPO_ROOT):
     """Run ``command`` to completion in a new session (its own process group) and reap the whole group.
 
-    No wall-clock limit: a loaded machine is slow, not wrong. Whatever the command left running in its group
-    (a launcher's worker, a backgrounded job) and whatever is still running if the test is interrupted is
-    killed. Returns ``(CompletedProcess, pids of the members found alive after the leader exited)``.
+    No wall-clock limit: a loaded machine is slow, not wrong. Output goes to files, not pipes, so a process the
+    command leaves behind cannot hold the test waiting for end-of-file. Whatever is left in the group when the
+    leader exits (a launcher's worker, a backgrounded job), or when the test is interrupted, is killed.
+    Returns ``(CompletedProcess, pids of the members found alive after the leader exited)``.
     """
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
-    leftovers = []
-    try:
-        stdout, stderr = process.communicate()
-    finally:
-        leftovers = kill_process_group(process.pid)
-        if process.poll() is None:
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env, cwd=cwd, start_new_session=True)
+        try:
             process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), leftovers
+        finally:
+            leftovers = kill_process_group(process.pid)
+            if process.poll() is None:
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()), leftovers
 
 
 def kill_process_group(pgid: int):
