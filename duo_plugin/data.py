@@ -47,7 +47,7 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
             raise UsageError(
                 f"could not read the pair folder {dataset_name} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
                 f"check that metadata.jsonl rows name existing files in unsafe_file_name/safe_file_name"
-            ) from None
+            ) from error
     if os.path.exists(dataset_name):
         raise UsageError(f"--dataset_name {dataset_name} is a file: give a pair folder or a Hub dataset id")
     try:
@@ -56,7 +56,7 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
         raise UsageError(
             f"could not load --dataset_name {dataset_name!r} ({type(error).__name__}: {str(error).splitlines()[0]}): "
             f"give an existing local pair folder or a Hub dataset id you can reach"
-        ) from None
+        ) from error
 
 
 def _decode(cell, column: str, row: int) -> Image.Image:
@@ -74,7 +74,7 @@ def _decode(cell, column: str, row: int) -> Image.Image:
         raise UsageError(
             f"unreadable image in column {column!r}, row {row} ({path or 'embedded bytes'}): {error}; "
             f"replace or remove that pair"
-        ) from None
+        ) from error
 
 
 def load_pair_images(
@@ -188,7 +188,10 @@ def encode_pairs(
 
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.stack(
-        [torch.stack(joint_transform(u, s, resolution, center_crop, generator)) for u, s in zip(pairs.unsafe, pairs.safe)]
+        [
+            torch.stack(joint_transform(u, s, resolution, center_crop, generator))
+            for u, s in zip(pairs.unsafe, pairs.safe)
+        ]
     )  # (N, 2, 3, H, W)
     views = [pixels, pixels.flip(-1)] if random_flip else [pixels]
     flat = torch.stack(views, dim=1).reshape(-1, *pixels.shape[2:])
@@ -249,7 +252,9 @@ def pair_indices_for_step(
     epochs = positions // num_pairs
     indices = torch.empty(batch_size, dtype=torch.long)
     for epoch in epochs.unique().tolist():
-        permutation = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
+        permutation = torch.randperm(
+            num_pairs, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        )
         mask = epochs == epoch
         indices[mask] = permutation[positions[mask] % num_pairs]
     return indices

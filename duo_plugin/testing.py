@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+
 TINY_WORDS = (
     "a naked dressed white black woman man realistic photo bleeding comfort suffering enjoying with gun "
     "peace horror red blue green square circle triangle lighthouse cliff sunset of on at the in shower "
@@ -286,15 +287,30 @@ def make_tiny_clip(output_dir: str, seed: int = 0) -> str:
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
     )
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
     )
     CLIPModel(config).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

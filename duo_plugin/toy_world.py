@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from .detectors import Detection, register_detector
 
+
 RESOLUTION = 32
 SHAPES = ("square", "circle", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")

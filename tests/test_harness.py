@@ -1,7 +1,6 @@
 """The test harness itself: nothing a test starts may outlive it."""
 
 import psutil
-
 from conftest import run_in_own_group
 
 
