@@ -605,10 +605,6 @@ def test_flow_matching_flags(train_duo_sd3):
     # diffusers' spelling (an int) and a bare switch both work.
     assert train_duo_sd3.parse_args(["--precondition_outputs", "0"]).precondition_outputs == 0
     assert train_duo_sd3.parse_args(["--precondition_outputs"]).precondition_outputs == 1
-    args = train_duo_sd3.parse_args(
-        ["--weighting_scheme", "logit_normal", "--logit_mean", "0.5", "--logit_std", "2", "--mode_scale", "1"]
-    )
-    assert (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale) == ("logit_normal", 0.5, 2.0, 1.0)
 
 
 def test_official_sd3_defaults(train_duo_sd3):
