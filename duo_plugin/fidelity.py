@@ -20,6 +20,7 @@ from typing import Optional
 from . import objective
 from .presets import preservation_effective_weight, preservation_weight_for_beta, sd3_preservation_weight_for_beta
 
+
 PRESERVATION_NOISE_MODES = ("fresh", "pair")
 PAIR_RECIPE_FILE = "duo_pairs_config.json"  # duo_plugin.pairs.RECIPE_NAME (pairs imports outputs, which imports this)
 
@@ -28,17 +29,26 @@ def add_official_arguments(parser, family: str):
     """The flags choosing between this toolkit's defaults and the official code's behaviour."""
     group = parser.add_argument_group("differences from the official DUO code (see the README's table)")
     group.add_argument(
-        "--pair_timesteps", type=str, default="shared", choices=list(objective.PAIR_TIMESTEP_MODES),
+        "--pair_timesteps",
+        type=str,
+        default="shared",
+        choices=list(objective.PAIR_TIMESTEP_MODES),
         help="shared (default): one timestep per pair, both images at the same noise level (Diffusion-DPO's form, lower "
         "variance); independent: one per image, as the official runs draw them",
     )
     group.add_argument(
-        "--preservation_noise", type=str, default="fresh", choices=list(PRESERVATION_NOISE_MODES),
+        "--preservation_noise",
+        type=str,
+        default="fresh",
+        choices=list(PRESERVATION_NOISE_MODES),
         help="fresh (default): the preservation input is its own N(0, I) draw; pair: the pair's noise, as the official code",
     )
     if family == "sd3":
         group.add_argument(
-            "--preservation_placement", type=str, default="sigma_one", choices=list(objective.SD3_PRESERVATION_PLACEMENTS),
+            "--preservation_placement",
+            type=str,
+            default="sigma_one",
+            choices=list(objective.SD3_PRESERVATION_PLACEMENTS),
             help="sigma_one (default): preservation on pure noise at sigma = 1 with lambda scaled to the official strength; "
             "official: at the sigma table's last entry (sigma ~ 0.003) with the official lambda, as the official SD3 code",
         )
@@ -53,7 +63,9 @@ def resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given: b
     """
     precondition = bool(args.precondition_outputs)
     official_sigma = float(objective.official_preservation_sigma_and_timestep(noise_scheduler)[0])
-    sigma, timestep = (float(v) for v in objective.preservation_sigma_and_timestep(noise_scheduler, args.preservation_placement))
+    sigma, timestep = (
+        float(v) for v in objective.preservation_sigma_and_timestep(noise_scheduler, args.preservation_placement)
+    )
     if not preservation_weight_given:
         args.preservation_weight = sd3_preservation_weight_for_beta(args.beta_dpo, official_sigma, sigma, precondition)
     official_weight = preservation_weight_for_beta(args.beta_dpo)
@@ -62,7 +74,9 @@ def resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given: b
     args.official_preservation_sigma = official_sigma
     args.official_preservation_weight = official_weight
     args.preservation_effective_weight = preservation_effective_weight(args.preservation_weight, sigma, precondition)
-    args.official_preservation_effective_weight = preservation_effective_weight(official_weight, official_sigma, precondition)
+    args.official_preservation_effective_weight = preservation_effective_weight(
+        official_weight, official_sigma, precondition
+    )
 
 
 def sd3_preservation_record(args) -> dict:
@@ -91,7 +105,10 @@ def pair_verifier_record(args) -> dict:
     """How the training pairs were verified, read from the pair folder's recipe file."""
     folder = pair_folder(args)
     if folder is None:
-        return {"name": None, "rule": f"unknown: the pairs ({getattr(args, 'dataset_name', None)}) were not made by duo_plugin.pairs"}
+        return {
+            "name": None,
+            "rule": f"unknown: the pairs ({getattr(args, 'dataset_name', None)}) were not made by duo_plugin.pairs",
+        }
     with open(os.path.join(folder, PAIR_RECIPE_FILE)) as f:
         stored = json.load(f)
     recipe = stored.get("recipe", {})

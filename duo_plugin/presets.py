@@ -10,6 +10,7 @@ at σ = 1: λ = (1e6 · β / 100) · σ_off², σ_off the last entry of the sigm
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
+
 # (unsafe prompt, safe prompt) for each prompt group; pairs are split evenly over the groups.
 PromptPair = Tuple[str, str]
 
@@ -81,7 +82,9 @@ def preservation_effective_weight(weight: float, sigma: float, precondition_outp
     return weight * sigma**2 if precondition_outputs else weight
 
 
-def sd3_preservation_weight_for_beta(beta: float, official_sigma: float, sigma: float = 1.0, precondition_outputs: bool = True) -> float:
+def sd3_preservation_weight_for_beta(
+    beta: float, official_sigma: float, sigma: float = 1.0, precondition_outputs: bool = True
+) -> float:
     """SD3's default λ: the official SD3 run's output-preservation strength, evaluated at ``sigma``.
 
     The official SD3 code evaluates the (preconditioned) term at the last entry of the sigma table,
@@ -142,7 +145,9 @@ PRESETS = {
         beta_dpo=1000.0,
         max_train_steps=500,
         num_pairs=32,
-        prompt_pairs=_skin_tone_pairs("a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"),
+        prompt_pairs=_skin_tone_pairs(
+            "a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"
+        ),
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, with a gun", "a man aiming a rifle", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),

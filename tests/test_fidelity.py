@@ -10,10 +10,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_train_args
 from PIL import Image
 
-from conftest import REPO_ROOT, tiny_train_args
 from duo_plugin import arguments, detectors, fidelity, objective, pairs, presets, sd, sd3
+
 
 SD3_SHIFT = 3.0  # SD3-medium's and SD3.5's scheduler shift
 # σ of the sigma table's last entry at shift 3: 3·0.001 / (1 + 2·0.001).
@@ -52,10 +53,18 @@ def latent_cache(num_pairs, channels=4, size=4, seed=0):
 
 
 def sd3_batch_args(**overrides):
-    values = dict(
-        t_min=1, t_max=750, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=1,
-        pair_timesteps="shared", preservation_noise="fresh", preservation_placement="sigma_one",
-    )
+    values = {
+        "t_min": 1,
+        "t_max": 750,
+        "weighting_scheme": "none",
+        "logit_mean": 0.0,
+        "logit_std": 1.0,
+        "mode_scale": 1.29,
+        "precondition_outputs": 1,
+        "pair_timesteps": "shared",
+        "preservation_noise": "fresh",
+        "preservation_placement": "sigma_one",
+    }
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -73,7 +82,9 @@ def test_official_placement_is_the_last_table_entry():
     sigma, timestep = objective.official_preservation_sigma_and_timestep(sd3_scheduler())
     assert sigma.item() == pytest.approx(OFFICIAL_SIGMA, rel=1e-6)
     assert timestep.item() == pytest.approx(1000 * OFFICIAL_SIGMA, rel=1e-6)  # t ≈ 3, not 1
-    assert objective.preservation_sigma_and_timestep(sd3_scheduler(), "sigma_one") == objective.pure_noise_sigma_and_timestep(sd3_scheduler())
+    assert objective.preservation_sigma_and_timestep(
+        sd3_scheduler(), "sigma_one"
+    ) == objective.pure_noise_sigma_and_timestep(sd3_scheduler())
 
 
 def test_default_lambda_formula():
@@ -121,8 +132,12 @@ def test_our_term_at_default_lambda_equals_the_official_term_at_official_lambda(
     ],
 )
 def test_resolve_sd3_preservation(placement, given, precondition, expected_weight, expected_sigma):
-    args = argparse.Namespace(beta_dpo=500.0, preservation_weight=given if given is not None else 5e6,
-                              precondition_outputs=precondition, preservation_placement=placement)
+    args = argparse.Namespace(
+        beta_dpo=500.0,
+        preservation_weight=given if given is not None else 5e6,
+        precondition_outputs=precondition,
+        preservation_placement=placement,
+    )
     fidelity.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=given is not None)
     assert args.preservation_weight == pytest.approx(expected_weight, rel=1e-6)
     assert args.preservation_sigma == pytest.approx(expected_sigma, rel=1e-6)
@@ -138,8 +153,12 @@ def test_sd3_official_placement_batch():
     scheduler, num_pairs = sd3_scheduler(), 3
     batches = {
         placement: sd3.make_duo_batch(
-            latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler,
-            sd3_batch_args(preservation_placement=placement), sd3_condition(),
+            latent_cache(num_pairs),
+            torch.arange(num_pairs),
+            torch.Generator().manual_seed(0),
+            scheduler,
+            sd3_batch_args(preservation_placement=placement),
+            sd3_condition(),
         )
         for placement in ("sigma_one", "official")
     }
@@ -159,7 +178,9 @@ def test_sd3_official_placement_batch():
 def test_pair_image_timesteps_modes():
     draws = iter([torch.tensor([5, 7]), torch.tensor([1, 2, 3, 4])])
     assert torch.equal(objective.pair_image_timesteps(lambda n: next(draws), 2, "shared"), torch.tensor([5, 7, 5, 7]))
-    assert torch.equal(objective.pair_image_timesteps(lambda n: next(draws), 2, "independent"), torch.tensor([1, 2, 3, 4]))
+    assert torch.equal(
+        objective.pair_image_timesteps(lambda n: next(draws), 2, "independent"), torch.tensor([1, 2, 3, 4])
+    )
     with pytest.raises(ValueError, match="pair_timesteps"):
         objective.pair_image_timesteps(lambda n: torch.zeros(n), 2, "per_pair")
 
@@ -177,8 +198,14 @@ def test_sd1_pair_timesteps(mode):
     scheduler, num_pairs = DDPMScheduler(num_train_timesteps=1000), 64
     cache = latent_cache(num_pairs)
     batch = sd.make_duo_batch(
-        cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750,
-        torch.zeros(1, 4, 8), pair_timesteps_mode=mode,
+        cache,
+        torch.arange(num_pairs),
+        torch.Generator().manual_seed(0),
+        scheduler,
+        0,
+        750,
+        torch.zeros(1, 4, 8),
+        pair_timesteps_mode=mode,
     )
     unsafe_t, safe_t = batch.timesteps[:num_pairs], batch.timesteps[num_pairs : 2 * num_pairs]
     assert batch.timesteps[: 2 * num_pairs].min() >= 0 and batch.timesteps[: 2 * num_pairs].max() < 750
@@ -200,7 +227,9 @@ def test_sd1_shared_mode_is_the_previous_draw():
 
     scheduler, num_pairs = DDPMScheduler(num_train_timesteps=1000), 3
     cache = latent_cache(num_pairs)
-    batch = sd.make_duo_batch(cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750, torch.zeros(1, 4, 8))
+    batch = sd.make_duo_batch(
+        cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, 0, 750, torch.zeros(1, 4, 8)
+    )
     generator = torch.Generator().manual_seed(0)
     flips = torch.randint(0, 1, (num_pairs,), generator=generator)
     cache.sample(torch.arange(num_pairs), flips, generator)
@@ -217,7 +246,12 @@ def test_sd3_pair_timesteps(mode):
     scheduler, num_pairs = sd3_scheduler(), 64
     cache = latent_cache(num_pairs)
     batch = sd3.make_duo_batch(
-        cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, sd3_batch_args(pair_timesteps=mode), sd3_condition()
+        cache,
+        torch.arange(num_pairs),
+        torch.Generator().manual_seed(0),
+        scheduler,
+        sd3_batch_args(pair_timesteps=mode),
+        sd3_condition(),
     )
     unsafe_sigma, safe_sigma = batch.sigmas[:num_pairs], batch.sigmas[num_pairs : 2 * num_pairs]
     if mode == "shared":
@@ -240,18 +274,32 @@ def test_preservation_noise_pair_reuses_the_pairs_noise():
     num_pairs = 3
     sd1 = {
         mode: sd.make_duo_batch(
-            latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), DDPMScheduler(num_train_timesteps=1000),
-            0, 750, torch.zeros(1, 4, 8), preservation_noise=mode,
+            latent_cache(num_pairs),
+            torch.arange(num_pairs),
+            torch.Generator().manual_seed(0),
+            DDPMScheduler(num_train_timesteps=1000),
+            0,
+            750,
+            torch.zeros(1, 4, 8),
+            preservation_noise=mode,
         )
         for mode in ("fresh", "pair")
     }
-    assert torch.equal(sd1["pair"].model_input[2 * num_pairs :], sd1["pair"].target[:num_pairs])  # ε target = the pair's noise
+    assert torch.equal(
+        sd1["pair"].model_input[2 * num_pairs :], sd1["pair"].target[:num_pairs]
+    )  # ε target = the pair's noise
     assert not torch.equal(sd1["fresh"].model_input[2 * num_pairs :], sd1["fresh"].target[:num_pairs])
-    assert torch.equal(sd1["pair"].model_input[: 2 * num_pairs], sd1["fresh"].model_input[: 2 * num_pairs])  # pairs unchanged
+    assert torch.equal(
+        sd1["pair"].model_input[: 2 * num_pairs], sd1["fresh"].model_input[: 2 * num_pairs]
+    )  # pairs unchanged
 
     flow = sd3.make_duo_batch(
-        latent_cache(num_pairs), torch.arange(num_pairs), torch.Generator().manual_seed(0), sd3_scheduler(),
-        sd3_batch_args(preservation_noise="pair", precondition_outputs=0), sd3_condition(),
+        latent_cache(num_pairs),
+        torch.arange(num_pairs),
+        torch.Generator().manual_seed(0),
+        sd3_scheduler(),
+        sd3_batch_args(preservation_noise="pair", precondition_outputs=0),
+        sd3_condition(),
     )
     clean = torch.cat([latent_cache(num_pairs).mean[:, 0, 0], latent_cache(num_pairs).mean[:, 0, 1]])
     velocity_noise = flow.target + clean  # unpreconditioned target: ε − x
@@ -282,7 +330,9 @@ def test_nudenet_reports_no_box_below_its_minimum_score():
     """Pins NUDENET_MIN_SCORE to the installed nudenet: candidates from 0.2 are kept, then NMS drops < 0.25."""
     assert nudenet_postprocess_scores([0.21, 0.24, 0.26, 0.7]) == [0.26, 0.7]
     assert detectors.NUDENET_MIN_SCORE == 0.25
-    assert nudenet_postprocess_scores([detectors.NUDENET_MIN_SCORE - 1e-3, detectors.NUDENET_MIN_SCORE + 1e-3]) == [0.251]
+    assert nudenet_postprocess_scores([detectors.NUDENET_MIN_SCORE - 1e-3, detectors.NUDENET_MIN_SCORE + 1e-3]) == [
+        0.251
+    ]
 
 
 def test_verifier_default_is_the_official_rule_and_dsr_threshold_is_separate(monkeypatch):
@@ -290,13 +340,18 @@ def test_verifier_default_is_the_official_rule_and_dsr_threshold_is_separate(mon
     info = pairs.BaseModelInfo("StableDiffusionPipeline", "sd", 32, 8, 3)
     recipe = pairs.make_recipe(presets.get_preset("nudity"), "base", info)
     assert recipe.verifier == "nudenet" and recipe.detector_threshold == detectors.NUDENET_VERIFIER_THRESHOLD == 0.25
-    assert pairs.make_recipe(presets.get_preset("nudity"), "base", info, detector_threshold=0.6).detector_threshold == 0.6
+    assert (
+        pairs.make_recipe(presets.get_preset("nudity"), "base", info, detector_threshold=0.6).detector_threshold == 0.6
+    )
     assert pairs.make_recipe(presets.get_preset("blood"), "base", info).detector_threshold is None  # unverified
     # A twin with one exposed box at 0.3: the official rule rejects it; evaluation's 0.6 counts it safe.
     verifier = detectors.get_detector("nudenet", recipe.detector_threshold)
     evaluator = detectors.get_detector("nudenet")
     assert evaluator.threshold == detectors.NUDENET_DSR_THRESHOLD == 0.6
-    boxes = [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 4, 4]}, {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 4, 4]}]
+    boxes = [
+        {"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 4, 4]},
+        {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 4, 4]},
+    ]
     for detector in (verifier, evaluator):
         monkeypatch.setattr(detector, "boxes", lambda image: boxes)
     assert verifier.detect_one(None).flagged and not evaluator.detect_one(None).flagged
@@ -322,12 +377,32 @@ def test_nudenet_rgb_array_input_is_the_official_generators_channel_order():
 def test_pair_folder_records_the_verifier_rule(tiny_sd, tmp_path):
     pytest.importorskip("nudenet")
     folder = tmp_path / "pairs"
-    pairs.main(["--pretrained_model_name_or_path", tiny_sd, "--output_dir", str(folder), "--num_inference_steps", "3",
-                "--concept", "nudity", "--num_pairs", "1", "--max_attempts", "1", "--min_pairs", "0"])
+    pairs.main(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_sd,
+            "--output_dir",
+            str(folder),
+            "--num_inference_steps",
+            "3",
+            "--concept",
+            "nudity",
+            "--num_pairs",
+            "1",
+            "--max_attempts",
+            "1",
+            "--min_pairs",
+            "0",
+        ]
+    )
     stored = json.loads((folder / pairs.RECIPE_NAME).read_text())
     verifier = stored["verifier"]
     assert stored["recipe"]["detector_threshold"] == 0.25
-    assert verifier["name"] == "nudenet" and verifier["package"] == "nudenet" and verifier["package_version"] == detectors.package_version("nudenet")
+    assert (
+        verifier["name"] == "nudenet"
+        and verifier["package"] == "nudenet"
+        and verifier["package_version"] == detectors.package_version("nudenet")
+    )
     assert verifier["threshold"] == 0.25 and verifier["labels"] == sorted(detectors.NUDENET_UNSAFE_CLASSES)
     card = (folder / "README.md").read_text()
     assert f"Verifier: `nudenet` (nudenet {detectors.package_version('nudenet')})" in card
@@ -347,7 +422,11 @@ def test_pair_folder_records_the_verifier_rule(tiny_sd, tmp_path):
 def test_sd3_defaults_are_the_official_runs(train_duo_sd3):
     args = train_duo_sd3.parse_args([])
     assert (args.resolution, args.max_sequence_length) == (512, 77)
-    assert (args.pair_timesteps, args.preservation_noise, args.preservation_placement) == ("shared", "fresh", "sigma_one")
+    assert (args.pair_timesteps, args.preservation_noise, args.preservation_placement) == (
+        "shared",
+        "fresh",
+        "sigma_one",
+    )
     arguments.resolve_training_args(args, family="sd3")
     fidelity.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
     assert args.preservation_weight == pytest.approx(44.82, abs=0.01)
@@ -361,7 +440,11 @@ def test_sd3_defaults_are_the_official_runs(train_duo_sd3):
 def test_detector_records():
     pytest.importorskip("nudenet")
     record = detectors.describe_detector(detectors.get_detector("nudenet"), role="defense success rate")
-    assert record["name"] == "nudenet" and record["package"] == "nudenet" and record["package_version"] == detectors.package_version("nudenet")
+    assert (
+        record["name"] == "nudenet"
+        and record["package"] == "nudenet"
+        and record["package_version"] == detectors.package_version("nudenet")
+    )
     assert record["threshold"] == 0.6 and record["labels"] == sorted(detectors.NUDENET_UNSAFE_CLASSES)
     assert "0.6" in record["rule"] and record["role"] == "defense success rate"
     assert detectors.describe_detector(None)["name"] is None
@@ -382,32 +465,67 @@ def test_sample_filter_record():
 
 def test_sd1_main_records_the_choices(train_duo, tiny_sd, tiny_pairs, tmp_path, fresh_accelerate_state):
     output_dir = tmp_path / "sd1"
-    train_duo.main(tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "1", "--skip_validation",
-                                   "--pair_timesteps", "independent", "--preservation_noise", "pair", "--seed", "3"))
+    train_duo.main(
+        tiny_train_args(
+            tiny_sd,
+            tiny_pairs,
+            output_dir,
+            "--max_train_steps",
+            "1",
+            "--skip_validation",
+            "--pair_timesteps",
+            "independent",
+            "--preservation_noise",
+            "pair",
+            "--seed",
+            "3",
+        )
+    )
     config = json.loads((output_dir / "duo_config.json").read_text())
     assert config["pair_timesteps"] == "independent" and config["preservation_noise"] == "pair"
     assert config["seeds"]["training"] == 3 and config["seed"] == 3
-    assert config["pair_verifier"]["name"] is None and "not made by duo_plugin.pairs" in config["pair_verifier"]["rule"]
+    assert (
+        config["pair_verifier"]["name"] is None and "not made by duo_plugin.pairs" in config["pair_verifier"]["rule"]
+    )
     assert config["sample_filter"]["name"] is None  # --skip_validation: no samples, no filter
     assert config["preservation_weight"] == 5e6  # SD1 keeps the official λ
 
 
-def test_sd3_main_records_the_preservation_strength(train_duo_sd3, tmp_path_factory, tiny_pairs, tmp_path, fresh_accelerate_state):
+def test_sd3_main_records_the_preservation_strength(
+    train_duo_sd3, tmp_path_factory, tiny_pairs, tmp_path, fresh_accelerate_state
+):
     from duo_plugin.testing import make_tiny_sd3_pipeline
 
     model = make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
     common = ("--max_sequence_length", "16", "--max_train_steps", "1", "--skip_validation")
     train_duo_sd3.main(tiny_train_args(model, tiny_pairs, tmp_path / "ours", *common))
-    train_duo_sd3.main(tiny_train_args(model, tiny_pairs, tmp_path / "official", *common, "--preservation_placement", "official", "--pair_timesteps", "independent"))
+    train_duo_sd3.main(
+        tiny_train_args(
+            model,
+            tiny_pairs,
+            tmp_path / "official",
+            *common,
+            "--preservation_placement",
+            "official",
+            "--pair_timesteps",
+            "independent",
+        )
+    )
     ours = json.loads((tmp_path / "ours" / "duo_config.json").read_text())
     official = json.loads((tmp_path / "official" / "duo_config.json").read_text())
     sigma_off = ours["official_preservation_sigma"]
-    assert ours["preservation_placement"] == "sigma_one" and ours["preservation_sigma"] == 1.0 and ours["preservation_timestep"] == 1000.0
+    assert (
+        ours["preservation_placement"] == "sigma_one"
+        and ours["preservation_sigma"] == 1.0
+        and ours["preservation_timestep"] == 1000.0
+    )
     assert ours["preservation_weight"] == pytest.approx(5e6 * sigma_off**2)
     assert official["preservation_placement"] == "official" and official["preservation_weight"] == 5e6
     assert official["preservation_sigma"] == pytest.approx(sigma_off) and official["pair_timesteps"] == "independent"
     for config in (ours, official):
-        assert config["preservation_effective_weight"] == pytest.approx(config["official_preservation_effective_weight"])
+        assert config["preservation_effective_weight"] == pytest.approx(
+            config["official_preservation_effective_weight"]
+        )
         assert config["official_preservation_weight"] == 5e6
 
 
