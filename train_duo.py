@@ -15,6 +15,7 @@ import torch
 from accelerate.logging import get_logger
 
 from duo_plugin import data, objective, training
+from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -27,7 +28,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 1.x/2.x (UNet models).")
     training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 @torch.no_grad()

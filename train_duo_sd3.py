@@ -31,6 +31,7 @@ import torch
 from accelerate.logging import get_logger
 
 from duo_plugin import data, objective, training
+from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
         help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
     )
     flow.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embeddings (the pipeline's default)")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------

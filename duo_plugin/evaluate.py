@@ -29,7 +29,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import attacks, metrics
+from .cli import show_defaults
 from .errors import UsageError, exit_on_usage_error
+from .hub import model_source_error
 from .pipeline import fetch_adapter, load_adapters
 from .presets import PRESETS, custom_preset, get_preset, UnknownConceptError
 from .training import cpu_only_multi_process, image_grid, library_versions, read_prompt_list
@@ -123,7 +125,7 @@ def parse_args(argv=None):
     generation.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
     generation.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     generation.add_argument("--grid_size", type=int, default=8, help="prompts per base-vs-unlearned grid")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,8 +199,8 @@ def load_pipeline(source: str, dtype, revision=None, variant=None):
 
     try:
         config = DiffusionPipeline.load_config(source, revision=revision)
-    except Exception as error:
-        raise UsageError(f"cannot read the pipeline {source!r} ({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable") from None
+    except Exception as error:  # noqa: BLE001 - one line naming the cause and the fix
+        raise model_source_error(error, source, revision, "the pipeline") from None
     # The evaluation measures the model, not a safety checker that blacks images out.
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     if dtype != torch.float32:

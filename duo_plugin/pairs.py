@@ -33,7 +33,9 @@ import torch
 from . import training
 from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
+from .cli import show_defaults
 from .errors import DUOError, UsageError, exit_on_usage_error
+from .hub import model_source_error
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -150,11 +152,8 @@ def inspect_base_model(
     try:
         denoiser = denoiser_class.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", **kwargs)
-    except Exception as error:
-        raise UsageError(
-            f"cannot read the {subfolder}/vae configs of {pretrained_model_name_or_path!r} ({type(error).__name__}): "
-            f"give a complete diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - one line naming the cause and the fix
+        raise model_source_error(error, pretrained_model_name_or_path, revision, "base model", needs=f"{subfolder}/vae config") from None
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x, of vae scale x patch size for SD3.
     multiple = math.lcm(8, vae_scale_factor * denoiser.get("patch_size", 1)) if family == "sd3" else 8
@@ -928,7 +927,7 @@ def parse_args(argv=None):
     hub.add_argument("--hub_model_id", type=str, default=None, help="dataset repo id; default: the output folder's name")
     hub.add_argument("--hub_token", type=str, default=None)
     hub.add_argument("--hub_public", action="store_true")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 @exit_on_usage_error

@@ -219,11 +219,10 @@ def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional
 
     try:
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
-    except Exception as error:
-        raise UsageError(
-            f"cannot read the pipeline config of --pretrained_model_name_or_path {pretrained_model_name_or_path!r} "
-            f"({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line naming the cause and the fix
+        from .hub import model_source_error
+
+        raise model_source_error(error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path") from None
     return config["_class_name"]
 
 
@@ -897,8 +896,18 @@ def train_duo_steps(
     accelerator.wait_for_everyone()
 
 
+def make_readable_like_other_outputs(path: str):
+    """safetensors writes through a private temporary file (mode 0600): give the file the mode the
+    process's umask gives every other output (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if os.path.isfile(path):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def finish_run(args, accelerator, config: dict, pipeline_class: str, samples: List[tuple]):
     """Model card and optional Hub push, on the main process, after the adapter and config are written."""
+    make_readable_like_other_outputs(os.path.join(args.output_dir, LORA_WEIGHT_NAME))
     write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
     logger.info("Saved the DUO adapter to %s", args.output_dir)
     if args.push_to_hub:
