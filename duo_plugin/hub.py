@@ -13,7 +13,7 @@ from .errors import UsageError
 # not all installed, and their classes need not be imported to be recognised.
 UNREACHABLE_ERROR_NAMES = {
     "ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout", "TimeoutException", "NetworkError",
-    "ProxyError", "RemoteProtocolError", "NewConnectionError", "MaxRetryError", "NameResolutionError",
+    "ProxyError", "RemoteProtocolError", "TransportError", "NewConnectionError", "MaxRetryError", "NameResolutionError",
 }
 
 

@@ -57,10 +57,15 @@ fail() {
   exit 2
 }
 
-# A file the run needs later, checked now rather than after hours of training.
+# A file the run needs later, checked now rather than after hours of training. A dry run prints the
+# commands with a placeholder (YOUR_<NAME>) where the file is not given yet.
 require_file() {
   local name="$1" hint="$2"
   local path="${!name:-}"
+  if [[ -z "$path" && "$DRY_RUN" == 1 ]]; then
+    printf -v "$name" 'YOUR_%s' "$name"
+    return 0
+  fi
   [[ -n "$path" ]] || fail "set $name: $hint"
   [[ "$DRY_RUN" == 1 || -e "$path" ]] || fail "$name=$path does not exist: $hint"
 }
