@@ -52,7 +52,7 @@ def choose_job(has_gpu: bool, extra: List[str], repo_root: Path = REPO_ROOT) -> 
         return "CUDA GPU found: training DUO on Stable Diffusion 1.4 (the nudity recipe; adapter in duo-nudity/)", command
     return (
         "No CUDA GPU found: the real recipe needs one; running the CPU toy demo instead "
-        "(about 7 minutes on 2 cores, report in runs/toy_world/report.md)",
+        "(about 7 min on 2 idle cores, report in runs/toy_world/report.md)",
         command,
     )
 

@@ -344,3 +344,109 @@ def test_refusal_through_accelerate_launch_is_as_documented():
     assert code == 1 and lines[-1].startswith(error)
     text = " ".join(readme_text().split())
     assert "`accelerate launch --quiet`" in text and "`CalledProcessError` traceback" in text
+
+
+# --- Point 5: the demo's console shows progress; its time claims agree ---------------------------
+
+
+def load_run_demo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_demo", os.path.join(REPO_ROOT, "examples", "toy_world", "run_demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_reads_the_commands_progress_bars():
+    run_demo = load_run_demo()
+    log = "loading\rSteps:   0%|          | 0/300 [00:00<?, ?it/s]\rSteps:  45%|████▌     | 135/300 [00:30<00:37,  4.40it/s, loss=0.69]"
+    assert run_demo.latest_progress(log) == ("Steps", 135, 300)
+    assert run_demo.latest_progress(log + "\n 50%|█████     | 3/6 [00:01<00:01,  2.0it/s]") == ("", 3, 6)
+    assert run_demo.latest_progress("no bar yet") is None
+
+
+def test_demo_stage_prints_its_log_first_and_shows_a_named_bar(tmp_path, capsys):
+    run_demo = load_run_demo()
+    child = "import time; from tqdm import tqdm; [time.sleep(0.05) for _ in tqdm(range(12), desc='Steps')]"
+    log_path = str(tmp_path / "duo_lambda0.log")
+    run_demo.run([sys.executable, "-c", child], log_path)
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[0].startswith("+ ") and out[1] == f"  duo_lambda0: log in {log_path}" and out[2].startswith("  duo_lambda0: done in")
+    assert "duo_lambda0 (Steps)" in captured.err and "12/12" in captured.err
+    with pytest.raises(UsageError, match="failed \\(exit 3\\)"):
+        run_demo.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "bad.log"))
+
+
+def test_demo_time_claims_agree():
+    claims = {}
+    for path in ("README.md", "examples/README.md", "examples/toy_world/README.md", "examples/toy_world/run_demo.py", "duo_plugin/quickstart.py"):
+        with open(os.path.join(REPO_ROOT, path)) as f:
+            text = f.read()
+        claims[path] = re.findall(r"(?:about )?\d+(?:\.\d+)? min(?:utes)? on 2 \w* ?(?:CPU )?cores", text)
+    found = {claim for found in claims.values() for claim in found}
+    # The toy model's training (train_tiny_model.py, 8.8 min) is the only other timed command.
+    assert found - {"8.8 min on 2 idle cores"} == {"about 7 min on 2 idle cores"}, claims
+    assert all(claims.values()), claims  # every place that runs the demo says how long it takes
+
+
+# --- Point 6: pictures a person can read ----------------------------------------------------------
+
+
+def test_labelled_grid_names_rows_and_columns_and_enlarges_small_images(tmp_path):
+    from PIL import Image
+
+    from duo_plugin import toy_world
+    from duo_plugin.figures import MIN_CELL_PIXELS, column_label, labelled_grid, pyplot
+
+    images = [[toy_world.render("circle", "red", 0), toy_world.render("square", "blue", 1)],
+              [toy_world.render("triangle", "green", 2), toy_world.render("circle", "yellow", 3)]]
+    columns = [column_label("a red circle", 12, "direct"), column_label("a blue square", 13)]
+    figure, axes = labelled_grid(images, ["base", "duo"], columns, title="prompt set 'direct'")
+    assert [axes[r][0].get_ylabel() for r in range(2)] == ["base", "duo"]
+    assert axes[0][0].get_title() == "[direct]\na red circle\nseed 12" and axes[0][1].get_title() == "a blue square\nseed 13"
+    figure.canvas.draw()
+    canvas = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(np.float32) / 255
+    height = canvas.shape[0]
+    for r in range(2):
+        for c in range(2):
+            box = axes[r][c].get_window_extent()
+            assert box.width >= MIN_CELL_PIXELS - 2 and box.height >= MIN_CELL_PIXELS - 2
+            # The cell shows its image: the cell's pixels, shrunk back, are the image's.
+            crop = canvas[int(height - box.y1) + 2 : int(height - box.y0) - 2, int(box.x0) + 2 : int(box.x1) - 2]
+            shrunk = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((32, 32), Image.BOX)) / 255
+            assert np.abs(shrunk - toy_world.to_array(images[r][c])).mean() < 0.05
+    pyplot().close(figure)
+
+
+def test_spread_labels_keeps_order_gaps_and_the_top():
+    from duo_plugin.figures import spread_labels
+
+    assert spread_labels([0.5, 0.1, 0.9], 0.1) == [0.5, 0.1, 0.9]  # already apart: unmoved
+    assert np.allclose(spread_labels([0.1, 0.1, 0.1], 0.1), [0.1, 0.2, 0.3])
+    assert np.allclose(spread_labels([1.0, 0.98, 0.99], 0.1, upper=1.0), [1.0, 0.8, 0.9])
+
+
+def test_tradeoff_plot_keeps_legend_off_the_data_and_labels_apart():
+    from duo_plugin.figures import pyplot, tradeoff_figure
+
+    attacks = ("direct", "synonym", "colourless", "ring_a_bell", "concept_inversion")
+    rng = np.random.default_rng(0)
+    points = [(model, attack, x, float(rng.uniform(0, 0.2)))
+              for model, x in (("base", 1.0), ("duo", 0.99), ("duo_lambda0", 0.97), ("duo_unpaired", 0.975), ("esd", 0.96))
+              for attack in attacks]
+    points += [("duo_lambda0_t1000", attack, 0.8, 0.95) for attack in attacks]
+    figure, axes, legend, labels = tradeoff_figure(points, "red")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axes_box = axes.get_window_extent(renderer)
+    assert not legend.get_window_extent(renderer).overlaps(axes_box)
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert [label.get_text() for label in labels] == [f"● {m}" for m in ("base", "duo", "duo_lambda0", "duo_unpaired", "esd", "duo_lambda0_t1000")]
+    for i, a in enumerate(boxes):
+        assert a.x0 > axes_box.x1  # beside the axes, never on the data
+        assert a.x1 <= figure.bbox.x1  # and inside the picture
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    pyplot().close(figure)
