@@ -697,7 +697,7 @@ def save_grids(store: ImageStore, manifest: Dict[tuple, List[dict]], models: Lis
                 [[im.resize(base_images[0].size) for im in base_images], model_images],
                 row_labels=[BASE, model],
                 column_labels=[column_label(m["prompt"], m["seed"]) for _, m in pairs],
-                title=f"prompt set {prompt_set!r}: {BASE} (top) and {model} (bottom), same prompt and seed per column",
+                title=f"prompt set {prompt_set!r}: {BASE} (top) and {model} (bottom), same prompt and seed in each column",
             )
             saved.append(relative)
     return saved

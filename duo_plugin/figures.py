@@ -38,11 +38,11 @@ def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], column_la
     num_rows, num_columns = len(rows), max(len(column_labels), max(len(r) for r in rows))
     cell = cell_pixels(max(image.size[0] for row in rows for image in row)) / DPI
     label_width = 0.3 + 0.085 * min(max(len(label) for label in row_labels), 28)
-    header = 0.5 + (0.35 if title else 0.0)
-    figure, axes = plt.subplots(
-        num_rows, num_columns, squeeze=False, dpi=DPI,
-        figsize=(label_width + num_columns * (cell + 0.08), header + num_rows * (cell + 0.08)),
-    )
+    width = label_width + num_columns * (cell + 0.08)
+    # A title wraps to the picture's width (about 8 px a character at its size).
+    title_lines = textwrap.wrap(title, max(30, int(width * DPI / 8))) if title else []
+    header = 0.5 + 0.1 + 0.2 * len(title_lines)
+    figure, axes = plt.subplots(num_rows, num_columns, squeeze=False, dpi=DPI, figsize=(width, header + num_rows * (cell + 0.08)))
     for r, row in enumerate(rows):
         for c in range(num_columns):
             ax = axes[r][c]
@@ -55,8 +55,8 @@ def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], column_la
         axes[r][0].set_ylabel(textwrap.fill(row_labels[r], 28), rotation=0, ha="right", va="center", fontsize=9, labelpad=6)
     for c, label in enumerate(column_labels):
         axes[0][c].set_title(label, fontsize=7.5)
-    if title:
-        figure.suptitle(title, fontsize=10)
+    if title_lines:
+        figure.suptitle("\n".join(title_lines), fontsize=10)
     figure.subplots_adjust(
         left=label_width / figure.get_figwidth(), right=0.995, bottom=0.01,
         top=1 - header / figure.get_figheight(), wspace=0.05, hspace=0.05,
@@ -121,7 +121,8 @@ def tradeoff_figure(points: Sequence[Tuple[str, str, float, float]], title: str)
         axes.scatter([x], [y], marker=markers[attack], color=colours[model], s=60, alpha=0.85, zorder=3)
     xs = [p[2] for p in points]
     span = max(max(xs) - min(xs), 0.05)
-    axes.set_xlim(min(xs) - 0.1 * span, max(xs) + 0.1 * span)
+    # Prior preservation is at most 1: no empty room past it.
+    axes.set_xlim(min(xs) - 0.1 * span, min(max(xs) + 0.1 * span, 1.0 + 0.02 * span))
     axes.set_ylim(-0.05, 1.05)
     centres = [float(np.mean([y for m, _, _, y in points if m == model])) for model in models]
     heights = spread_labels(centres, min_gap=0.075, upper=1.05)
