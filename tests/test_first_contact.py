@@ -72,6 +72,12 @@ def test_quickstart_with_a_gpu_runs_the_recipe_as_one_plain_process(monkeypatch,
     assert "run_demo.py" in capsys.readouterr().out
 
 
+def test_quickstart_warns_when_the_cache_disk_is_too_small():
+    assert quickstart.low_disk_warning(required_gb=0) is None
+    warning = quickstart.low_disk_warning(required_gb=1e12)
+    assert warning.startswith("warning: ") and "the recipe needs about 1000000000000.0 GB (set HF_HOME to a larger disk)" in warning
+
+
 def test_quickstart_outside_a_clone_says_where_to_run_it(tmp_path):
     with pytest.raises(UsageError, match="runs from a clone of the repository"):
         quickstart.choose_job(False, [], repo_root=tmp_path)
