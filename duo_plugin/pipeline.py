@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import UsageError
+from .families import pipeline_family
 from .hub import hub_error, offline_mode
+from .lora import LORA_WEIGHT_NAME
 from .noise import no_text_encoder_lora_notice
-from .training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME, pipeline_family
+from .outputs import DUO_CONFIG_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "Stable Diffusion 3"}

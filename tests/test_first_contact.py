@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from duo_plugin import quickstart, training
+from duo_plugin import families, outputs, quickstart
+from duo_plugin.lora import LORA_WEIGHT_NAME
 from duo_plugin.errors import UsageError
 
 README = os.path.join(REPO_ROOT, "README.md")
@@ -107,7 +108,7 @@ def test_offline_and_not_cached_names_offline_mode_and_the_fixes(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError) as info:
-        training.detect_pipeline_class("duo-test/never-cached", None)
+        families.detect_pipeline_class("duo-test/never-cached", None)
     message = str(info.value)
     assert "not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)" in message
     assert "hf download duo-test/never-cached" in message and "local diffusers folder" in message
@@ -129,7 +130,7 @@ def test_no_network_names_the_unreachable_hub_and_the_fixes(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", no_network)
     with pytest.raises(UsageError) as info:
-        training.detect_pipeline_class("CompVis/stable-diffusion-v1-4", None)
+        families.detect_pipeline_class("CompVis/stable-diffusion-v1-4", None)
     message = str(info.value)
     assert message.startswith("the Hugging Face Hub is not reachable (no network")
     assert "CompVis/stable-diffusion-v1-4 is not in the local cache" in message and "HF_HUB_OFFLINE=1" in message
@@ -159,7 +160,7 @@ def test_gated_and_missing_repos_name_the_login():
 
 def test_local_folder_without_model_index_is_named_as_such(tmp_path):
     with pytest.raises(UsageError, match="is not a complete diffusers pipeline folder"):
-        training.detect_pipeline_class(str(tmp_path), None)
+        families.detect_pipeline_class(str(tmp_path), None)
 
 
 def test_library_noise_is_silenced_and_other_messages_are_not(capsys):
@@ -193,7 +194,7 @@ def test_library_warnings_do_not_reach_a_commands_console():
     calls deprecated; neither prints anything after duo_plugin is imported. (Without --use_8bit_adam the
     training code itself never uses bitsandbytes.)"""
     script = (
-        "import duo_plugin.training as t, diffusers.quantizers\n"
+        "import duo_plugin.families as t, diffusers.quantizers\n"
         "try:\n    t.detect_pipeline_class('duo-test/never-cached', None)\nexcept Exception as e:\n    print(e)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -222,7 +223,7 @@ def hub_cache(tmp_path_factory):
     base_dir = make_tiny_sd_pipeline(str(root / "base"))
     add_to_hub_cache(cache, BASE, base_dir, absent=SD_ABSENT)
     adapter_dir = make_tiny_duo_adapter(str(root / "adapter"), base_dir, BASE, concept="nudity")
-    add_to_hub_cache(cache, ADAPTER, adapter_dir, only=(training.LORA_WEIGHT_NAME, training.DUO_CONFIG_NAME))
+    add_to_hub_cache(cache, ADAPTER, adapter_dir, only=(LORA_WEIGHT_NAME, outputs.DUO_CONFIG_NAME))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -251,7 +252,7 @@ def test_diffusion_pipeline_then_one_plugin_call(hub_cache, caplog):
     unlearned = sample(pipe)
 
     stock = StableDiffusionPipeline.from_pretrained(BASE)
-    stock.load_lora_weights(ADAPTER, weight_name=training.LORA_WEIGHT_NAME, adapter_name="nudity")
+    stock.load_lora_weights(ADAPTER, weight_name=LORA_WEIGHT_NAME, adapter_name="nudity")
     np.testing.assert_allclose(unlearned, sample(stock), atol=1e-6)
     assert np.abs(unlearned - base_images).max() > 1e-3
 
@@ -294,11 +295,11 @@ def test_help_states_the_defaults(script, capsys, monkeypatch):
 def test_lora_file_gets_the_mode_of_the_other_outputs(tmp_path):
     from safetensors.torch import save_file
 
-    weights = tmp_path / training.LORA_WEIGHT_NAME
+    weights = tmp_path / LORA_WEIGHT_NAME
     save_file({"w": torch.zeros(2)}, str(weights))
     other = tmp_path / "duo_config.json"
     other.write_text("{}")
-    training.make_readable_like_other_outputs(str(weights))
+    outputs.make_readable_like_other_outputs(str(weights))
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(other.stat().st_mode)
 
 
