@@ -7,6 +7,7 @@ the same ``main`` as ``python -m duo_plugin.<module>``. The training scripts sta
 
 import argparse
 
+
 HIDDEN_DEFAULTS = (None, False, argparse.SUPPRESS)
 
 
@@ -20,11 +21,17 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if not action.option_strings or isinstance(action, argparse._HelpAction):
             continue
         default = action.default
-        if any(default is hidden for hidden in HIDDEN_DEFAULTS) or (isinstance(default, (list, tuple)) and not default):
+        if any(default is hidden for hidden in HIDDEN_DEFAULTS) or (
+            isinstance(default, (list, tuple)) and not default
+        ):
             continue
         if action.help is None:
             action.help = "default: %(default)s"
-        elif action.help is not argparse.SUPPRESS and "%(default)" not in action.help and "default" not in action.help.lower():
+        elif (
+            action.help is not argparse.SUPPRESS
+            and "%(default)" not in action.help
+            and "default" not in action.help.lower()
+        ):
             action.help += " (default: %(default)s)"
     return parser
 

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+
 MIN_CELL_PIXELS = 128
 MAX_CELL_PIXELS = 256
 DPI = 100
@@ -29,7 +30,9 @@ def cell_pixels(image_size: int) -> int:
     return int(min(max(image_size, MIN_CELL_PIXELS), MAX_CELL_PIXELS))
 
 
-def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], column_labels: Sequence[str], title: Optional[str] = None):
+def labelled_grid(
+    rows: Sequence[Sequence], row_labels: Sequence[str], column_labels: Sequence[str], title: Optional[str] = None
+):
     """A matplotlib figure of PIL images, one row per ``row_labels`` entry and one column per ``column_labels`` entry.
 
     Returns ``(figure, axes)``; ``axes[r][c]`` shows ``rows[r][c]`` (an empty cell where a row is short).
@@ -42,7 +45,9 @@ def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], column_la
     # A title wraps to the picture's width (about 8 px a character at its size).
     title_lines = textwrap.wrap(title, max(30, int(width * DPI / 8))) if title else []
     header = 0.5 + 0.1 + 0.2 * len(title_lines)
-    figure, axes = plt.subplots(num_rows, num_columns, squeeze=False, dpi=DPI, figsize=(width, header + num_rows * (cell + 0.08)))
+    figure, axes = plt.subplots(
+        num_rows, num_columns, squeeze=False, dpi=DPI, figsize=(width, header + num_rows * (cell + 0.08))
+    )
     for r, row in enumerate(rows):
         for c in range(num_columns):
             ax = axes[r][c]
@@ -52,14 +57,20 @@ def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], column_la
                 ax.imshow(np.asarray(row[c].convert("RGB")), interpolation="nearest")
             else:
                 ax.axis("off")
-        axes[r][0].set_ylabel(textwrap.fill(row_labels[r], 28), rotation=0, ha="right", va="center", fontsize=9, labelpad=6)
+        axes[r][0].set_ylabel(
+            textwrap.fill(row_labels[r], 28), rotation=0, ha="right", va="center", fontsize=9, labelpad=6
+        )
     for c, label in enumerate(column_labels):
         axes[0][c].set_title(label, fontsize=7.5)
     if title_lines:
         figure.suptitle("\n".join(title_lines), fontsize=10)
     figure.subplots_adjust(
-        left=label_width / figure.get_figwidth(), right=0.995, bottom=0.01,
-        top=1 - header / figure.get_figheight(), wspace=0.05, hspace=0.05,
+        left=label_width / figure.get_figwidth(),
+        right=0.995,
+        bottom=0.01,
+        top=1 - header / figure.get_figheight(),
+        wspace=0.05,
+        hspace=0.05,
     )
     return figure, axes
 
@@ -128,13 +139,30 @@ def tradeoff_figure(points: Sequence[Tuple[str, str, float, float]], title: str)
     heights = spread_labels(centres, min_gap=0.075, upper=1.05)
     labels = []
     for model, height in zip(models, heights):
-        labels.append(axes.text(
-            1.02, (height + 0.05) / 1.1, f"● {model}", transform=axes.transAxes,
-            fontsize=8, color=colours[model], va="center", ha="left", clip_on=False,
-        ))
+        labels.append(
+            axes.text(
+                1.02,
+                (height + 0.05) / 1.1,
+                f"● {model}",
+                transform=axes.transAxes,
+                fontsize=8,
+                color=colours[model],
+                va="center",
+                ha="left",
+                clip_on=False,
+            )
+        )
     handles = [Line2D([], [], linestyle="", marker=markers[a], color="gray", label=a) for a in attacks]
-    legend = axes.legend(handles=handles, title="attack / prompt set", fontsize=8, title_fontsize=8,
-                         loc="upper left", bbox_to_anchor=(0.0, -0.13), ncol=min(len(attacks), 4), frameon=False)
+    legend = axes.legend(
+        handles=handles,
+        title="attack / prompt set",
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.13),
+        ncol=min(len(attacks), 4),
+        frameon=False,
+    )
     axes.set_xlabel("prior preservation (1 − LPIPS)")
     axes.set_ylabel("defense success rate")
     axes.set_title(title, fontsize=10)

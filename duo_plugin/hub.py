@@ -9,11 +9,22 @@ from typing import Iterator, Optional
 
 from .errors import UsageError
 
+
 # Exceptions that mean "the Hub could not be reached", by class name: httpx, requests and urllib3 are
 # not all installed, and their classes need not be imported to be recognised.
 UNREACHABLE_ERROR_NAMES = {
-    "ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout", "TimeoutException", "NetworkError",
-    "ProxyError", "RemoteProtocolError", "TransportError", "NewConnectionError", "MaxRetryError", "NameResolutionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionError",
+    "ReadTimeout",
+    "TimeoutException",
+    "NetworkError",
+    "ProxyError",
+    "RemoteProtocolError",
+    "TransportError",
+    "NewConnectionError",
+    "MaxRetryError",
+    "NameResolutionError",
 }
 
 
@@ -40,7 +51,9 @@ def _unreachable(error: BaseException) -> bool:
     return False
 
 
-def hub_error(error: BaseException, repo_id: str, revision: Optional[str], what: str, offline: Optional[bool] = None) -> UsageError:
+def hub_error(
+    error: BaseException, repo_id: str, revision: Optional[str], what: str, offline: Optional[bool] = None
+) -> UsageError:
     """One clear line for a failure to read ``repo_id`` (a ``what``: "base model", "adapter", ...)."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -59,13 +72,19 @@ def hub_error(error: BaseException, repo_id: str, revision: Optional[str], what:
 
     local_hint = "" if os.path.isabs(repo_id) or repo_id.startswith(".") else ", or give a local diffusers folder"
     if caused_by(HFValidationError) or os.path.isabs(repo_id) or repo_id.startswith((".", "~")):
-        return UsageError(f"{what} {repo_id!r} is neither a local folder nor a Hub repo id (owner/name): check the path")
+        return UsageError(
+            f"{what} {repo_id!r} is neither a local folder nor a Hub repo id (owner/name): check the path"
+        )
     if caused_by(GatedRepoError):
-        return UsageError(f"{what} {repo_id} is gated: accept its terms on its Hub page, then log in with `hf auth login` (or pass a token)")
+        return UsageError(
+            f"{what} {repo_id} is gated: accept its terms on its Hub page, then log in with `hf auth login` (or pass a token)"
+        )
     if caused_by(RevisionNotFoundError):
         return UsageError(f"{what} {repo_id} has no revision {revision!r}: give an existing branch, tag or commit")
     if caused_by(RepositoryNotFoundError):
-        return UsageError(f"{what} {repo_id} was not found on the Hub: check the id; a private repo needs `hf auth login`")
+        return UsageError(
+            f"{what} {repo_id} was not found on the Hub: check the id; a private repo needs `hf auth login`"
+        )
     if offline or caused_by(OfflineModeIsEnabled):
         return UsageError(
             f"{what} {repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache and offline mode is on "
@@ -78,11 +97,17 @@ def hub_error(error: BaseException, repo_id: str, revision: Optional[str], what:
             f"{local_hint}"
         )
     first_line = str(error).splitlines()[0] if str(error) else ""
-    return UsageError(f"cannot get {what} {repo_id} from the Hub ({type(error).__name__}: {first_line}): check the id and the network")
+    return UsageError(
+        f"cannot get {what} {repo_id} from the Hub ({type(error).__name__}: {first_line}): check the id and the network"
+    )
 
 
-def model_source_error(error: BaseException, source: str, revision: Optional[str], what: str, needs: str = "model_index.json") -> UsageError:
+def model_source_error(
+    error: BaseException, source: str, revision: Optional[str], what: str, needs: str = "model_index.json"
+) -> UsageError:
     """A local folder that lacks ``needs``, or a Hub id that could not be read: one line either way."""
     if os.path.isdir(source):
-        return UsageError(f"{what} {source} is not a complete diffusers pipeline folder (no readable {needs}): give one")
+        return UsageError(
+            f"{what} {source} is not a complete diffusers pipeline folder (no readable {needs}): give one"
+        )
     return hub_error(error, source, revision, what)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import warnings
 
+
 # diffusers 0.42 passes ``local_dir_use_symlinks`` to huggingface_hub on every config download, and
 # huggingface_hub 2.x warns that the argument is deprecated: nothing a user can change.
 SYMLINKS_WARNING = r"The `local_dir_use_symlinks` argument is deprecated"

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 from .cli import show_defaults
 from .errors import UsageError, exit_on_usage_error
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU_RECIPE = ["train_duo.py", "--concept", "nudity", "--mixed_precision", "fp16", "--output_dir", "duo-nudity"]
 CPU_DEMO = ["examples/toy_world/run_demo.py"]
@@ -49,7 +50,10 @@ def choose_job(has_gpu: bool, extra: List[str], repo_root: Path = REPO_ROOT) -> 
         )
     command = [sys.executable, str(path), *flags, *extra]
     if has_gpu:
-        return "CUDA GPU found: training DUO on Stable Diffusion 1.4 (the nudity recipe; adapter in duo-nudity/)", command
+        return (
+            "CUDA GPU found: training DUO on Stable Diffusion 1.4 (the nudity recipe; adapter in duo-nudity/)",
+            command,
+        )
     return (
         "No CUDA GPU found: the real recipe needs one; running the CPU toy demo instead "
         "(about 7 min on 2 idle cores, report in runs/toy_world/report.md)",

@@ -6,18 +6,18 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, run_process
 
-from conftest import REPO_ROOT
 from duo_plugin import families, outputs, quickstart
-from duo_plugin.lora import LORA_WEIGHT_NAME
 from duo_plugin.errors import UsageError
+from duo_plugin.lora import LORA_WEIGHT_NAME
+
 
 README = os.path.join(REPO_ROOT, "README.md")
 
@@ -40,7 +40,7 @@ def test_readme_set_up_is_install_then_quickstart_then_tests():
     install_and_run, tests = bash_blocks(readme_text(), "Set up and run")[:2]
     assert install_and_run.startswith("pip install -r requirements.txt && pip install -e .")
     assert install_and_run.endswith("&& python -m duo_plugin.quickstart")
-    assert tests == "python -m pytest -q"
+    assert tests.splitlines()[0].split("#")[0].strip() == "python -m pytest -q"
     # CI runs both, after its own install, on a CPU machine: the quickstart's CPU side.
     with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
         ci = f.read()
@@ -65,8 +65,16 @@ def test_quickstart_with_a_gpu_runs_the_recipe_as_one_plain_process(monkeypatch,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CUDA GPU found: training DUO on Stable Diffusion 1.4")
     assert lines[1].split()[1:] == [
-        sys.executable, os.path.join(REPO_ROOT, "train_duo.py"),
-        "--concept", "nudity", "--mixed_precision", "fp16", "--output_dir", "duo-nudity", "--max_train_steps", "10",
+        sys.executable,
+        os.path.join(REPO_ROOT, "train_duo.py"),
+        "--concept",
+        "nudity",
+        "--mixed_precision",
+        "fp16",
+        "--output_dir",
+        "duo-nudity",
+        "--max_train_steps",
+        "10",
     ]
     # --cpu picks the demo even on a GPU machine.
     quickstart.main(["--dry_run", "--cpu"])
@@ -76,7 +84,10 @@ def test_quickstart_with_a_gpu_runs_the_recipe_as_one_plain_process(monkeypatch,
 def test_quickstart_warns_when_the_cache_disk_is_too_small():
     assert quickstart.low_disk_warning(required_gb=0) is None
     warning = quickstart.low_disk_warning(required_gb=1e12)
-    assert warning.startswith("warning: ") and "the recipe needs about 1000000000000.0 GB (set HF_HOME to a larger disk)" in warning
+    assert (
+        warning.startswith("warning: ")
+        and "the recipe needs about 1000000000000.0 GB (set HF_HOME to a larger disk)" in warning
+    )
 
 
 def test_quickstart_outside_a_clone_says_where_to_run_it(tmp_path):
@@ -92,10 +103,8 @@ def test_quickstart_passes_the_jobs_exit_code_on(tmp_path):
         f"quickstart.CPU_DEMO = [{os.path.relpath(os.path.join(REPO_ROOT, 'train_duo.py'), REPO_ROOT)!r}]; "
         "quickstart.main(sys.argv[1:])"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, "--resolution", "33"], capture_output=True, text=True, cwd=str(tmp_path),
-        env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    result = run_process([sys.executable, "-c", script, "--resolution", "33"], env=env, cwd=str(tmp_path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: --resolution 33 is not a multiple of 8")
 
@@ -165,7 +174,6 @@ def test_local_folder_without_model_index_is_named_as_such(tmp_path):
 
 def test_library_noise_is_silenced_and_other_messages_are_not(capsys):
     import duo_plugin  # noqa: F401 - installs the filters
-
     from duo_plugin import noise
 
     with warnings.catch_warnings(record=True) as caught:
@@ -181,7 +189,9 @@ def test_library_noise_is_silenced_and_other_messages_are_not(capsys):
     handler.emit = records.append
     bitsandbytes_logger.addHandler(handler)
     try:
-        bitsandbytes_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'")
+        bitsandbytes_logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
+        )
         bitsandbytes_logger.warning("another bitsandbytes warning")
     finally:
         bitsandbytes_logger.removeHandler(handler)
@@ -197,8 +207,11 @@ def test_library_warnings_do_not_reach_a_commands_console():
         "import duo_plugin.families as t, diffusers.quantizers\n"
         "try:\n    t.detect_pipeline_class('duo-test/never-cached', None)\nexcept Exception as e:\n    print(e)"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = run_process(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "offline mode is on" in result.stdout
     assert "kernels-community" not in result.stderr and "local_dir_use_symlinks" not in result.stderr
@@ -234,7 +247,9 @@ def hub_cache(tmp_path_factory):
 def sample(pipe):
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
-    return pipe("a photo of a naked woman", num_inference_steps=2, guidance_scale=5.0, generator=generator, output_type="np").images
+    return pipe(
+        "a photo of a naked woman", num_inference_steps=2, guidance_scale=5.0, generator=generator, output_type="np"
+    ).images
 
 
 def test_diffusion_pipeline_then_one_plugin_call(hub_cache, caplog):
@@ -285,7 +300,11 @@ def test_help_states_the_defaults(script, capsys, monkeypatch):
         module.parse_args(["--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--rank RANK", "32"), ("--seed SEED", "42"), ("--pretrained_model_name_or_path PRETRAINED_MODEL_NAME_OR_PATH", module.DEFAULT_MODEL)):
+    for flag, default in (
+        ("--rank RANK", "32"),
+        ("--seed SEED", "42"),
+        ("--pretrained_model_name_or_path PRETRAINED_MODEL_NAME_OR_PATH", module.DEFAULT_MODEL),
+    ):
         assert re.search(re.escape(flag) + r" .{0,80}default: " + re.escape(default), text), flag
     resolution = "512" if script == "train_duo.py" else "1024"
     assert re.search(r"--resolution RESOLUTION .{0,40}default: " + resolution, text)
@@ -325,13 +344,15 @@ def test_recipe_dry_run_needs_no_files():
     """examples/README.md's `bash examples/nudity_sd14/run.sh --dry-run`, with nothing set."""
     env = {k: v for k, v in os.environ.items() if k not in ("I2P_PROMPTS", "COCO_CAPTIONS", "ADAPTERS")}
     for recipe in ("nudity_sd14", "compare_methods"):
-        result = subprocess.run(["bash", os.path.join(REPO_ROOT, "examples", recipe, "run.sh"), "--dry-run"],
-                                capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+        result = run_process(
+            ["bash", os.path.join(REPO_ROOT, "examples", recipe, "run.sh"), "--dry-run"], env=env, cwd=REPO_ROOT
+        )
         assert result.returncode == 0, result.stderr
         assert "YOUR_I2P_PROMPTS" in result.stdout and "YOUR_COCO_CAPTIONS" in result.stdout
     # A real run still refuses at once.
-    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "examples", "nudity_sd14", "run.sh")],
-                            capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+    result = run_process(
+        ["bash", os.path.join(REPO_ROOT, "examples", "nudity_sd14", "run.sh")], env=env, cwd=REPO_ROOT
+    )
     assert result.returncode == 2 and "set I2P_PROMPTS" in result.stderr
 
 
@@ -342,14 +363,25 @@ def test_recipe_dry_run_needs_no_files():
 def test_refusal_through_accelerate_launch_is_as_documented():
     """README: under `accelerate launch` the line comes with accelerate's traceback and exit code 1;
     `--quiet` makes the line the last thing shown (exit code 1); plain `python` gives exit code 2."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     script = [os.path.join(REPO_ROOT, "train_duo.py"), "--resolution", "33"]
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
     error = "error: --resolution 33 is not a multiple of 8"
 
     def last_line(command):
-        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+        result = run_process(command, env=env)
         return result.returncode, result.stderr.strip().splitlines()
 
     code, lines = last_line(launch + script)
@@ -366,7 +398,9 @@ def test_refusal_through_accelerate_launch_is_as_documented():
 def load_run_demo():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("run_demo", os.path.join(REPO_ROOT, "examples", "toy_world", "run_demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "run_demo", os.path.join(REPO_ROOT, "examples", "toy_world", "run_demo.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -387,7 +421,11 @@ def test_demo_stage_prints_its_log_first_and_shows_a_named_bar(tmp_path, capsys)
     run_demo.run([sys.executable, "-c", child], log_path)
     captured = capsys.readouterr()
     out = captured.out.splitlines()
-    assert out[0].startswith("+ ") and out[1] == f"  duo_lambda0: log in {log_path}" and out[2].startswith("  duo_lambda0: done in")
+    assert (
+        out[0].startswith("+ ")
+        and out[1] == f"  duo_lambda0: log in {log_path}"
+        and out[2].startswith("  duo_lambda0: done in")
+    )
     assert "duo_lambda0 (Steps)" in captured.err and "12/12" in captured.err
     with pytest.raises(UsageError, match="failed \\(exit 3\\)"):
         run_demo.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "bad.log"))
@@ -395,7 +433,13 @@ def test_demo_stage_prints_its_log_first_and_shows_a_named_bar(tmp_path, capsys)
 
 def test_demo_time_claims_agree():
     claims = {}
-    for path in ("README.md", "examples/README.md", "examples/toy_world/README.md", "examples/toy_world/run_demo.py", "duo_plugin/quickstart.py"):
+    for path in (
+        "README.md",
+        "examples/README.md",
+        "examples/toy_world/README.md",
+        "examples/toy_world/run_demo.py",
+        "duo_plugin/quickstart.py",
+    ):
         with open(os.path.join(REPO_ROOT, path)) as f:
             text = f.read()
         claims[path] = re.findall(r"(?:about )?\d+(?:\.\d+)? min(?:utes)? on 2 \w* ?(?:CPU )?cores", text)
@@ -414,12 +458,17 @@ def test_labelled_grid_names_rows_and_columns_and_enlarges_small_images(tmp_path
     from duo_plugin import toy_world
     from duo_plugin.figures import MIN_CELL_PIXELS, column_label, labelled_grid, pyplot
 
-    images = [[toy_world.render("circle", "red", 0), toy_world.render("square", "blue", 1)],
-              [toy_world.render("triangle", "green", 2), toy_world.render("circle", "yellow", 3)]]
+    images = [
+        [toy_world.render("circle", "red", 0), toy_world.render("square", "blue", 1)],
+        [toy_world.render("triangle", "green", 2), toy_world.render("circle", "yellow", 3)],
+    ]
     columns = [column_label("a red circle", 12, "direct"), column_label("a blue square", 13)]
     figure, axes = labelled_grid(images, ["base", "duo"], columns, title="prompt set 'direct'")
     assert [axes[r][0].get_ylabel() for r in range(2)] == ["base", "duo"]
-    assert axes[0][0].get_title() == "[direct]\na red circle\nseed 12" and axes[0][1].get_title() == "a blue square\nseed 13"
+    assert (
+        axes[0][0].get_title() == "[direct]\na red circle\nseed 12"
+        and axes[0][1].get_title() == "a blue square\nseed 13"
+    )
     figure.canvas.draw()
     canvas = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(np.float32) / 255
     height = canvas.shape[0]
@@ -447,9 +496,11 @@ def test_tradeoff_plot_keeps_legend_off_the_data_and_labels_apart():
 
     attacks = ("direct", "synonym", "colourless", "ring_a_bell", "concept_inversion")
     rng = np.random.default_rng(0)
-    points = [(model, attack, x, float(rng.uniform(0, 0.2)))
-              for model, x in (("base", 1.0), ("duo", 0.99), ("duo_lambda0", 0.97), ("duo_unpaired", 0.975), ("esd", 0.96))
-              for attack in attacks]
+    points = [
+        (model, attack, x, float(rng.uniform(0, 0.2)))
+        for model, x in (("base", 1.0), ("duo", 0.99), ("duo_lambda0", 0.97), ("duo_unpaired", 0.975), ("esd", 0.96))
+        for attack in attacks
+    ]
     points += [("duo_lambda0_t1000", attack, 0.8, 0.95) for attack in attacks]
     figure, axes, legend, labels = tradeoff_figure(points, "red")
     figure.canvas.draw()
@@ -457,10 +508,12 @@ def test_tradeoff_plot_keeps_legend_off_the_data_and_labels_apart():
     axes_box = axes.get_window_extent(renderer)
     assert not legend.get_window_extent(renderer).overlaps(axes_box)
     boxes = [label.get_window_extent(renderer) for label in labels]
-    assert [label.get_text() for label in labels] == [f"● {m}" for m in ("base", "duo", "duo_lambda0", "duo_unpaired", "esd", "duo_lambda0_t1000")]
+    assert [label.get_text() for label in labels] == [
+        f"● {m}" for m in ("base", "duo", "duo_lambda0", "duo_unpaired", "esd", "duo_lambda0_t1000")
+    ]
     for i, a in enumerate(boxes):
         assert a.x0 > axes_box.x1  # beside the axes, never on the data
         assert a.x1 <= figure.bbox.x1  # and inside the picture
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert not a.overlaps(b)
     pyplot().close(figure)
