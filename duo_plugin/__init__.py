@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .noise import silence_library_noise
 
+
 silence_library_noise()
 
 from .metrics import defense_success_rate, prior_preservation  # noqa: F401

@@ -5,7 +5,9 @@ from typing import Optional
 from .errors import UsageError
 
 
-def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional[str], cache_dir: Optional[str] = None) -> str:
+def detect_pipeline_class(
+    pretrained_model_name_or_path: str, revision: Optional[str], cache_dir: Optional[str] = None
+) -> str:
     """The ``_class_name`` of a diffusers pipeline, read from its model_index.json only."""
     from diffusers import DiffusionPipeline
 
@@ -14,11 +16,15 @@ def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional
     except Exception as error:  # noqa: BLE001 - every failure becomes one line naming the cause and the fix
         from .hub import model_source_error
 
-        raise model_source_error(error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path") from None
+        raise model_source_error(
+            error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path"
+        ) from error
     return config["_class_name"]
 
 
-def base_has_t5(pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> bool:
+def base_has_t5(
+    pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> bool:
     """False for a T5-less SD3 base, saved with ``text_encoder_3: [null, null]`` in model_index.json."""
     from diffusers import DiffusionPipeline
 
@@ -46,5 +52,9 @@ def require_family(pipeline_class: str, expected: str, script: str):
     if family == "sd":
         raise UsageError(f"{pipeline_class} is a Stable Diffusion 1.x/2.x model: use train_duo.py")
     if family == "sdxl":
-        raise UsageError(f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)")
-    raise UsageError(f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)")
+        raise UsageError(
+            f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+        )
+    raise UsageError(
+        f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+    )

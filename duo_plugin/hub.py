@@ -7,7 +7,7 @@ wrong id) in generic ``OSError``s; the original exception is kept on the chain, 
 import os
 from typing import Iterator, Optional
 
-from .errors import UsageError
+from .errors import DUOError, NetworkError, UsageError
 
 
 # Exceptions that mean "the Hub could not be reached", by class name: httpx, requests and urllib3 are
@@ -53,8 +53,13 @@ def _unreachable(error: BaseException) -> bool:
 
 def hub_error(
     error: BaseException, repo_id: str, revision: Optional[str], what: str, offline: Optional[bool] = None
-) -> UsageError:
-    """One clear line for a failure to read ``repo_id`` (a ``what``: "base model", "adapter", ...)."""
+) -> DUOError:
+    """One clear line for a failure to read ``repo_id`` (a ``what``: "base model", "adapter", ...).
+
+    A ``UsageError`` (exit code 2) when the input or the set-up must change (an id, a login, offline
+    mode without the files); a ``NetworkError`` (exit code 3) when the Hub or the network failed and
+    retrying may work.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -91,20 +96,20 @@ def hub_error(
             f"(HF_HUB_OFFLINE=1): download it once with `hf download {repo_id}` where there is network, or unset HF_HUB_OFFLINE{local_hint}"
         )
     if caused_by(LocalEntryNotFoundError) or _unreachable(error):
-        return UsageError(
+        return NetworkError(
             f"the Hugging Face Hub is not reachable (no network, a proxy or firewall, or the Hub is down) and {what} {repo_id} "
             f"is not in the local cache: check the connection; where the model is cached, HF_HUB_OFFLINE=1 skips the network"
             f"{local_hint}"
         )
     first_line = str(error).splitlines()[0] if str(error) else ""
-    return UsageError(
-        f"cannot get {what} {repo_id} from the Hub ({type(error).__name__}: {first_line}): check the id and the network"
+    return NetworkError(
+        f"cannot get {what} {repo_id} from the Hub ({type(error).__name__}: {first_line}): check the id and the network, then retry"
     )
 
 
 def model_source_error(
     error: BaseException, source: str, revision: Optional[str], what: str, needs: str = "model_index.json"
-) -> UsageError:
+) -> DUOError:
     """A local folder that lacks ``needs``, or a Hub id that could not be read: one line either way."""
     if os.path.isdir(source):
         return UsageError(

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO_ROOT, run_process
 
 from duo_plugin import families, outputs, quickstart
-from duo_plugin.errors import UsageError
+from duo_plugin.errors import NetworkError, UsageError
 from duo_plugin.lora import LORA_WEIGHT_NAME
 
 
@@ -138,8 +138,9 @@ def test_no_network_names_the_unreachable_hub_and_the_fixes(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", no_network)
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(NetworkError) as info:
         families.detect_pipeline_class("CompVis/stable-diffusion-v1-4", None)
+    assert info.value.exit_code == 3  # not bad input: retrying may work
     message = str(info.value)
     assert message.startswith("the Hugging Face Hub is not reachable (no network")
     assert "CompVis/stable-diffusion-v1-4 is not in the local cache" in message and "HF_HUB_OFFLINE=1" in message
