@@ -17,6 +17,7 @@ from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, outputs, sd, training
+from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -31,7 +32,7 @@ def parse_args(argv=None):
     arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
     fidelity.add_official_arguments(parser, family="sd")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 def make_validation_pipeline(args, unet, vae, text_encoder, tokenizer, noise_scheduler):

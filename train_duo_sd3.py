@@ -35,6 +35,7 @@ from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, objective, outputs, sd3, training
+from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -80,7 +81,7 @@ def parse_args(argv=None):
         help="T5 tokens of the prompt embeddings (77, as the official SD3 run; the pipeline's default is 256)",
     )
     fidelity.add_official_arguments(parser, family="sd3")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------

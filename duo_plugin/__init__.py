@@ -7,6 +7,11 @@ Heavy libraries (diffusers, transformers) are imported only where they are used.
 
 __version__ = "0.1.0"
 
+from .noise import silence_library_noise
+
+
+silence_library_noise()
+
 from .metrics import defense_success_rate, prior_preservation  # noqa: F401
 from .objective import duo_losses, per_sample_error, preference_loss, preservation_loss  # noqa: F401
 from .pipeline import (  # noqa: F401

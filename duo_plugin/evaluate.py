@@ -29,11 +29,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import attacks, metrics
+from .cli import show_defaults
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .distributed import cpu_only_multi_process
 from .errors import UsageError, exit_on_usage_error
 from .files import append_jsonl, atomic_write_text, read_jsonl
-from .outputs import image_grid, library_versions
+from .hub import model_source_error
+from .outputs import library_versions
 from .pipeline import fetch_adapter, load_adapters
 from .precision import torch_dtype
 
@@ -238,7 +240,7 @@ def parse_args(argv=None):
     generation.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
     generation.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     generation.add_argument("--grid_size", type=int, default=8, help="prompts per base-vs-unlearned grid")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,10 +323,8 @@ def load_pipeline(source: str, dtype, revision=None, variant=None):
 
     try:
         config = DiffusionPipeline.load_config(source, revision=revision)
-    except Exception as error:
-        raise UsageError(
-            f"cannot read the pipeline {source!r} ({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from error
+    except Exception as error:  # noqa: BLE001 - one line naming the cause and the fix
+        raise model_source_error(error, source, revision, "the pipeline") from error
     # The evaluation measures the model, not a safety checker that blacks images out.
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     if dtype != torch.float32:
@@ -813,8 +813,10 @@ def detect_rows(detector, store: ImageStore, rows: List[dict], batch_size: int =
 
 
 def save_grids(store: ImageStore, manifest: Dict[tuple, List[dict]], models: List[str], grid_size: int) -> List[str]:
-    """Top row: base; bottom row: the unlearned model; same prompts and seeds, one column per prompt."""
+    """Top row: base; bottom row: the unlearned model; same prompts and seeds, one labelled column per prompt."""
     from PIL import Image
+
+    from .figures import column_label, save_labelled_grid
 
     saved = []
     for model in models:
@@ -836,8 +838,12 @@ def save_grids(store: ImageStore, manifest: Dict[tuple, List[dict]], models: Lis
             model_images = [Image.open(store.path(m)).convert("RGB").resize(base_images[0].size) for _, m in pairs]
             relative = os.path.join("grids", model, f"{prompt_set}.png")
             os.makedirs(os.path.dirname(os.path.join(store.output_dir, relative)), exist_ok=True)
-            image_grid([[im.resize(base_images[0].size) for im in base_images], model_images]).save(
-                os.path.join(store.output_dir, relative)
+            save_labelled_grid(
+                os.path.join(store.output_dir, relative),
+                [[im.resize(base_images[0].size) for im in base_images], model_images],
+                row_labels=[BASE, model],
+                column_labels=[column_label(m["prompt"], m["seed"]) for _, m in pairs],
+                title=f"prompt set {prompt_set!r}: {BASE} (top) and {model} (bottom), same prompt and seed in each column",
             )
             saved.append(relative)
     return saved
@@ -845,10 +851,7 @@ def save_grids(store: ImageStore, manifest: Dict[tuple, List[dict]], models: Lis
 
 def plot_dsr_vs_prior_preservation(results: dict, path: str) -> bool:
     """The paper's trade-off plot: defense success rate (y) against prior preservation (x)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import pyplot, tradeoff_figure
 
     points = []
     for model, values in results["metrics"].items():
@@ -859,30 +862,11 @@ def plot_dsr_vs_prior_preservation(results: dict, path: str) -> bool:
             points.append((model, attack, preservation, dsr["dsr"]))
     if not points:
         return False
-    from matplotlib.lines import Line2D
-
-    attack_names = list(dict.fromkeys(p[1] for p in points))
-    markers = {a: ("o", "^", "s", "D", "v", "P")[i % 6] for i, a in enumerate(attack_names)}
-    models = list(dict.fromkeys(p[0] for p in points))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for model, attack, x, y in points:
-        axes.scatter([x], [y], marker=markers[attack], color=colors[model], s=60, alpha=0.85)
-    for model in models:
-        x, y = next((x, y) for m, _, x, y in points if m == model)
-        axes.annotate(model, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    # Colour says the model, marker the attack: one legend entry each instead of one per pair.
-    handles = [Line2D([], [], linestyle="", marker="o", color=colors[m], label=m) for m in models]
-    handles += [Line2D([], [], linestyle="", marker=markers[a], color="gray", label=a) for a in attack_names]
-    axes.legend(handles=handles, fontsize=7, loc="best")
-    axes.set_xlabel("prior preservation (1 − LPIPS)")
-    axes.set_ylabel("defense success rate")
-    axes.set_ylim(-0.05, 1.05)
-    axes.set_title(f"{results['settings']['concept']}: defense success rate vs prior preservation")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    figure, *_ = tradeoff_figure(
+        points, f"{results['settings']['concept']}: defense success rate vs prior preservation"
+    )
+    figure.savefig(path)
+    pyplot().close(figure)
     return True
 
 

@@ -13,10 +13,11 @@ def detect_pipeline_class(
 
     try:
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
-    except Exception as error:
-        raise UsageError(
-            f"cannot read the pipeline config of --pretrained_model_name_or_path {pretrained_model_name_or_path!r} "
-            f"({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable"
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line naming the cause and the fix
+        from .hub import model_source_error
+
+        raise model_source_error(
+            error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path"
         ) from error
     return config["_class_name"]
 

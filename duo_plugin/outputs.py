@@ -300,8 +300,18 @@ def push_to_hub(
     return repo_id
 
 
+def make_readable_like_other_outputs(path: str):
+    """safetensors writes through a private temporary file (mode 0600): give the file the mode the
+    process's umask gives every other output (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if os.path.isfile(path):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def finish_run(args, config: dict, pipeline_class: str, samples: List[tuple]):
     """Model card and optional Hub push, on the main process, after the adapter and config are written."""
+    make_readable_like_other_outputs(os.path.join(args.output_dir, LORA_WEIGHT_NAME))
     write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
     logger.info("Saved the DUO adapter to %s", args.output_dir)
     if args.push_to_hub:

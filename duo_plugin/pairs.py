@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .cli import show_defaults
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .data import PairImages, load_pair_images
 from .detectors import (
@@ -44,6 +45,7 @@ from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .families import base_has_t5, detect_pipeline_class, pipeline_family
 from .files import append_jsonl, atomic_write_text
+from .hub import model_source_error
 from .outputs import library_versions, push_to_hub
 from .precision import torch_dtype
 from .presets import PRESETS, ConceptPreset
@@ -174,10 +176,9 @@ def inspect_base_model(
     try:
         denoiser = denoiser_class.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", **kwargs)
-    except Exception as error:
-        raise UsageError(
-            f"cannot read the {subfolder}/vae configs of {pretrained_model_name_or_path!r} ({type(error).__name__}): "
-            f"give a complete diffusers pipeline folder or a Hub id that is cached or reachable"
+    except Exception as error:  # noqa: BLE001 - one line naming the cause and the fix
+        raise model_source_error(
+            error, pretrained_model_name_or_path, revision, "base model", needs=f"{subfolder}/vae config"
         ) from error
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x, of vae scale x patch size for SD3.
@@ -1066,7 +1067,7 @@ def parse_args(argv=None):
     )
     hub.add_argument("--hub_token", type=str, default=None)
     hub.add_argument("--hub_public", action="store_true")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 @exit_on_usage_error

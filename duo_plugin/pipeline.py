@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import DUOError, NetworkError, UsageError
+from .errors import DUOError, UsageError
 from .families import pipeline_family
+from .hub import hub_error, offline_mode
 from .lora import LORA_WEIGHT_NAME
+from .noise import no_text_encoder_lora_notice
 from .outputs import DUO_CONFIG_NAME
 
 
@@ -74,9 +76,7 @@ class DUOAdapter:
 
 
 def _is_offline(local_files_only: Optional[bool]) -> bool:
-    from huggingface_hub import constants
-
-    return bool(local_files_only) or constants.HF_HUB_OFFLINE
+    return offline_mode(local_files_only)
 
 
 def _pickle_refusal(source: str, pickle_files: List[str], weight_name: str) -> UsageError:
@@ -163,36 +163,7 @@ def _snapshot_commit(path: str, revision: Optional[str]) -> Optional[str]:
 
 
 def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: str, offline: bool) -> DUOError:
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(error, HFValidationError):
-        return UsageError(
-            f"{what} {repo_id!r} is neither a local folder nor a Hub repo id (owner/name): check the path"
-        )
-    if isinstance(error, GatedRepoError):
-        return UsageError(
-            f"{what} {repo_id} is gated: accept its terms on the Hub and pass token= (or run `hf auth login`)"
-        )
-    if isinstance(error, RevisionNotFoundError):
-        return UsageError(f"{what} {repo_id} has no revision {revision!r}: give an existing branch, tag or commit")
-    if isinstance(error, RepositoryNotFoundError):
-        return UsageError(f"{what} {repo_id} was not found on the Hub: check the id, or pass token= if it is private")
-    if isinstance(error, LocalEntryNotFoundError) or offline:
-        return UsageError(
-            f"{what} {repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache and the Hub is not "
-            f"reachable (offline mode or no network): download it once with `hf download {repo_id}`"
-        )
-    # Not bad input: the Hub or the network failed; retrying may work.
-    return NetworkError(
-        f"could not download {what} {repo_id} from the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
-        f"check the network and retry"
-    )
+    return hub_error(error, repo_id, revision, what, offline)
 
 
 def _list_repo_files(repo_id: str, commit: Optional[str], snapshot_folder: str, token, offline: bool) -> List[str]:
@@ -556,9 +527,10 @@ def _attach(pipe, adapters: List[DUOAdapter], weights: List[float], fuse: bool):
     loaded = []
     try:
         for adapter in adapters:
-            pipe.load_lora_weights(
-                adapter.folder, weight_name=adapter.weight_name, adapter_name=adapter.concept, use_safetensors=True
-            )
+            with no_text_encoder_lora_notice():
+                pipe.load_lora_weights(
+                    adapter.folder, weight_name=adapter.weight_name, adapter_name=adapter.concept, use_safetensors=True
+                )
             loaded.append(adapter.concept)
     except Exception:
         # Leave the pipeline as it was rather than with some of the adapters.

@@ -342,3 +342,54 @@ def make_tiny_clip(output_dir: str, seed: int = 0) -> str:
     CLIPModel(config).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir
+
+
+def make_tiny_duo_adapter(
+    output_dir: str, base_dir: str, base_model: str, concept: str = "nudity", rank: int = 4, seed: int = 0
+) -> str:
+    """A DUO adapter for a tiny SD pipeline without training: random LoRA weights on self-attention,
+    saved as train_duo.py saves them (weights, ``duo_config.json`` naming ``base_model``); returns ``output_dir``.
+
+    Its LoRA B matrices are non-zero, so the adapter visibly changes the images.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .lora import LORA_WEIGHT_NAME, add_duo_adapter, lora_state_dict, lora_target_modules, target_module_patterns
+    from .outputs import DUO_CONFIG_NAME
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir)
+    target_modules = lora_target_modules(pipe.unet, "self_attn")
+    add_duo_adapter(pipe.unet, rank, rank, target_modules)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    os.makedirs(output_dir, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=lora_state_dict(pipe.unet), weight_name=LORA_WEIGHT_NAME
+    )
+    architecture = {  # as train_duo.py records it
+        "family": "sd",
+        "pipeline_class": "StableDiffusionPipeline",
+        "denoiser": "unet",
+        "cross_attention_dim": pipe.unet.config.cross_attention_dim,
+        "block_out_channels": list(pipe.unet.config.block_out_channels),
+        "prediction_type": pipe.scheduler.config.prediction_type,
+    }
+    config = {
+        "format_version": 1,
+        "base_model": base_model,
+        "base_model_revision": None,
+        "variant": None,
+        "architecture": architecture,
+        "concept": concept,
+        "weight_name": LORA_WEIGHT_NAME,
+        "rank": rank,
+        "lora_alpha": rank,
+        "lora_target": "self_attn",
+        "target_modules": target_module_patterns(target_modules),
+    }
+    with open(os.path.join(output_dir, DUO_CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    return output_dir

@@ -38,8 +38,9 @@ parse_recipe_flags() {
   done
   # One process: the training's effective batch is then the official 4 pairs (1 pair x 4 accumulated
   # steps); a launcher with N processes takes N times as many pairs per step (see examples/multi_gpu).
-  # Precision is set by each script's own flags.
-  read -r -a LAUNCH <<< "${LAUNCH:-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
+  # Precision is set by each script's own flags. --quiet: a refusal is the last line shown, without
+  # accelerate's CalledProcessError traceback after it.
+  read -r -a LAUNCH <<< "${LAUNCH:-accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
 }
 
 # Print a command, then run it (unless this is a dry run).
@@ -57,10 +58,15 @@ fail() {
   exit 2
 }
 
-# A file the run needs later, checked now rather than after hours of training.
+# A file the run needs later, checked now rather than after hours of training. A dry run prints the
+# commands with a placeholder (YOUR_<NAME>) where the file is not given yet.
 require_file() {
   local name="$1" hint="$2"
   local path="${!name:-}"
+  if [[ -z "$path" && "$DRY_RUN" == 1 ]]; then
+    printf -v "$name" 'YOUR_%s' "$name"
+    return 0
+  fi
   [[ -n "$path" ]] || fail "set $name: $hint"
   [[ "$DRY_RUN" == 1 || -e "$path" ]] || fail "$name=$path does not exist: $hint"
 }

@@ -477,9 +477,9 @@ def test_report_files_exist_and_parse(evaluated):
         for s in ("prompts", "ring_a_bell", "concept_inversion", "unrelated")
     )
     grid = Image.open(output_dir / "grids" / "duo" / "prompts.png")
-    assert grid.size == (3 * 32, 2 * 32)  # one column per prompt, base above unlearned
-    base_first = Image.open(output_dir / "images" / "base" / "prompts" / "00000_00.png")
-    assert np.array_equal(np.asarray(grid)[:32, :32], np.asarray(base_first))
+    # One labelled column per prompt, base above unlearned, each 32 px image drawn at least 128 px wide
+    # (what each cell shows is checked in test_first_contact.py).
+    assert grid.size[0] >= 3 * 128 and grid.size[1] >= 2 * 128
     assert len(read_jsonl(output_dir / "detections.jsonl")) == 3 * (6 + 6 + 4)
 
 

@@ -347,16 +347,19 @@ def test_dry_runs_show_the_recipes_settings(parsers):
 
 
 def test_real_runs_refuse_missing_inputs_before_running_anything():
-    result = run_recipe("nudity_sd14", "--dry-run")
+    result = run_recipe("nudity_sd14")
     assert result.returncode == 2 and "set I2P_PROMPTS" in result.stderr and printed_commands(result.stdout) == []
+    # A dry run shows the commands with placeholders instead (issue 19).
+    result = run_recipe("nudity_sd14", "--dry-run")
+    assert result.returncode == 0 and "YOUR_I2P_PROMPTS" in result.stdout
     result = run_recipe("nudity_sd14", I2P_PROMPTS="/no/such/i2p.csv", COCO_CAPTIONS="/no/such/coco.json")
     assert (
         result.returncode == 2
         and "I2P_PROMPTS=/no/such/i2p.csv does not exist" in result.stderr
         and result.stdout == ""
     )
-    result = run_recipe("compare_methods", "--dry-run", I2P_PROMPTS="x", COCO_CAPTIONS="y")
-    assert result.returncode == 2 and "set ADAPTERS" in result.stderr
+    result = run_recipe("compare_methods", I2P_PROMPTS="x", COCO_CAPTIONS="y")
+    assert result.returncode == 2 and "set ADAPTERS" in result.stderr and result.stdout == ""
     result = run_recipe("multi_gpu", "--dry-run", MODE="fsdp")
     assert result.returncode == 2 and "MODE=fsdp: use ddp or deepspeed" in result.stderr
     result = run_recipe("multi_gpu", "--dry-run", NUM_GPUS=3)

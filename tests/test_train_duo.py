@@ -50,6 +50,12 @@ def trained(tiny_sd, tiny_pairs, tmp_path_factory):
 def test_artifacts(trained, tiny_sd):
     for name in ("pytorch_lora_weights.safetensors", "duo_config.json", "README.md"):
         assert (trained / name).is_file(), name
+    # The weights get the mode of the other outputs (safetensors alone would leave them 0600).
+    modes = {
+        name: (trained / name).stat().st_mode & 0o777
+        for name in ("pytorch_lora_weights.safetensors", "duo_config.json")
+    }
+    assert len(set(modes.values())) == 1, modes
     config = json.loads((trained / "duo_config.json").read_text())
     assert config["base_model"] == tiny_sd
     assert config["concept"] == "nudity"

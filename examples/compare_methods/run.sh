@@ -62,6 +62,7 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   OUT="${OUT:-runs/compare_methods}"
   MODEL="${MODEL:-CompVis/stable-diffusion-v1-4}"
+  [[ -n "${ADAPTERS:-}" || "$DRY_RUN" != 1 ]] || ADAPTERS="duo=YOUR_ADAPTER"  # a dry run shows a placeholder
   [[ -n "${ADAPTERS:-}" ]] || fail "set ADAPTERS: DUO adapters as NAME=PATH, e.g. ADAPTERS=\"duo=runs/nudity_sd14/duo-nudity-beta500\""
   require_file I2P_PROMPTS "an I2P-style CSV, e.g. i2p_benchmark.csv of the AIML-TUDA/i2p dataset"
   require_file COCO_CAPTIONS "COCO's annotations/captions_val2014.json or any prompt file"

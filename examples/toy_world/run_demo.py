@@ -18,7 +18,7 @@ before it runs, so it can be copied):
    ``samples.png`` (the same seeds through every model), with the world's pixel rules reading whether
    other colours still come out as asked.
 
-    python examples/toy_world/run_demo.py                       # about 10 minutes on 2 cores
+    python examples/toy_world/run_demo.py                       # about 7 min on 2 idle cores
     python examples/toy_world/run_demo.py --quick               # the same training, a smaller evaluation
 
 A rerun skips every finished step (delete a step's folder to redo it).
@@ -27,12 +27,13 @@ A rerun skips every finished step (delete a step's folder to redo it).
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -133,20 +134,72 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------
 
 
+# The state a tqdm bar prints: "desc:  45%|████▌     | 135/300 [00:30<00:37, 4.40it/s]".
+PROGRESS = re.compile(r"(?:(?P<desc>[^\r\n|]*?):\s*)?(?P<percent>\d+)%\|[^|\r\n]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[")
+
+
+def latest_progress(text: str) -> Optional[Tuple[str, int, int]]:
+    """The last progress-bar state a command wrote to its log: (the bar's description, done, total)."""
+    last = None
+    for last in PROGRESS.finditer(text):
+        pass
+    if last is None:
+        return None
+    return (last["desc"] or "").strip(), int(last["n"]), int(last["total"])
+
+
+def follow_progress(process: subprocess.Popen, log_path: str, stage: str, poll_seconds: float = 0.5) -> int:
+    """Until ``process`` ends, mirror the progress bar it writes to its log as one console bar named
+    after the stage (and the command's own bar), with an ETA; returns the exit code."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=stage, total=None, file=sys.stderr, dynamic_ncols=True, mininterval=poll_seconds)
+    phase, offset, tail = None, 0, ""
+    while True:
+        returncode = process.poll()
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            new = log.read()
+        offset += len(new)
+        tail = (tail + new.decode(errors="replace"))[-8192:]
+        state = latest_progress(tail)
+        if state is not None:
+            desc, done, total = state
+            if (desc, total) != phase or done < bar.n:
+                bar.reset(total=total)
+                bar.set_description(f"{stage} ({desc})" if desc else stage, refresh=False)
+                phase = (desc, total)
+            bar.update(done - bar.n)
+        if returncode is not None:
+            bar.close()
+            return returncode
+        time.sleep(poll_seconds)
+
+
 def run(command: List[str], log_path: str):
-    """Print the command, run it with its output in a log file; stop the demo with the log's tail on failure."""
+    """Print the command and where its log goes, run it with a console progress bar (the command's own
+    bars go to the log); stop the demo with the log's tail on failure."""
+    stage = os.path.splitext(os.path.basename(log_path))[0]
     print("+ " + shlex.join(command), flush=True)
+    print(f"  {stage}: log in {log_path}", flush=True)
     started = time.time()
     env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-    if result.returncode != 0:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        try:
+            returncode = follow_progress(process, log_path, stage)
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed here: the command must not outlive the demo.
+            process.kill()
+            process.wait()
+            raise
+    if returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise UsageError(
-            f"{command[0]} {command[1]} failed (exit {result.returncode}); its log {log_path} ends with:\n{tail}"
+            f"{command[0]} {command[1]} failed (exit {returncode}); its log {log_path} ends with:\n{tail}"
         )
-    print(f"  done in {time.time() - started:.0f} s (log: {log_path})", flush=True)
+    print(f"  {stage}: done in {time.time() - started:.0f} s", flush=True)
 
 
 def write_lines(path: str, lines: List[str]) -> str:
@@ -374,24 +427,27 @@ def plot_table(table: Dict[str, dict], path: str):
 
 
 def sample_grid(eval_dir: str, manifest, models: List[str], path: str, per_set: int = 3):
-    """One row per model, the same prompts and seeds in every row: direct, synonym, colourless, other colours."""
+    """One labelled row per model, the same prompts and seeds in every row: direct, synonym, colourless, other colours."""
     from PIL import Image
 
-    from duo_plugin.outputs import image_grid
+    from duo_plugin.figures import column_label, save_labelled_grid
 
-    rows = []
+    rows, columns = [], []
     for model in models:
         images = []
         for prompt_set in ("direct", "synonym", "colourless", "concept_inversion", "unrelated"):
             chosen = sorted(
                 manifest.get((model, prompt_set), []), key=lambda r: (r["image_index"], r["prompt_index"])
             )[:per_set]
-            images += [
-                Image.open(os.path.join(eval_dir, r["file"])).convert("RGB").resize((64, 64), Image.NEAREST)
-                for r in chosen
-            ]
+            images += [Image.open(os.path.join(eval_dir, r["file"])).convert("RGB") for r in chosen]
+            if model == models[0]:
+                columns += [
+                    column_label(r["prompt"], r["seed"], prompt_set.replace("unrelated", "other colours"))
+                    for r in chosen
+                ]
         rows.append(images)
-    image_grid(rows).save(path)
+    title = 'Toy world: removing "red". Same prompt and seed in every column (concept_inversion: each model\'s own learned word)'
+    save_labelled_grid(path, rows, [MODEL_LABELS.get(m, m) for m in models], columns, title=title)
 
 
 def write_report(args, eval_dir: str, models: List[str], timings: Dict[str, float]) -> dict:
