@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, memory, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -27,6 +27,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 1.x/2.x (UNet models).")
     training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
+    memory.add_memory_check_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -154,6 +155,7 @@ def main(argv=None):
     args.t_max = 750 if args.t_max is None else args.t_max
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd", "train_duo.py")
+    memory.check_training_memory(args, "sd")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
 

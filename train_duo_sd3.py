@@ -30,7 +30,7 @@ from typing import Dict, List
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, memory, objective, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -60,6 +60,7 @@ def parse_args(argv=None):
         help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
     )
     flow.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embeddings (the pipeline's default)")
+    memory.add_memory_check_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -332,6 +333,7 @@ def main(argv=None):
     resolve_sd3_defaults(args)
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
+    memory.check_training_memory(args, "sd3")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
 

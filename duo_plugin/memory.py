@@ -746,3 +746,149 @@ def measure_training_step(configs: BaseModelConfigs, settings: TrainingMemorySet
     with tracker:
         run_training_step(configs, models, settings, lambda name: None)
     return max(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
+# --------------------------------------------------------------------------------------------------
+# For users: the training scripts' start-up check, and python -m duo_plugin.memory
+# --------------------------------------------------------------------------------------------------
+
+
+def add_memory_check_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--skip_memory_check", action="store_true",
+        help="do not estimate the run's peak GPU memory at start-up (duo_plugin.memory) against the GPU's free memory",
+    )
+
+
+def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings:
+    """The memory-relevant flags of a training command line (train_duo.py / train_duo_sd3.py)."""
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    settings = TrainingMemorySettings(
+        resolution=args.resolution,
+        train_batch_size=args.train_batch_size,
+        mixed_precision=mixed_precision,
+        rank=args.rank,
+        lora_target=args.lora_target or ("attn" if family == "sd3" else "self_attn"),
+        gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam,
+        max_sequence_length=getattr(args, "max_sequence_length", 256),
+        num_validation_images=args.num_validation_images,
+        validation=not args.skip_validation,
+    )
+    return replace(settings, **overrides)
+
+
+# The flags that lower a run's memory, as (flag text, settings change), tried from the smallest change.
+_MEMORY_FLAGS = (
+    ("--gradient_checkpointing", lambda s: s.gradient_checkpointing, dict(gradient_checkpointing=True)),
+    ("--use_8bit_adam", lambda s: s.use_8bit_adam, dict(use_8bit_adam=True)),
+    ("--mixed_precision bf16", lambda s: s.mixed_precision != "no", dict(mixed_precision="bf16")),
+    ("--skip_validation", lambda s: not s.validation, dict(validation=False)),
+)
+
+
+def flags_that_fit(configs: BaseModelConfigs, settings: TrainingMemorySettings, available_bytes: int) -> Optional[List[str]]:
+    """The fewest memory flags (in ``_MEMORY_FLAGS`` order) whose run fits ``available_bytes``; None if none do."""
+    import itertools
+
+    untried = [(flag, change) for flag, is_set, change in _MEMORY_FLAGS if not is_set(settings)]
+    for count in range(1, len(untried) + 1):
+        for combination in itertools.combinations(untried, count):
+            changed = settings
+            for _, change in combination:
+                changed = replace(changed, **change)
+            if card_requirement_bytes(estimate_training(configs, changed)["run"].peak_bytes) - CUDA_CONTEXT_BYTES <= available_bytes:
+                return [flag for flag, _ in combination]
+    return None
+
+
+def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
+    """Stop before any weight is downloaded when the run's estimated peak exceeds the GPU's free memory.
+
+    Called by the training scripts at start-up; does nothing without CUDA or with ``--skip_memory_check``.
+    Reads only the base model's config files. An estimate that fails (an unusual config) is reported and
+    skipped: the check must never stop a run it cannot judge.
+    """
+    if getattr(args, "skip_memory_check", False) or not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    try:
+        configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        settings = settings_from_args(args, family)
+        estimate = estimate_training(configs, settings)["run"]
+    except UsageError:
+        raise
+    except Exception as error:  # the check is advice; training decides
+        print(f"memory check skipped: the estimate failed ({type(error).__name__}: {error}); pass --skip_memory_check to silence this", file=sys.stderr)
+        return None
+    needed = int(estimate.peak_bytes * (1 + FRAGMENTATION_MARGIN))
+    if needed <= free_bytes:
+        return estimate
+    fix = flags_that_fit(configs, settings, free_bytes)
+    advice = f"add {' '.join(fix)}" if fix else "lower --resolution or --train_batch_size, or use a larger GPU"
+    raise UsageError(
+        f"estimated peak GPU memory {estimate.peak_bytes / GiB:.1f} GiB ({estimate.phase}; +{FRAGMENTATION_MARGIN:.0%} allocator margin) "
+        f"exceeds the {free_bytes / GiB:.1f} GiB free on GPU {device}: {advice} (or --skip_memory_check to try anyway)"
+    )
+
+
+def _format_row(label: str, estimate: MemoryEstimate) -> str:
+    card = estimate.smallest_card_gb()
+    parts = ", ".join(f"{name.replace('_', ' ')} {value / GiB:.2f}" for name, value in estimate.breakdown.items() if value)
+    return f"{label:48s} {estimate.peak_bytes / GiB:7.2f} GiB   {(str(card) + ' GB') if card else '> 80 GB':>8s}   ({parts})"
+
+
+def parse_args(argv=None):
+    from . import training
+
+    parser = argparse.ArgumentParser(
+        description="Estimated peak GPU memory of a DUO run (training step, validation, pair generation, evaluation) "
+        "from the base model's config files only: no GPU, no weights. Takes the training scripts' flags."
+    )
+    training.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
+    parser.add_argument("--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)")
+    parser.add_argument("--generation_batch_size", type=int, default=PAIR_GENERATION_BATCH, help="pairs generated at once (python -m duo_plugin.pairs --batch_size)")
+    parser.add_argument("--evaluation_batch_size", type=int, default=EVALUATION_BATCH, help="images per pipeline call (python -m duo_plugin.evaluate --batch_size)")
+    parser.add_argument("--json", default=None, help="also write the estimates to this JSON file")
+    return parser.parse_args(argv)
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parse_args(argv)
+    configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    family = configs.family
+    if args.resolution is None:
+        args.resolution = 1024 if family == "sd3" else 8 * configs.denoiser.get("sample_size", 64)
+    if args.resolution % 8:
+        raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8")
+    settings = settings_from_args(args, family)
+    all_on = replace(settings, gradient_checkpointing=True, use_8bit_adam=True, mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16")
+    print(f"{args.pretrained_model_name_or_path} ({'train_duo_sd3.py' if family == 'sd3' else 'train_duo.py'}), {args.resolution} px, "
+          f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}")
+    print(f"estimated peak GPU memory (max_memory_allocated; a card fits when peak x {1 + FRAGMENTATION_MARGIN:.2f} + "
+          f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB <= its memory)\n")
+    rows = []
+    for label, row_settings in (
+        ("training step, your flags", settings),
+        ("training step, official recipe, your flags", replace(settings, recipe="official", validation=False)),
+        ("training step, every memory option on", replace(all_on, validation=False)),
+    ):
+        results = estimate_training(configs, row_settings)
+        rows.append((label, results["training step"]))
+        if label.endswith("your flags") and "validation" in results:
+            rows.append(("validation during training, your flags", results["validation"]))
+    rows.append((f"pair generation ({args.generation_batch_size} pairs per call, fp16)", estimate_inference(configs, args.resolution, args.generation_batch_size, "fp16", encode=True)))
+    rows.append((f"evaluation ({args.evaluation_batch_size} images per call, fp16)", estimate_inference(configs, args.resolution, args.evaluation_batch_size, "fp16", encode=False)))
+    print(f"{'':48s} {'peak':>11s}   {'card':>8s}")
+    for label, estimate in rows:
+        print(_format_row(label, estimate))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
