@@ -85,11 +85,12 @@ def compare(path):
     for row in report.get("results", []):
         if "peak_memory_bytes" not in row or row.get("model") not in {m for m, _ in MODELS}:
             continue
-        options = row["options"]
+        options = row["options"]  # benchmark_step.options_label: "gc|no-gc,adam8bit|adamw,sdpa|xformers[,encoders-resident]"
+        parts = options.split(",")
         settings = memory.TrainingMemorySettings(
             resolution=row["resolution"], mixed_precision=row.get("mixed_precision", "bf16"), recipe=row["recipe"],
-            gradient_checkpointing="checkpointing" in options and "no checkpointing" not in options,
-            use_8bit_adam="8-bit" in options, encoders_resident="kept" in options, validation=False,
+            train_batch_size=row.get("pairs_per_step", 1), gradient_checkpointing="gc" in parts,
+            use_8bit_adam="adam8bit" in parts, encoders_resident="encoders-resident" in parts, validation=False,
         )
         configs = memory.load_base_model_configs(str(BENCHMARKS_DIR / "configs" / row["model"]))
         estimate = memory.estimate_training(configs, settings)["training step"].peak_bytes
@@ -98,11 +99,48 @@ def compare(path):
               f"measured {measured / 2**20:9,.0f} MiB  error {100 * (estimate / measured - 1):+6.1f} %", flush=True)
 
 
+def markdown(path):
+    """The README tables from a memory-estimates JSON."""
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    gb = lambda value: f"{value / 1e9:.2f}"  # noqa: E731
+    card = lambda value: f"{memory.smallest_card(value)} GB" if memory.smallest_card(value) else "> 80 GB"  # noqa: E731
+    names = ["sd14", "sd21", "sd3-medium", "sd35-medium"]
+    order = sorted(MODELS, key=lambda mr: (names.index(mr[0]), mr[1]))
+    print("| model | px | ours, all on | official, all on | ours, all off | official, all off | ours, no grad. checkpointing | ours, no 8-bit Adam | ours, encoders kept |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, resolution in order:
+        cells = {}
+        for r in rows:
+            if r["model"] == name and r["resolution"] == resolution:
+                cells[(r["recipe"], r["note"])] = r["estimated_peak_bytes"]
+        keys = [("ours", "all memory options on"), ("official", "all memory options on"), ("ours", "all memory options off"),
+                ("official", "all memory options off"), ("ours", "gradient checkpointing off"), ("ours", "8-bit Adam off"),
+                ("ours", "VAE and text encoders kept on the accelerator")]
+        if keys[0] not in cells:
+            continue
+        print(f"| {name} | {resolution} | " + " | ".join(gb(cells[k]) if k in cells else "-" for k in keys) + " |")
+    print()
+    print("| model | px | training step (all on) | + validation | run peak | smallest card | --skip_validation: card | pair generation | card | evaluation | card |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, resolution in order:
+        get = lambda recipe, note="": next((r["estimated_peak_bytes"] for r in rows if r["model"] == name and r["resolution"] == resolution and r["recipe"] == recipe and r["note"] == note), None)  # noqa: E731
+        step, validation = get("ours", "all memory options on"), get("validation during training")
+        generation, evaluation = get("pair generation"), get("evaluation")
+        if None in (step, validation, generation, evaluation):
+            continue
+        run = max(step, validation)
+        print(f"| {name} | {resolution} | {gb(step)} | {gb(validation)} | {gb(run)} | {card(run)} | {card(step)} | {gb(generation)} | {card(generation)} | {gb(evaluation)} | {card(evaluation)} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", default=None, help="a GPU suite JSON (benchmark_step.py --suite gpu): print estimates beside its measurements")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--markdown", default=None, help="print the README tables of a memory-estimates JSON")
     args = parser.parse_args(argv)
+    if args.markdown:
+        return markdown(args.markdown)
     if args.compare:
         return compare(args.compare)
     now = datetime.datetime.now(datetime.timezone.utc)

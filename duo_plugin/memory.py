@@ -668,7 +668,7 @@ def estimate_training(
 
         with tracker:
             run_training_step(configs, models, settings, set_phase)
-        results["training step"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "training step")
+        results["training step"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "training step", time.perf_counter() - start)
         if settings.validation:
             for name in models_for_validation:
                 module = models.vae if name == "vae" else models.text_encoders[name]
@@ -677,7 +677,7 @@ def estimate_training(
             tracker.reset_peak()
             with tracker:
                 run_validation(configs, models, settings, set_phase)
-            results["validation"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "validation")
+            results["validation"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "validation", time.perf_counter() - start)
     run = max(results.values(), key=lambda e: e.peak_bytes)
     results["run"] = replace(run, seconds=time.perf_counter() - start)
     return results
