@@ -17,7 +17,8 @@ tests compare the estimate with (``measure_training_step``).
 What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_duo_sd3.py``):
 
 * **Resident weights.** The frozen denoiser in the mixed-precision dtype (fp32 without mixed precision),
-  buffers included (SD3.5's 384² positional embedding is a 0.45 GB buffer). Ours frees the encoders after
+  buffers included and cast as ``from_pretrained(dtype=...)`` casts them (SD3.5's 384² positional embedding
+  is a 0.45 GB bf16 buffer). Ours frees the encoders after
   caching: SD1/2 moves the VAE and text encoder to the CPU, SD3 deletes the text encoders and keeps its
   fp32 VAE on the CPU. ``encoders_resident`` keeps them on the GPU (the benchmark's "kept" case). The
   re-created official step (``benchmarks/benchmark_step.py``) keeps the VAE and every text encoder on the
@@ -368,14 +369,15 @@ def build_denoiser(configs: BaseModelConfigs, dtype: torch.dtype):
     model_class = SD3Transformer2DModel if configs.family == "sd3" else UNet2DConditionModel
     with _default_dtype(dtype):
         model = model_class.from_config(configs.denoiser)
-    return model.eval().requires_grad_(False)
+    # from_pretrained(dtype=...) casts floating buffers too (SD3's positional embedding is built in fp32).
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def build_vae(configs: BaseModelConfigs, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
     with _default_dtype(dtype):
-        return AutoencoderKL.from_config(configs.vae).eval().requires_grad_(False)
+        return AutoencoderKL.from_config(configs.vae).to(dtype).eval().requires_grad_(False)
 
 
 def build_text_encoders(configs: BaseModelConfigs, dtype: torch.dtype) -> Dict[str, torch.nn.Module]:
@@ -383,7 +385,7 @@ def build_text_encoders(configs: BaseModelConfigs, dtype: torch.dtype) -> Dict[s
     for name, config in configs.text_encoders.items():
         model_class, config_class = _text_encoder_class(config)
         with _default_dtype(dtype):
-            encoders[name] = model_class(config_class.from_dict(config)).eval().requires_grad_(False)
+            encoders[name] = model_class(config_class.from_dict(config)).to(dtype).eval().requires_grad_(False)
     return encoders
 
 
