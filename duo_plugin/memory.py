@@ -25,7 +25,7 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   GPU and calls them every step: both pair images VAE-encoded (the SD3 VAE in fp32), the empty prompt
   encoded by CLIP (SD3: CLIP-L, CLIP-G and T5-XXL at ``max_sequence_length`` tokens).
 * **LoRA and optimizer state.** LoRA parameters are fp32 (``cast_lora_params_to_fp32``), built by the
-  same ``training.add_duo_adapter`` on the same target modules. AdamW keeps two fp32 moments per LoRA
+  same ``lora.add_duo_adapter`` on the same target modules. AdamW keeps two fp32 moments per LoRA
   weight; its step runs ``foreach`` (PyTorch's default on CUDA), whose intermediate lists are counted as
   temporaries. bitsandbytes' ``AdamW8bit`` cannot run on fake tensors; its state is accounted
   analytically: tensors of at least 4096 elements keep two uint8 moments plus one fp32 absmax per
@@ -391,11 +391,11 @@ def build_text_encoders(configs: BaseModelConfigs, dtype: torch.dtype) -> Dict[s
 
 def add_adapter(denoiser, settings: TrainingMemorySettings, family: str) -> List[torch.nn.Parameter]:
     """The DUO adapter exactly as the training scripts add it (same targets, fp32 LoRA weights)."""
-    from . import training
+    from . import lora
 
     lora_target = settings.lora_target or ("attn" if family == "sd3" else "self_attn")
-    training.add_duo_adapter(denoiser, settings.rank, settings.rank, training.lora_target_modules(denoiser, lora_target))
-    training.cast_lora_params_to_fp32(denoiser)
+    lora.add_duo_adapter(denoiser, settings.rank, settings.rank, lora.lora_target_modules(denoiser, lora_target))
+    lora.cast_lora_params_to_fp32(denoiser)
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
@@ -554,7 +554,7 @@ def run_training_step(configs: BaseModelConfigs, models: _Models, settings: Trai
 
     ``set_phase`` is told "activations" before each forward and "temporaries" before the backward.
     """
-    from . import objective, training
+    from . import lora, objective
 
     num_pairs = settings.train_batch_size
     weight_dtype = models.weight_dtype
@@ -578,7 +578,7 @@ def run_training_step(configs: BaseModelConfigs, models: _Models, settings: Trai
     pooled = torch.randn(pooled_shape, dtype=weight_dtype) if pooled_shape else None
 
     autocast = _autocast(settings.mixed_precision)
-    with torch.no_grad(), autocast, training.adapters_disabled(models.denoiser):
+    with torch.no_grad(), autocast, lora.adapters_disabled(models.denoiser):
         ref_prediction = _denoise(models, model_input, timesteps, condition, pooled)
     set_phase("activations")  # the adapted forward: the same modules called a second time
     with autocast:
@@ -842,13 +842,13 @@ def _format_row(label: str, estimate: MemoryEstimate) -> str:
 
 
 def parse_args(argv=None):
-    from . import training
+    from . import arguments
 
     parser = argparse.ArgumentParser(
         description="Estimated peak GPU memory of a DUO run (training step, validation, pair generation, evaluation) "
         "from the base model's config files only: no GPU, no weights. Takes the training scripts' flags."
     )
-    training.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
+    arguments.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
     parser.add_argument("--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)")
     parser.add_argument("--generation_batch_size", type=int, default=PAIR_GENERATION_BATCH, help="pairs generated at once (python -m duo_plugin.pairs --batch_size)")
     parser.add_argument("--evaluation_batch_size", type=int, default=EVALUATION_BATCH, help="images per pipeline call (python -m duo_plugin.evaluate --batch_size)")
