@@ -74,7 +74,6 @@ is what the training scripts call at start-up.
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -82,7 +81,7 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -90,6 +89,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import UsageError, exit_on_usage_error
+
 
 GiB = 2**30
 GB = 1e9
@@ -147,12 +147,16 @@ def _read_config(path: str, subfolder: str, filename: str, revision=None, cache_
         return json.load(f)
 
 
-def load_base_model_configs(path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> BaseModelConfigs:
+def load_base_model_configs(
+    path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> BaseModelConfigs:
     read = lambda sub, name="config.json": _read_config(path, sub, name, revision, cache_dir)  # noqa: E731
     transformer = read("transformer")
     unet = None if transformer is not None else read("unet")
     if transformer is None and unet is None:
-        raise UsageError(f"{path!r} has neither a unet nor a transformer config: give a Stable Diffusion 1.x/2.x or SD3 base")
+        raise UsageError(
+            f"{path!r} has neither a unet nor a transformer config: give a Stable Diffusion 1.x/2.x or SD3 base"
+        )
     family = "sd3" if transformer is not None else "sd"
     vae = read("vae")
     if vae is None:
@@ -254,13 +258,56 @@ class AllocationTracker(TorchDispatchMode):
 
 # CUDA autocast's op lists (torch/csrc/autograd autocast_mode.cpp, "CUDA Ops that can autocast to ...").
 _LOWER_PRECISION_FUNCTIONS = {
-    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "matmul",
-    "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum", "scaled_dot_product_attention", "prelu", "__matmul__",
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "matmul",
+    "mm",
+    "bmm",
+    "baddbmm",
+    "addmm",
+    "addbmm",
+    "einsum",
+    "scaled_dot_product_attention",
+    "prelu",
+    "__matmul__",
 }
 _FP32_FUNCTIONS = {
-    "group_norm", "layer_norm", "softmax", "log_softmax", "exp", "log", "pow", "rsqrt", "mse_loss", "l1_loss",
-    "cumsum", "prod", "norm", "softplus", "logsumexp", "erfinv", "acos", "asin", "cosh", "sinh", "tan", "expm1",
-    "log1p", "log2", "log10", "reciprocal", "cosine_similarity", "nll_loss", "cross_entropy", "kl_div", "rms_norm",
+    "group_norm",
+    "layer_norm",
+    "softmax",
+    "log_softmax",
+    "exp",
+    "log",
+    "pow",
+    "rsqrt",
+    "mse_loss",
+    "l1_loss",
+    "cumsum",
+    "prod",
+    "norm",
+    "softplus",
+    "logsumexp",
+    "erfinv",
+    "acos",
+    "asin",
+    "cosh",
+    "sinh",
+    "tan",
+    "expm1",
+    "log1p",
+    "log2",
+    "log10",
+    "reciprocal",
+    "cosine_similarity",
+    "nll_loss",
+    "cross_entropy",
+    "kl_div",
+    "rms_norm",
 }
 
 
@@ -406,8 +453,12 @@ def eight_bit_adam_state(params: List[torch.Tensor]) -> List[torch.Tensor]:
         n = p.numel()
         if n >= EIGHT_BIT_MIN_SIZE:
             blocks = math.ceil(n / EIGHT_BIT_BLOCK)
-            state += [torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8),
-                      torch.empty(blocks, dtype=torch.float32), torch.empty(blocks, dtype=torch.float32)]
+            state += [
+                torch.empty(n, dtype=torch.uint8),
+                torch.empty(n, dtype=torch.uint8),
+                torch.empty(blocks, dtype=torch.float32),
+                torch.empty(blocks, dtype=torch.float32),
+            ]
         else:
             state += [torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)]
     return state
@@ -432,7 +483,9 @@ class _Optimizer:
             self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
             for p in params:
                 self.optimizer.state[p] = {
-                    "step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)
+                    "step": torch.tensor(1.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
                 }
             self.state = [t for s in self.optimizer.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
 
@@ -461,7 +514,9 @@ class _Models:
     vae_dtype: torch.dtype
 
 
-def _build_training_models(configs: BaseModelConfigs, settings: TrainingMemorySettings, need_encoders: bool, fake_mode=None) -> _Models:
+def _build_training_models(
+    configs: BaseModelConfigs, settings: TrainingMemorySettings, need_encoders: bool, fake_mode=None
+) -> _Models:
     """The run's models; with ``fake_mode``, built on the meta device and turned into fake CPU tensors."""
     weight_dtype = HALF_DTYPES.get(settings.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if configs.family == "sd3" else weight_dtype  # train_duo_sd3.py keeps its VAE in fp32
@@ -536,10 +591,18 @@ def _latent_shape(configs: BaseModelConfigs, resolution: int, batch: int):
 def _denoise(models: _Models, model_input, timesteps, condition, pooled):
     if models.family == "sd":
         return models.denoiser(model_input, timesteps, condition).sample
-    return models.denoiser(hidden_states=model_input, timestep=timesteps, encoder_hidden_states=condition, pooled_projections=pooled, return_dict=False)[0]
+    return models.denoiser(
+        hidden_states=model_input,
+        timestep=timesteps,
+        encoder_hidden_states=condition,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
 
 
-def _encode_prompts_every_step(configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, num_pairs: int):
+def _encode_prompts_every_step(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, num_pairs: int
+):
     """The official step's text encoding of the empty prompt (no grad)."""
     outputs = []
     for name, encoder in models.text_encoders.items():
@@ -549,7 +612,9 @@ def _encode_prompts_every_step(configs: BaseModelConfigs, models: _Models, setti
     return outputs
 
 
-def run_training_step(configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]):
+def run_training_step(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]
+):
     """One optimizer step of DUO (one micro-step), as the training scripts run it on the accelerator.
 
     ``set_phase`` is told "activations" before each forward and "temporaries" before the backward.
@@ -569,7 +634,9 @@ def run_training_step(configs: BaseModelConfigs, models: _Models, settings: Trai
     else:
         latents = torch.randn(_latent_shape(configs, settings.resolution, 2 * num_pairs))
     # make_duo_batch: [x⁻_t; x⁺_t; x_T], the conditioning of 3·B samples, fp32 targets of the 2·B pair images.
-    model_input = torch.cat([latents, torch.randn(_latent_shape(configs, settings.resolution, num_pairs))]).to(weight_dtype)
+    model_input = torch.cat([latents, torch.randn(_latent_shape(configs, settings.resolution, num_pairs))]).to(
+        weight_dtype
+    )
     target = torch.randn_like(latents)
     del latents
     timesteps = torch.ones(3 * num_pairs, dtype=torch.long if configs.family == "sd" else torch.float32)
@@ -586,7 +653,9 @@ def run_training_step(configs: BaseModelConfigs, models: _Models, settings: Trai
     model_prediction = model_prediction.float()  # accelerate's convert_outputs_to_fp32
     if configs.family == "sd3":
         sigmas = torch.rand(3 * num_pairs)
-        ref_prediction = objective.precondition_flow_matching_output(ref_prediction.float(), model_input.float(), sigmas)
+        ref_prediction = objective.precondition_flow_matching_output(
+            ref_prediction.float(), model_input.float(), sigmas
+        )
         model_prediction = objective.precondition_flow_matching_output(model_prediction, model_input.float(), sigmas)
     losses = objective.duo_losses(model_prediction, ref_prediction, target, 500.0, 1.0)
     loss = losses.loss * 2.0**16 if settings.mixed_precision == "fp16" else losses.loss  # GradScaler
@@ -599,7 +668,9 @@ def run_training_step(configs: BaseModelConfigs, models: _Models, settings: Trai
     models.optimizer.zero_grad()
 
 
-def run_validation(configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]):
+def run_validation(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]
+):
     """The in-training validation: VAE (and SD1/2's text encoder) back on the GPU, CFG over
     ``num_validation_images``, one denoiser call and the VAE decode, all without grad."""
     batch = settings.num_validation_images
@@ -624,7 +695,9 @@ def _run_denoiser_and_vae(configs, models: _Models, resolution: int, batch: int,
         models.vae.encode(pixels).latent_dist.sample()
 
 
-def _register_resident(tracker: AllocationTracker, models: _Models, settings: TrainingMemorySettings, with_encoders: bool):
+def _register_resident(
+    tracker: AllocationTracker, models: _Models, settings: TrainingMemorySettings, with_encoders: bool
+):
     lora = {id(p) for p in models.lora_params}
     modules = [models.denoiser] + ([models.vae, *models.text_encoders.values()] if with_encoders else [])
     for module in modules:
@@ -670,7 +743,9 @@ def estimate_training(
 
         with tracker:
             run_training_step(configs, models, settings, set_phase)
-        results["training step"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "training step", time.perf_counter() - start)
+        results["training step"] = MemoryEstimate(
+            tracker.peak, dict(tracker.peak_breakdown), "training step", time.perf_counter() - start
+        )
         if settings.validation:
             for name in models_for_validation:
                 module = models.vae if name == "vae" else models.text_encoders[name]
@@ -679,14 +754,21 @@ def estimate_training(
             tracker.reset_peak()
             with tracker:
                 run_validation(configs, models, settings, set_phase)
-            results["validation"] = MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "validation", time.perf_counter() - start)
+            results["validation"] = MemoryEstimate(
+                tracker.peak, dict(tracker.peak_breakdown), "validation", time.perf_counter() - start
+            )
     run = max(results.values(), key=lambda e: e.peak_bytes)
     results["run"] = replace(run, seconds=time.perf_counter() - start)
     return results
 
 
 def estimate_inference(
-    configs: BaseModelConfigs, resolution: int, batch_size: int, dtype: str = "fp16", encode: bool = True, rounding: int = ALLOCATOR_ROUNDING
+    configs: BaseModelConfigs,
+    resolution: int,
+    batch_size: int,
+    dtype: str = "fp16",
+    encode: bool = True,
+    rounding: int = ALLOCATOR_ROUNDING,
 ) -> MemoryEstimate:
     """Peak of generating ``batch_size`` images with CFG, the whole pipeline resident in ``dtype``
     (pair generation: text-to-image, then img2img, which also VAE-encodes; evaluation: text-to-image)."""
@@ -695,7 +777,11 @@ def estimate_inference(
     weight_dtype = HALF_DTYPES.get(dtype, torch.float32)
     fake_mode = _fake_mode()
     with torch.device("meta"):
-        modules = [build_denoiser(configs, weight_dtype), build_vae(configs, weight_dtype), build_text_encoders(configs, weight_dtype)]
+        modules = [
+            build_denoiser(configs, weight_dtype),
+            build_vae(configs, weight_dtype),
+            build_text_encoders(configs, weight_dtype),
+        ]
     for module in (modules[0], modules[1], *modules[2].values()):
         to_fake(module, fake_mode)
     models = _Models(configs.family, modules[0], modules[1], modules[2], [], None, weight_dtype, weight_dtype)
@@ -708,7 +794,9 @@ def estimate_inference(
         with tracker, torch.no_grad():
             for name, encoder in models.text_encoders.items():
                 length = 256 if name == "text_encoder_3" else clip_length(configs)
-                encoder(torch.zeros(2 * batch_size, length, dtype=torch.long), output_hidden_states=configs.family == "sd3")
+                encoder(
+                    torch.zeros(2 * batch_size, length, dtype=torch.long), output_hidden_states=configs.family == "sd3"
+                )
             _run_denoiser_and_vae(configs, models, resolution, batch_size, weight_dtype, encode=encode)
     return MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "generation", time.perf_counter() - start)
 
@@ -743,7 +831,9 @@ def measure_training_step(configs: BaseModelConfigs, settings: TrainingMemorySet
     official = settings.recipe == "official"
     models = _build_training_models(configs, settings, need_encoders=official or settings.encoders_resident)
     tracker = _total_mem_tracker()
-    resident = [models.denoiser] + ([models.vae, *models.text_encoders.values()] if official or settings.encoders_resident else [])
+    resident = [models.denoiser] + (
+        [models.vae, *models.text_encoders.values()] if official or settings.encoders_resident else []
+    )
     tracker.track_external(*resident, *models.lora_params, *models.optimizer.state)
     with tracker:
         run_training_step(configs, models, settings, lambda name: None)
@@ -757,7 +847,8 @@ def measure_training_step(configs: BaseModelConfigs, settings: TrainingMemorySet
 
 def add_memory_check_arguments(parser: argparse.ArgumentParser):
     parser.add_argument(
-        "--skip_memory_check", action="store_true",
+        "--skip_memory_check",
+        action="store_true",
         help="do not estimate the run's peak GPU memory at start-up (duo_plugin.memory) against the GPU's free memory",
     )
 
@@ -782,14 +873,16 @@ def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings
 
 # The flags that lower a run's memory, as (flag text, settings change), tried from the smallest change.
 _MEMORY_FLAGS = (
-    ("--gradient_checkpointing", lambda s: s.gradient_checkpointing, dict(gradient_checkpointing=True)),
-    ("--use_8bit_adam", lambda s: s.use_8bit_adam, dict(use_8bit_adam=True)),
-    ("--mixed_precision bf16", lambda s: s.mixed_precision != "no", dict(mixed_precision="bf16")),
-    ("--skip_validation", lambda s: not s.validation, dict(validation=False)),
+    ("--gradient_checkpointing", lambda s: s.gradient_checkpointing, {"gradient_checkpointing": True}),
+    ("--use_8bit_adam", lambda s: s.use_8bit_adam, {"use_8bit_adam": True}),
+    ("--mixed_precision bf16", lambda s: s.mixed_precision != "no", {"mixed_precision": "bf16"}),
+    ("--skip_validation", lambda s: not s.validation, {"validation": False}),
 )
 
 
-def flags_that_fit(configs: BaseModelConfigs, settings: TrainingMemorySettings, available_bytes: int) -> Optional[List[str]]:
+def flags_that_fit(
+    configs: BaseModelConfigs, settings: TrainingMemorySettings, available_bytes: int
+) -> Optional[List[str]]:
     """The fewest memory flags (in ``_MEMORY_FLAGS`` order) whose run fits ``available_bytes``; None if none do."""
     import itertools
 
@@ -799,7 +892,10 @@ def flags_that_fit(configs: BaseModelConfigs, settings: TrainingMemorySettings, 
             changed = settings
             for _, change in combination:
                 changed = replace(changed, **change)
-            if card_requirement_bytes(estimate_training(configs, changed)["run"].peak_bytes) - CUDA_CONTEXT_BYTES <= available_bytes:
+            if (
+                card_requirement_bytes(estimate_training(configs, changed)["run"].peak_bytes) - CUDA_CONTEXT_BYTES
+                <= available_bytes
+            ):
                 return [flag for flag, _ in combination]
     return None
 
@@ -822,7 +918,10 @@ def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
     except UsageError:
         raise
     except Exception as error:  # the check is advice; training decides
-        print(f"memory check skipped: the estimate failed ({type(error).__name__}: {error}); pass --skip_memory_check to silence this", file=sys.stderr)
+        print(
+            f"memory check skipped: the estimate failed ({type(error).__name__}: {error}); pass --skip_memory_check to silence this",
+            file=sys.stderr,
+        )
         return None
     needed = int(estimate.peak_bytes * (1 + FRAGMENTATION_MARGIN))
     if needed <= free_bytes:
@@ -837,7 +936,9 @@ def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
 
 def _format_row(label: str, estimate: MemoryEstimate) -> str:
     card = estimate.smallest_card_gb()
-    parts = ", ".join(f"{name.replace('_', ' ')} {value / GiB:.2f}" for name, value in estimate.breakdown.items() if value)
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {value / GiB:.2f}" for name, value in estimate.breakdown.items() if value
+    )
     return f"{label:48s} {estimate.peak_bytes / GiB:7.2f} GiB   {(str(card) + ' GB') if card else '> 80 GB':>8s}   ({parts})"
 
 
@@ -849,9 +950,21 @@ def parse_args(argv=None):
         "from the base model's config files only: no GPU, no weights. Takes the training scripts' flags."
     )
     arguments.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
-    parser.add_argument("--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)")
-    parser.add_argument("--generation_batch_size", type=int, default=PAIR_GENERATION_BATCH, help="pairs generated at once (python -m duo_plugin.pairs --batch_size)")
-    parser.add_argument("--evaluation_batch_size", type=int, default=EVALUATION_BATCH, help="images per pipeline call (python -m duo_plugin.evaluate --batch_size)")
+    parser.add_argument(
+        "--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)"
+    )
+    parser.add_argument(
+        "--generation_batch_size",
+        type=int,
+        default=PAIR_GENERATION_BATCH,
+        help="pairs generated at once (python -m duo_plugin.pairs --batch_size)",
+    )
+    parser.add_argument(
+        "--evaluation_batch_size",
+        type=int,
+        default=EVALUATION_BATCH,
+        help="images per pipeline call (python -m duo_plugin.evaluate --batch_size)",
+    )
     parser.add_argument("--json", default=None, help="also write the estimates to this JSON file")
     return parser.parse_args(argv)
 
@@ -866,11 +979,20 @@ def main(argv=None):
     if args.resolution % 8:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8")
     settings = settings_from_args(args, family)
-    all_on = replace(settings, gradient_checkpointing=True, use_8bit_adam=True, mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16")
-    print(f"{args.pretrained_model_name_or_path} ({'train_duo_sd3.py' if family == 'sd3' else 'train_duo.py'}), {args.resolution} px, "
-          f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}")
-    print(f"estimated peak GPU memory (max_memory_allocated; a card fits when peak x {1 + FRAGMENTATION_MARGIN:.2f} + "
-          f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB <= its memory)\n")
+    all_on = replace(
+        settings,
+        gradient_checkpointing=True,
+        use_8bit_adam=True,
+        mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16",
+    )
+    print(
+        f"{args.pretrained_model_name_or_path} ({'train_duo_sd3.py' if family == 'sd3' else 'train_duo.py'}), {args.resolution} px, "
+        f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}"
+    )
+    print(
+        f"estimated peak GPU memory (max_memory_allocated; a card fits when peak x {1 + FRAGMENTATION_MARGIN:.2f} + "
+        f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB <= its memory)\n"
+    )
     rows = []
     for label, row_settings in (
         ("training step, your flags", settings),
@@ -881,14 +1003,28 @@ def main(argv=None):
         rows.append((label, results["training step"]))
         if label.endswith("your flags") and "validation" in results:
             rows.append(("validation during training, your flags", results["validation"]))
-    rows.append((f"pair generation ({args.generation_batch_size} pairs per call, fp16)", estimate_inference(configs, args.resolution, args.generation_batch_size, "fp16", encode=True)))
-    rows.append((f"evaluation ({args.evaluation_batch_size} images per call, fp16)", estimate_inference(configs, args.resolution, args.evaluation_batch_size, "fp16", encode=False)))
+    rows.append(
+        (
+            f"pair generation ({args.generation_batch_size} pairs per call, fp16)",
+            estimate_inference(configs, args.resolution, args.generation_batch_size, "fp16", encode=True),
+        )
+    )
+    rows.append(
+        (
+            f"evaluation ({args.evaluation_batch_size} images per call, fp16)",
+            estimate_inference(configs, args.resolution, args.evaluation_batch_size, "fp16", encode=False),
+        )
+    )
     print(f"{'':48s} {'peak':>11s}   {'card':>8s}")
     for label, estimate in rows:
         print(_format_row(label, estimate))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]}, f, indent=2)
+            json.dump(
+                {"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]},
+                f,
+                indent=2,
+            )
     return rows
 
 
