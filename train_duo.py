@@ -16,7 +16,7 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, outputs, sd, training
+from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, memory, outputs, sd, training
 from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
     fidelity.add_official_arguments(parser, family="sd")
+    memory.add_memory_check_arguments(parser)
     return show_defaults(parser).parse_args(argv)
 
 
@@ -92,6 +93,7 @@ def main(argv=None):
     preset = arguments.resolve_training_args(args, family="sd")
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd", "train_duo.py")
+    memory.check_training_memory(args, "sd")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
 

@@ -34,7 +34,7 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, objective, outputs, sd3, training
+from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, memory, objective, outputs, sd3, training
 from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
@@ -81,6 +81,7 @@ def parse_args(argv=None):
         help="T5 tokens of the prompt embeddings (77, as the official SD3 run; the pipeline's default is 256)",
     )
     fidelity.add_official_arguments(parser, family="sd3")
+    memory.add_memory_check_arguments(parser)
     return show_defaults(parser).parse_args(argv)
 
 
@@ -156,6 +157,7 @@ def main(argv=None):
     sd3.check_sd3_args(args)
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
+    memory.check_training_memory(args, "sd3")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU case of the DUO step benchmark in one invocation (about 3-5 minutes on an H100; the script
+# Every GPU case of the DUO step benchmark in one invocation, then the memory estimate beside each measured peak (about 3-5 minutes on an H100; the script
 # stops starting new cases after --time_budget_s, 420 s by default).
 #
 #   bash benchmarks/run_gpu.sh                 # JSON and log into $OUT if set, else benchmarks/results/
@@ -24,3 +24,7 @@ fi
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 benchmarks/benchmark_step.py --suite gpu --output "$out_dir/gpu-$stamp.json" "$@" 2>&1 | tee "$out_dir/gpu-$stamp.log"
+
+# The estimate (duo_plugin.memory, fake tensors) beside every measured max_memory_allocated: the first GPU
+# run validates the estimator.
+python3 benchmarks/memory_estimates.py --compare "$out_dir/gpu-$stamp.json" 2>&1 | tee -a "$out_dir/gpu-$stamp.log"

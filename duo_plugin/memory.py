@@ -1,0 +1,1032 @@
+"""Will it fit? The peak GPU memory of a DUO recipe, computed without a GPU and without weights.
+
+    python -m duo_plugin.memory --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
+        --resolution 512 --mixed_precision bf16 --gradient_checkpointing --use_8bit_adam
+
+Only the base model's config files are read (a Hub id or a folder). Every model is built from its config
+inside ``torch._subclasses.fake_tensor.FakeTensorMode``: parameters and activations are fake tensors that
+carry shape, dtype and storage size but no data, so a full training step of SD3-medium at 1024 px runs in
+seconds on a laptop CPU. A ``TorchDispatchMode`` (``AllocationTracker`` below) sees every tensor the step
+creates, as PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker`` does, and keeps the live
+bytes and their peak, split into weights / LoRA + optimizer state / activations / gradients /
+temporaries. We use our own tracker rather than ``MemTracker`` for the estimate because ``MemTracker``
+re-scans every module's statistics on every operator (seconds become minutes on a 1000-module UNet) and
+has no category for LoRA parameters; ``MemTracker`` on *real* tensors is the independent measurement the
+tests compare the estimate with (``measure_training_step``).
+
+What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_duo_sd3.py``):
+
+* **Resident weights.** The frozen denoiser in the mixed-precision dtype (fp32 without mixed precision),
+  buffers included and cast as ``from_pretrained(dtype=...)`` casts them (SD3.5's 384² positional embedding
+  is a 0.45 GB bf16 buffer). Ours frees the encoders after
+  caching: SD1/2 moves the VAE and text encoder to the CPU, SD3 deletes the text encoders and keeps its
+  fp32 VAE on the CPU. ``encoders_resident`` keeps them on the GPU (the benchmark's "kept" case). The
+  re-created official step (``benchmarks/benchmark_step.py``) keeps the VAE and every text encoder on the
+  GPU and calls them every step: both pair images VAE-encoded (the SD3 VAE in fp32), the empty prompt
+  encoded by CLIP (SD3: CLIP-L, CLIP-G and T5-XXL at ``max_sequence_length`` tokens).
+* **LoRA and optimizer state.** LoRA parameters are fp32 (``cast_lora_params_to_fp32``), built by the
+  same ``lora.add_duo_adapter`` on the same target modules. AdamW keeps two fp32 moments per LoRA
+  weight; its step runs ``foreach`` (PyTorch's default on CUDA), whose intermediate lists are counted as
+  temporaries. bitsandbytes' ``AdamW8bit`` cannot run on fake tensors; its state is accounted
+  analytically: tensors of at least 4096 elements keep two uint8 moments plus one fp32 absmax per
+  256-element block for each moment, smaller ones two fp32 moments (bitsandbytes' ``min_8bit_size``); its
+  fused kernel updates in place, so its step adds no temporaries.
+* **The batch.** One micro-step is the concatenated batch [x⁻_t; x⁺_t; x_T] of 3·B samples
+  (B = ``--train_batch_size`` pairs) at resolution/8 (SD3: 16 latent channels), its conditioning (77 CLIP
+  tokens; SD3: 77 + ``max_sequence_length`` tokens) and the fp32 targets of the 2·B pair images.
+* **Activations.** The reference forward runs under ``no_grad`` with the adapter disabled: its
+  activations are freed as it goes and only its (3·B) prediction stays. The adapted forward keeps what
+  autograd saves for the backward; with ``--gradient_checkpointing`` diffusers' non-reentrant checkpoint
+  keeps only block inputs and recomputes each block inside the backward (counted there). Mixed precision
+  is ``accelerator.autocast()`` on CUDA; CUDA's autocast cannot run on a CPU (the CPU autocast keeps
+  group/layer norms in bf16, CUDA runs them in fp32), so ``CudaAutocast`` re-creates CUDA's policy as a
+  ``TorchFunctionMode``: matmuls, linears, convolutions and attention in the half dtype; norms, softmax,
+  losses, exp/log/pow and reductions in fp32 — the casts then create (and autograd saves) the same
+  copies as on the GPU. The adapted model's output is converted to fp32 (accelerate's
+  ``convert_outputs_to_fp32``); the reference prediction stays in the half dtype (it comes from the
+  unwrapped model).
+* **Attention.** On a GPU, PyTorch's SDPA picks flash attention (fp16/bf16) or memory-efficient attention
+  (fp32): both save the output and the per-row log-sum-exp, never the L×L matrix. On fake CPU tensors SDPA
+  dispatches to the CPU flash kernel, which saves the same tensors, so the accounting matches; the CUDA
+  kernels' internal backward workspace (FA2's fp32 dq accumulator, B·H·L·D·4 bytes for one attention
+  at a time) is not seen at the dispatcher and is not counted (≤ 2 % at SD1.4@512). xformers behaves like
+  memory-efficient attention and is estimated as SDPA.
+* **Gradients.** fp32 gradients of the LoRA parameters only (the base is frozen); the activation
+  gradients of the backward are temporaries. Under fp16 the loss is scaled and the gradients unscaled in
+  place (no extra copies).
+* **The CUDA allocator.** Every allocation is rounded up to a multiple of 512 bytes, as the caching
+  allocator rounds its blocks; the estimate is therefore what ``torch.cuda.max_memory_allocated`` reports.
+  Not modelled: blocks the allocator leaves unsplit (at most 1 MB each), the reserved-but-free memory of
+  fragmentation (``max_memory_reserved`` − allocated), the CUDA context and the cuBLAS/cuDNN workspaces.
+  The card check adds these as a margin: a recipe fits a card when peak × 1.10 + 0.75 GiB ≤ the card's
+  memory.
+* **The run's peak.** Training peaks at the maximum of the step and of the in-training validation (the
+  VAE, and for SD1/2 the text encoder, come back to the GPU beside the LoRA and its optimizer state;
+  2 images with classifier-free guidance; ``--skip_validation`` drops it). Pair generation
+  (``python -m duo_plugin.pairs``: the whole text-to-image and img2img pipelines resident in fp16, 4 pairs
+  per call, CFG) and evaluation (``python -m duo_plugin.evaluate``: 8 images per call, CFG; the detectors
+  are not included) are estimated the same way, under ``no_grad``, as the maximum over their phases
+  (text encoders, one denoiser call, VAE encode/decode).
+
+``estimate_training_step`` and friends return a ``MemoryEstimate``; ``check_training_memory(args, family)``
+is what the training scripts call at start-up.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import UsageError, exit_on_usage_error
+
+
+GiB = 2**30
+GB = 1e9
+ALLOCATOR_ROUNDING = 512  # bytes: the CUDA caching allocator's block granularity
+CARD_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)  # common cards; their memory is in GiB (a "24 GB" card has 24 GiB)
+FRAGMENTATION_MARGIN = 0.10
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces: outside max_memory_allocated
+CATEGORIES = ("weights", "lora_and_optimizer", "activations", "gradients", "temporaries")
+EIGHT_BIT_BLOCK = 256
+EIGHT_BIT_MIN_SIZE = 4096
+PAIR_GENERATION_BATCH = 4  # duo_plugin.pairs DEFAULT_BATCH_SIZE
+EVALUATION_BATCH = 8  # duo_plugin.evaluate --batch_size default
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs: only the config files of a base model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseModelConfigs:
+    """The configs a DUO run builds its models from; ``family`` is "sd" (UNet) or "sd3" (MMDiT)."""
+
+    family: str
+    denoiser: dict
+    vae: dict
+    text_encoders: Dict[str, dict]  # name -> transformers config dict (with "architectures")
+    scheduler: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _read_config(path: str, subfolder: str, filename: str, revision=None, cache_dir=None) -> Optional[dict]:
+    """``<path>/<subfolder>/<filename>`` of a pipeline folder, ``<path>/<subfolder>.json`` of a flat config
+    folder (benchmarks/configs), or the file from the Hub (config files only; never weights)."""
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, subfolder, filename), os.path.join(path, f"{subfolder}.json")):
+            if os.path.isfile(candidate):
+                with open(candidate) as f:
+                    return json.load(f)
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        local = hf_hub_download(path, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    except EntryNotFoundError:
+        return None
+    except Exception as error:
+        raise UsageError(
+            f"cannot read {subfolder}/{filename} of {path!r} ({type(error).__name__}): give a diffusers pipeline folder, "
+            f"a folder of config files, or a Hub id that is cached or reachable"
+        ) from None
+    with open(local) as f:
+        return json.load(f)
+
+
+def load_base_model_configs(
+    path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> BaseModelConfigs:
+    read = lambda sub, name="config.json": _read_config(path, sub, name, revision, cache_dir)  # noqa: E731
+    transformer = read("transformer")
+    unet = None if transformer is not None else read("unet")
+    if transformer is None and unet is None:
+        raise UsageError(
+            f"{path!r} has neither a unet nor a transformer config: give a Stable Diffusion 1.x/2.x or SD3 base"
+        )
+    family = "sd3" if transformer is not None else "sd"
+    vae = read("vae")
+    if vae is None:
+        raise UsageError(f"{path!r} has no vae config")
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
+    model_index = read(".", "model_index.json") if not os.path.isdir(path) else None
+    text_encoders = {}
+    for name in names:
+        if model_index is not None and (model_index.get(name) or [None])[0] is None:
+            continue  # e.g. a T5-less SD3 base
+        config = read(name)
+        if config is not None:
+            text_encoders[name] = config
+    scheduler = read("scheduler", "scheduler_config.json") or {}
+    return BaseModelConfigs(family, transformer or unet, vae, text_encoders, scheduler, source=path)
+
+
+def _text_encoder_class(config: dict):
+    import transformers
+
+    architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if config.get("model_type") == "t5" or architecture.startswith("T5"):
+        return transformers.T5EncoderModel, transformers.T5Config
+    model_class = getattr(transformers, architecture, transformers.CLIPTextModel)
+    return model_class, transformers.CLIPTextConfig
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Accounting: a dispatch mode that sees every storage, and CUDA's autocast re-created on the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of every tensor storage created inside it (plus those registered), and their peak.
+
+    A storage counts from the operator that creates it until its last reference dies (a weakref
+    callback), each rounded up to ``rounding`` bytes. New storages go to ``self.category``.
+    """
+
+    def __init__(self, rounding: int = ALLOCATOR_ROUNDING):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.rounding = rounding
+        self.category = "activations"
+        self.live = WeakIdKeyDictionary()  # storage -> [bytes, category, weakref]
+        self.current = dict.fromkeys(CATEGORIES, 0)
+        self.peak = 0
+        self.peak_breakdown = dict(self.current)
+
+    def _bytes(self, storage) -> int:
+        size = storage.nbytes()
+        return math.ceil(size / self.rounding) * self.rounding if size else 0
+
+    def register(self, tensor: torch.Tensor, category: str, move: bool = True):
+        """Count ``tensor``'s storage under ``category`` (with ``move``, moving it there if already counted:
+        a gradient; operators' outputs that are views of a weight stay weights)."""
+        from torch.distributed._tools.common_utils import get_untyped_storages
+
+        for storage in get_untyped_storages(tensor):
+            entry = self.live.get(storage)
+            if entry is not None:
+                if move and entry[1] != category:
+                    self.current[entry[1]] -= entry[0]
+                    self.current[category] += entry[0]
+                    entry[1] = category
+                continue
+            size = self._bytes(storage)
+            entry = [size, category, None]
+            entry[2] = weakref.ref(storage, lambda _, entry=entry: self._free(entry))
+            self.live[storage] = entry
+            self.current[category] += size
+        self._update_peak()
+
+    def _free(self, entry):
+        self.current[entry[1]] -= entry[0]
+
+    def _update_peak(self):
+        total = sum(self.current.values())
+        if total > self.peak:
+            self.peak = total
+            self.peak_breakdown = dict(self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.register(leaf, self.category, move=False)
+        return out
+
+    def reset_peak(self):
+        self.peak = sum(self.current.values())
+        self.peak_breakdown = dict(self.current)
+
+
+# CUDA autocast's op lists (torch/csrc/autograd autocast_mode.cpp, "CUDA Ops that can autocast to ...").
+_LOWER_PRECISION_FUNCTIONS = {
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "matmul",
+    "mm",
+    "bmm",
+    "baddbmm",
+    "addmm",
+    "addbmm",
+    "einsum",
+    "scaled_dot_product_attention",
+    "prelu",
+    "__matmul__",
+}
+_FP32_FUNCTIONS = {
+    "group_norm",
+    "layer_norm",
+    "softmax",
+    "log_softmax",
+    "exp",
+    "log",
+    "pow",
+    "rsqrt",
+    "mse_loss",
+    "l1_loss",
+    "cumsum",
+    "prod",
+    "norm",
+    "softplus",
+    "logsumexp",
+    "erfinv",
+    "acos",
+    "asin",
+    "cosh",
+    "sinh",
+    "tan",
+    "expm1",
+    "log1p",
+    "log2",
+    "log10",
+    "reciprocal",
+    "cosine_similarity",
+    "nll_loss",
+    "cross_entropy",
+    "kl_div",
+    "rms_norm",
+}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA's ``torch.autocast`` policy re-created on any device, at the Python function level (above
+    autograd, where the real autocast casts, so autograd saves the same casted copies)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _LOWER_PRECISION_FUNCTIONS:
+            args, kwargs = _cast_floating(args, self.dtype), _cast_floating(kwargs, self.dtype)
+        elif name in _FP32_FUNCTIONS:
+            args, kwargs = _cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)
+        return func(*args, **kwargs)
+
+
+def _cast_floating(tree, dtype):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cast_floating(x, dtype) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _cast_floating(v, dtype) for k, v in tree.items()}
+    return tree
+
+
+def _autocast(mixed_precision: str):
+    return CudaAutocast(HALF_DTYPES[mixed_precision]) if mixed_precision in HALF_DTYPES else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes and results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingMemorySettings:
+    """The flags of a training run that decide its memory."""
+
+    resolution: int
+    train_batch_size: int = 1
+    mixed_precision: str = "bf16"  # no / fp16 / bf16
+    rank: int = 32
+    lora_target: Optional[str] = None  # default: self_attn (SD1/2), attn (SD3)
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    encoders_resident: bool = False  # ours: keep the VAE and text encoders on the GPU
+    recipe: str = "ours"  # or "official" (re-created: encoders resident, called every step)
+    max_sequence_length: int = 256
+    num_validation_images: int = 2
+    validation: bool = True
+
+
+@dataclass
+class MemoryEstimate:
+    peak_bytes: int
+    breakdown: Dict[str, int]  # bytes per category at the peak
+    phase: str  # what peaks: "training step", "validation", "generation", ...
+    seconds: float = 0.0
+
+    def smallest_card_gb(self) -> Optional[int]:
+        return smallest_card(self.peak_bytes)
+
+
+def card_requirement_bytes(peak_bytes: int) -> int:
+    """The card memory a peak of ``max_memory_allocated`` needs: fragmentation and the CUDA context on top."""
+    return int(peak_bytes * (1 + FRAGMENTATION_MARGIN)) + CUDA_CONTEXT_BYTES
+
+
+def smallest_card(peak_bytes: int) -> Optional[int]:
+    need = card_requirement_bytes(peak_bytes)
+    return next((size for size in CARD_SIZES_GB if size * GiB >= need), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the models (fake or real tensors) and running the steps
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _quiet():
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def build_denoiser(configs: BaseModelConfigs, dtype: torch.dtype):
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    model_class = SD3Transformer2DModel if configs.family == "sd3" else UNet2DConditionModel
+    with _default_dtype(dtype):
+        model = model_class.from_config(configs.denoiser)
+    # from_pretrained(dtype=...) casts floating buffers too (SD3's positional embedding is built in fp32).
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def build_vae(configs: BaseModelConfigs, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    with _default_dtype(dtype):
+        return AutoencoderKL.from_config(configs.vae).to(dtype).eval().requires_grad_(False)
+
+
+def build_text_encoders(configs: BaseModelConfigs, dtype: torch.dtype) -> Dict[str, torch.nn.Module]:
+    encoders = {}
+    for name, config in configs.text_encoders.items():
+        model_class, config_class = _text_encoder_class(config)
+        with _default_dtype(dtype):
+            encoders[name] = model_class(config_class.from_dict(config)).to(dtype).eval().requires_grad_(False)
+    return encoders
+
+
+def add_adapter(denoiser, settings: TrainingMemorySettings, family: str) -> List[torch.nn.Parameter]:
+    """The DUO adapter exactly as the training scripts add it (same targets, fp32 LoRA weights)."""
+    from . import lora
+
+    lora_target = settings.lora_target or ("attn" if family == "sd3" else "self_attn")
+    lora.add_duo_adapter(denoiser, settings.rank, settings.rank, lora.lora_target_modules(denoiser, lora_target))
+    lora.cast_lora_params_to_fp32(denoiser)
+    return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def eight_bit_adam_state(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Tensors of the size bitsandbytes' AdamW8bit keeps per parameter (blockwise 8-bit moments)."""
+    state = []
+    for p in params:
+        n = p.numel()
+        if n >= EIGHT_BIT_MIN_SIZE:
+            blocks = math.ceil(n / EIGHT_BIT_BLOCK)
+            state += [
+                torch.empty(n, dtype=torch.uint8),
+                torch.empty(n, dtype=torch.uint8),
+                torch.empty(blocks, dtype=torch.float32),
+                torch.empty(blocks, dtype=torch.float32),
+            ]
+        else:
+            state += [torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)]
+    return state
+
+
+def eight_bit_adam_state_bytes(numels: List[int]) -> int:
+    """Closed form of ``eight_bit_adam_state`` (unrounded)."""
+    return sum(2 * n + 2 * 4 * math.ceil(n / EIGHT_BIT_BLOCK) if n >= EIGHT_BIT_MIN_SIZE else 8 * n for n in numels)
+
+
+class _Optimizer:
+    """AdamW (torch, foreach, states initialised as after the first step) or 8-bit AdamW's state with an
+    in-place update (bitsandbytes' fused kernel allocates nothing per step)."""
+
+    def __init__(self, params, use_8bit_adam: bool):
+        self.params = params
+        self.use_8bit_adam = use_8bit_adam
+        if use_8bit_adam:
+            self.state = eight_bit_adam_state(params)
+            self.optimizer = None
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)
+            for p in params:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(1.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
+            self.state = [t for s in self.optimizer.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+
+    def step(self):
+        if self.optimizer is not None:
+            self.optimizer.step()
+        else:
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(p.grad, alpha=-1e-4)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+@dataclass
+class _Models:
+    family: str
+    denoiser: torch.nn.Module
+    vae: Optional[torch.nn.Module]
+    text_encoders: Dict[str, torch.nn.Module]
+    lora_params: List[torch.nn.Parameter]
+    optimizer: _Optimizer
+    weight_dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+
+def _build_training_models(
+    configs: BaseModelConfigs, settings: TrainingMemorySettings, need_encoders: bool, fake_mode=None
+) -> _Models:
+    """The run's models; with ``fake_mode``, built on the meta device and turned into fake CPU tensors."""
+    weight_dtype = HALF_DTYPES.get(settings.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if configs.family == "sd3" else weight_dtype  # train_duo_sd3.py keeps its VAE in fp32
+    with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
+        denoiser = build_denoiser(configs, weight_dtype)
+        if settings.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing(_checkpointing_under_autocast(settings.mixed_precision))
+        add_adapter(denoiser, settings, configs.family)
+        vae = build_vae(configs, vae_dtype) if need_encoders else None
+        text_encoders = build_text_encoders(configs, weight_dtype) if need_encoders else {}
+    if fake_mode is not None:
+        for module in (denoiser, vae, *text_encoders.values()):
+            if module is not None:
+                to_fake(module, fake_mode)
+    lora_params = [p for p in denoiser.parameters() if p.requires_grad]
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        optimizer = _Optimizer(lora_params, settings.use_8bit_adam)
+    return _Models(configs.family, denoiser, vae, text_encoders, lora_params, optimizer, weight_dtype, vae_dtype)
+
+
+def _checkpointing_under_autocast(mixed_precision: str):
+    """diffusers' checkpointing function (non-reentrant), its recomputation under ``CudaAutocast``: the real
+    checkpoint restores the forward's autocast state for it, which a function mode does not get."""
+    from torch.utils.checkpoint import checkpoint
+
+    def gradient_checkpointing_func(module, *args):
+        def run(*inputs):
+            with _autocast(mixed_precision):
+                return module(*inputs)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return gradient_checkpointing_func
+
+
+def to_fake(module: torch.nn.Module, fake_mode, device: str = "cpu"):
+    """Replace a meta-device module's parameters and buffers by fake tensors on ``device``, in place
+    (``module.to`` cannot: it swaps tensors, which fake tensors refuse)."""
+    converter = fake_mode.fake_tensor_converter
+    target = torch.device(device)
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None:
+                fake = converter.from_meta_and_device(fake_mode, param.data, target)
+                submodule._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None:
+                submodule._buffers[name] = converter.from_meta_and_device(fake_mode, buffer, target)
+    return module
+
+
+def clip_length(configs: BaseModelConfigs) -> int:
+    """CLIP tokens per prompt: 77 (the tokenizers pad to the position table; tiny test models have fewer)."""
+    return min(77, configs.text_encoders.get("text_encoder", {}).get("max_position_embeddings", 77))
+
+
+def _condition_shapes(configs: BaseModelConfigs, settings: TrainingMemorySettings, batch: int):
+    """(prompt embeddings shape, pooled shape or None) the denoiser is conditioned on."""
+    if configs.family == "sd":
+        return (batch, clip_length(configs), configs.denoiser["cross_attention_dim"]), None
+    config = configs.denoiser
+    tokens = clip_length(configs) + settings.max_sequence_length
+    return (batch, tokens, config["joint_attention_dim"]), (batch, config["pooled_projection_dim"])
+
+
+def _latent_shape(configs: BaseModelConfigs, resolution: int, batch: int):
+    size = resolution // vae_scale_factor(configs.vae)
+    channels = configs.vae.get("latent_channels", 4)
+    return (batch, channels, size, size)
+
+
+def _denoise(models: _Models, model_input, timesteps, condition, pooled):
+    if models.family == "sd":
+        return models.denoiser(model_input, timesteps, condition).sample
+    return models.denoiser(
+        hidden_states=model_input,
+        timestep=timesteps,
+        encoder_hidden_states=condition,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
+
+
+def _encode_prompts_every_step(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, num_pairs: int
+):
+    """The official step's text encoding of the empty prompt (no grad)."""
+    outputs = []
+    for name, encoder in models.text_encoders.items():
+        length = settings.max_sequence_length if name == "text_encoder_3" else clip_length(configs)
+        ids = torch.zeros(num_pairs, length, dtype=torch.long)
+        outputs.append(encoder(ids, output_hidden_states=models.family == "sd3"))
+    return outputs
+
+
+def run_training_step(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]
+):
+    """One optimizer step of DUO (one micro-step), as the training scripts run it on the accelerator.
+
+    ``set_phase`` is told "activations" before each forward and "temporaries" before the backward.
+    """
+    from . import lora, objective
+
+    num_pairs = settings.train_batch_size
+    weight_dtype = models.weight_dtype
+    set_phase("activations")
+    if settings.recipe == "official":
+        with torch.no_grad():
+            pixels = torch.randn(2 * num_pairs, 3, settings.resolution, settings.resolution, dtype=models.vae_dtype)
+            latents = models.vae.encode(pixels).latent_dist.sample().float()
+            del pixels
+            encoded = _encode_prompts_every_step(configs, models, settings, num_pairs)
+            del encoded
+    else:
+        latents = torch.randn(_latent_shape(configs, settings.resolution, 2 * num_pairs))
+    # make_duo_batch: [x⁻_t; x⁺_t; x_T], the conditioning of 3·B samples, fp32 targets of the 2·B pair images.
+    model_input = torch.cat([latents, torch.randn(_latent_shape(configs, settings.resolution, num_pairs))]).to(
+        weight_dtype
+    )
+    target = torch.randn_like(latents)
+    del latents
+    timesteps = torch.ones(3 * num_pairs, dtype=torch.long if configs.family == "sd" else torch.float32)
+    condition_shape, pooled_shape = _condition_shapes(configs, settings, 3 * num_pairs)
+    condition = torch.randn(condition_shape, dtype=weight_dtype)
+    pooled = torch.randn(pooled_shape, dtype=weight_dtype) if pooled_shape else None
+
+    autocast = _autocast(settings.mixed_precision)
+    with torch.no_grad(), autocast, lora.adapters_disabled(models.denoiser):
+        ref_prediction = _denoise(models, model_input, timesteps, condition, pooled)
+    set_phase("activations")  # the adapted forward: the same modules called a second time
+    with autocast:
+        model_prediction = _denoise(models, model_input, timesteps, condition, pooled)
+    model_prediction = model_prediction.float()  # accelerate's convert_outputs_to_fp32
+    if configs.family == "sd3":
+        sigmas = torch.rand(3 * num_pairs)
+        ref_prediction = objective.precondition_flow_matching_output(
+            ref_prediction.float(), model_input.float(), sigmas
+        )
+        model_prediction = objective.precondition_flow_matching_output(model_prediction, model_input.float(), sigmas)
+    losses = objective.duo_losses(model_prediction, ref_prediction, target, 500.0, 1.0)
+    loss = losses.loss * 2.0**16 if settings.mixed_precision == "fp16" else losses.loss  # GradScaler
+    del model_prediction, ref_prediction, losses
+    set_phase("temporaries")
+    loss.backward()
+    del loss
+    torch.nn.utils.clip_grad_norm_(models.lora_params, 1.0, foreach=True)
+    models.optimizer.step()
+    models.optimizer.zero_grad()
+
+
+def run_validation(
+    configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]
+):
+    """The in-training validation: VAE (and SD1/2's text encoder) back on the GPU, CFG over
+    ``num_validation_images``, one denoiser call and the VAE decode, all without grad."""
+    batch = settings.num_validation_images
+    set_phase("temporaries")
+    with torch.no_grad(), _autocast(settings.mixed_precision):
+        if configs.family == "sd":
+            models.text_encoders["text_encoder"](torch.zeros(2 * batch, clip_length(configs), dtype=torch.long))
+        _run_denoiser_and_vae(configs, models, settings.resolution, batch, models.weight_dtype, encode=False)
+
+
+def _run_denoiser_and_vae(configs, models: _Models, resolution: int, batch: int, dtype, encode: bool):
+    latents = torch.randn(_latent_shape(configs, resolution, 2 * batch), dtype=dtype)  # CFG doubles the batch
+    condition_shape, pooled_shape = _condition_shapes(configs, TrainingMemorySettings(resolution), 2 * batch)
+    condition = torch.randn(condition_shape, dtype=dtype)
+    pooled = torch.randn(pooled_shape, dtype=dtype) if pooled_shape else None
+    prediction = _denoise(models, latents, torch.ones(2 * batch), condition, pooled)
+    del prediction, condition, pooled
+    latents = latents[:batch].to(models.vae_dtype)
+    models.vae.decode(latents).sample
+    if encode:
+        pixels = torch.randn(batch, 3, resolution, resolution, dtype=models.vae_dtype)
+        models.vae.encode(pixels).latent_dist.sample()
+
+
+def _register_resident(
+    tracker: AllocationTracker, models: _Models, settings: TrainingMemorySettings, with_encoders: bool
+):
+    lora = {id(p) for p in models.lora_params}
+    modules = [models.denoiser] + ([models.vae, *models.text_encoders.values()] if with_encoders else [])
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in lora:
+                tracker.register(tensor, "weights")
+    for tensor in models.lora_params + models.optimizer.state:
+        tracker.register(tensor, "lora_and_optimizer")
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def estimate_training(
+    configs: BaseModelConfigs, settings: TrainingMemorySettings, fake: bool = True, rounding: int = ALLOCATOR_ROUNDING
+) -> Dict[str, MemoryEstimate]:
+    """Peaks of one training step and (``settings.validation``) of the in-training validation; the
+    ``"run"`` entry is the larger. With ``fake=False`` the same accounting runs on real CPU tensors."""
+    _quiet()
+    start = time.perf_counter()
+    official = settings.recipe == "official"
+    with_encoders = official or settings.encoders_resident
+    results = {}
+    fake_mode = _fake_mode() if fake else None
+    need_encoders = with_encoders or settings.validation
+    models = _build_training_models(configs, settings, need_encoders, fake_mode)
+    with fake_mode if fake else contextlib.nullcontext():
+        if settings.validation and not with_encoders:
+            # SD3 deletes its text encoders after encoding the prompts once; SD1/2 keeps them on the CPU.
+            models_for_validation = ["vae"] + (["text_encoder"] if configs.family == "sd" else [])
+        else:
+            models_for_validation = []
+        tracker = AllocationTracker(rounding)
+        _register_resident(tracker, models, settings, with_encoders)
+        for param in models.lora_params:
+            param.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients"))
+
+        def set_phase(name):
+            tracker.category = name
+
+        with tracker:
+            run_training_step(configs, models, settings, set_phase)
+        results["training step"] = MemoryEstimate(
+            tracker.peak, dict(tracker.peak_breakdown), "training step", time.perf_counter() - start
+        )
+        if settings.validation:
+            for name in models_for_validation:
+                module = models.vae if name == "vae" else models.text_encoders[name]
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    tracker.register(tensor, "weights")
+            tracker.reset_peak()
+            with tracker:
+                run_validation(configs, models, settings, set_phase)
+            results["validation"] = MemoryEstimate(
+                tracker.peak, dict(tracker.peak_breakdown), "validation", time.perf_counter() - start
+            )
+    run = max(results.values(), key=lambda e: e.peak_bytes)
+    results["run"] = replace(run, seconds=time.perf_counter() - start)
+    return results
+
+
+def estimate_inference(
+    configs: BaseModelConfigs,
+    resolution: int,
+    batch_size: int,
+    dtype: str = "fp16",
+    encode: bool = True,
+    rounding: int = ALLOCATOR_ROUNDING,
+) -> MemoryEstimate:
+    """Peak of generating ``batch_size`` images with CFG, the whole pipeline resident in ``dtype``
+    (pair generation: text-to-image, then img2img, which also VAE-encodes; evaluation: text-to-image)."""
+    _quiet()
+    start = time.perf_counter()
+    weight_dtype = HALF_DTYPES.get(dtype, torch.float32)
+    fake_mode = _fake_mode()
+    with torch.device("meta"):
+        modules = [
+            build_denoiser(configs, weight_dtype),
+            build_vae(configs, weight_dtype),
+            build_text_encoders(configs, weight_dtype),
+        ]
+    for module in (modules[0], modules[1], *modules[2].values()):
+        to_fake(module, fake_mode)
+    models = _Models(configs.family, modules[0], modules[1], modules[2], [], None, weight_dtype, weight_dtype)
+    with fake_mode:
+        tracker = AllocationTracker(rounding)
+        for module in (models.denoiser, models.vae, *models.text_encoders.values()):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                tracker.register(tensor, "weights")
+        tracker.category = "activations"
+        with tracker, torch.no_grad():
+            for name, encoder in models.text_encoders.items():
+                length = 256 if name == "text_encoder_3" else clip_length(configs)
+                encoder(
+                    torch.zeros(2 * batch_size, length, dtype=torch.long), output_hidden_states=configs.family == "sd3"
+                )
+            _run_denoiser_and_vae(configs, models, resolution, batch_size, weight_dtype, encode=encode)
+    return MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "generation", time.perf_counter() - start)
+
+
+def _total_mem_tracker():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class TotalMemTracker(MemTracker):
+        """MemTracker's tensor accounting without its per-module statistics, which support neither a
+        module called twice in a step (reference and adapted forward) nor frozen parameters (it hooks
+        every parameter's gradient). The totals and their peak come from its dispatch mode alone."""
+
+        def _pre_fw_hook(self, module, inputs):
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            pass
+
+        def _pre_bw_hook(self, module, args):
+            pass
+
+        def _post_bw_hook(self, module, args):
+            pass
+
+    return TotalMemTracker()
+
+
+def measure_training_step(configs: BaseModelConfigs, settings: TrainingMemorySettings) -> int:
+    """The same step on real CPU tensors, measured by PyTorch's own ``MemTracker`` (the independent
+    check of the estimate): its peak bytes, weights and optimizer state included."""
+    _quiet()
+    official = settings.recipe == "official"
+    models = _build_training_models(configs, settings, need_encoders=official or settings.encoders_resident)
+    tracker = _total_mem_tracker()
+    resident = [models.denoiser] + (
+        [models.vae, *models.text_encoders.values()] if official or settings.encoders_resident else []
+    )
+    tracker.track_external(*resident, *models.lora_params, *models.optimizer.state)
+    with tracker:
+        run_training_step(configs, models, settings, lambda name: None)
+    return max(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
+# --------------------------------------------------------------------------------------------------
+# For users: the training scripts' start-up check, and python -m duo_plugin.memory
+# --------------------------------------------------------------------------------------------------
+
+
+def add_memory_check_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--skip_memory_check",
+        action="store_true",
+        help="do not estimate the run's peak GPU memory at start-up (duo_plugin.memory) against the GPU's free memory",
+    )
+
+
+def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings:
+    """The memory-relevant flags of a training command line (train_duo.py / train_duo_sd3.py)."""
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    settings = TrainingMemorySettings(
+        resolution=args.resolution,
+        train_batch_size=args.train_batch_size,
+        mixed_precision=mixed_precision,
+        rank=args.rank,
+        lora_target=args.lora_target or ("attn" if family == "sd3" else "self_attn"),
+        gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam,
+        max_sequence_length=getattr(args, "max_sequence_length", 256),
+        num_validation_images=args.num_validation_images,
+        validation=not args.skip_validation,
+    )
+    return replace(settings, **overrides)
+
+
+# The flags that lower a run's memory, as (flag text, settings change), tried from the smallest change.
+_MEMORY_FLAGS = (
+    ("--gradient_checkpointing", lambda s: s.gradient_checkpointing, {"gradient_checkpointing": True}),
+    ("--use_8bit_adam", lambda s: s.use_8bit_adam, {"use_8bit_adam": True}),
+    ("--mixed_precision bf16", lambda s: s.mixed_precision != "no", {"mixed_precision": "bf16"}),
+    ("--skip_validation", lambda s: not s.validation, {"validation": False}),
+)
+
+
+def flags_that_fit(
+    configs: BaseModelConfigs, settings: TrainingMemorySettings, available_bytes: int
+) -> Optional[List[str]]:
+    """The fewest memory flags (in ``_MEMORY_FLAGS`` order) whose run fits ``available_bytes``; None if none do."""
+    import itertools
+
+    untried = [(flag, change) for flag, is_set, change in _MEMORY_FLAGS if not is_set(settings)]
+    for count in range(1, len(untried) + 1):
+        for combination in itertools.combinations(untried, count):
+            changed = settings
+            for _, change in combination:
+                changed = replace(changed, **change)
+            if (
+                card_requirement_bytes(estimate_training(configs, changed)["run"].peak_bytes) - CUDA_CONTEXT_BYTES
+                <= available_bytes
+            ):
+                return [flag for flag, _ in combination]
+    return None
+
+
+def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
+    """Stop before any weight is downloaded when the run's estimated peak exceeds the GPU's free memory.
+
+    Called by the training scripts at start-up; does nothing without CUDA or with ``--skip_memory_check``.
+    Reads only the base model's config files. An estimate that fails (an unusual config) is reported and
+    skipped: the check must never stop a run it cannot judge.
+    """
+    if getattr(args, "skip_memory_check", False) or not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    try:
+        configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        settings = settings_from_args(args, family)
+        estimate = estimate_training(configs, settings)["run"]
+    except UsageError:
+        raise
+    except Exception as error:  # the check is advice; training decides
+        print(
+            f"memory check skipped: the estimate failed ({type(error).__name__}: {error}); pass --skip_memory_check to silence this",
+            file=sys.stderr,
+        )
+        return None
+    needed = int(estimate.peak_bytes * (1 + FRAGMENTATION_MARGIN))
+    if needed <= free_bytes:
+        return estimate
+    fix = flags_that_fit(configs, settings, free_bytes)
+    advice = f"add {' '.join(fix)}" if fix else "lower --resolution or --train_batch_size, or use a larger GPU"
+    raise UsageError(
+        f"estimated peak GPU memory {estimate.peak_bytes / GiB:.1f} GiB ({estimate.phase}; +{FRAGMENTATION_MARGIN:.0%} allocator margin) "
+        f"exceeds the {free_bytes / GiB:.1f} GiB free on GPU {device}: {advice} (or --skip_memory_check to try anyway)"
+    )
+
+
+def _format_row(label: str, estimate: MemoryEstimate) -> str:
+    card = estimate.smallest_card_gb()
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {value / GiB:.2f}" for name, value in estimate.breakdown.items() if value
+    )
+    return f"{label:48s} {estimate.peak_bytes / GiB:7.2f} GiB   {(str(card) + ' GB') if card else '> 80 GB':>8s}   ({parts})"
+
+
+def parse_args(argv=None):
+    from . import arguments
+
+    parser = argparse.ArgumentParser(
+        description="Estimated peak GPU memory of a DUO run (training step, validation, pair generation, evaluation) "
+        "from the base model's config files only: no GPU, no weights. Takes the training scripts' flags."
+    )
+    arguments.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
+    parser.add_argument(
+        "--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)"
+    )
+    parser.add_argument(
+        "--generation_batch_size",
+        type=int,
+        default=PAIR_GENERATION_BATCH,
+        help="pairs generated at once (python -m duo_plugin.pairs --batch_size)",
+    )
+    parser.add_argument(
+        "--evaluation_batch_size",
+        type=int,
+        default=EVALUATION_BATCH,
+        help="images per pipeline call (python -m duo_plugin.evaluate --batch_size)",
+    )
+    parser.add_argument("--json", default=None, help="also write the estimates to this JSON file")
+    return parser.parse_args(argv)
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parse_args(argv)
+    configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    family = configs.family
+    if args.resolution is None:
+        args.resolution = 1024 if family == "sd3" else 8 * configs.denoiser.get("sample_size", 64)
+    if args.resolution % 8:
+        raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8")
+    settings = settings_from_args(args, family)
+    all_on = replace(
+        settings,
+        gradient_checkpointing=True,
+        use_8bit_adam=True,
+        mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16",
+    )
+    print(
+        f"{args.pretrained_model_name_or_path} ({'train_duo_sd3.py' if family == 'sd3' else 'train_duo.py'}), {args.resolution} px, "
+        f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}"
+    )
+    print(
+        f"estimated peak GPU memory (max_memory_allocated; a card fits when peak x {1 + FRAGMENTATION_MARGIN:.2f} + "
+        f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB <= its memory)\n"
+    )
+    rows = []
+    for label, row_settings in (
+        ("training step, your flags", settings),
+        ("training step, official recipe, your flags", replace(settings, recipe="official", validation=False)),
+        ("training step, every memory option on", replace(all_on, validation=False)),
+    ):
+        results = estimate_training(configs, row_settings)
+        rows.append((label, results["training step"]))
+        if label.endswith("your flags") and "validation" in results:
+            rows.append(("validation during training, your flags", results["validation"]))
+    rows.append(
+        (
+            f"pair generation ({args.generation_batch_size} pairs per call, fp16)",
+            estimate_inference(configs, args.resolution, args.generation_batch_size, "fp16", encode=True),
+        )
+    )
+    rows.append(
+        (
+            f"evaluation ({args.evaluation_batch_size} images per call, fp16)",
+            estimate_inference(configs, args.resolution, args.evaluation_batch_size, "fp16", encode=False),
+        )
+    )
+    print(f"{'':48s} {'peak':>11s}   {'card':>8s}")
+    for label, estimate in rows:
+        print(_format_row(label, estimate))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]},
+                f,
+                indent=2,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
