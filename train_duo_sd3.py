@@ -34,7 +34,19 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, memory, objective, outputs, sd3, training
+from duo_plugin import (
+    arguments,
+    checkpoints,
+    data,
+    families,
+    fidelity,
+    lora,
+    memory,
+    objective,
+    outputs,
+    sd3,
+    training,
+)
 from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
