@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, objective, run_guard, training, validation
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -152,10 +152,12 @@ def main(argv=None):
     args.lora_target = args.lora_target or "self_attn"
     args.t_min = 0 if args.t_min is None else args.t_min
     args.t_max = 750 if args.t_max is None else args.t_max
+    validation.check_training_args(args)
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd", "train_duo.py")
 
     accelerator = training.create_accelerator(args)
+    run_guard.claim_output_dir(args, accelerator)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
@@ -217,9 +219,6 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         save_lora_weights(args.output_dir, training.lora_state_dict(model), model)
-        samples = []
-        if not args.skip_validation:
-            samples = validate(args.max_train_steps, preset)
         architecture = {
             "family": "sd",
             "pipeline_class": pipeline_class,
@@ -228,7 +227,11 @@ def main(argv=None):
             "block_out_channels": list(model.config.block_out_channels),
             "prediction_type": noise_scheduler.config.prediction_type,
         }
+        # The config before anything optional (validation images, card, push) can fail: the folder loads.
         config = training.write_duo_config(args.output_dir, args, architecture, target_modules)
+        samples = []
+        if not args.skip_validation:
+            samples = validate(args.max_train_steps, preset)
         training.finish_run(args, accelerator, config, pipeline_class, samples)
     accelerator.end_training()
 

@@ -30,7 +30,7 @@ from typing import Dict, List
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, objective, run_guard, training, validation
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -330,10 +330,12 @@ def main(argv=None):
     training.check_environment_args(args)
     preset = training.resolve_concept(args, architecture="sd3", base_learning_rate=BASE_LEARNING_RATE)
     resolve_sd3_defaults(args)
+    validation.check_training_args(args)
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
 
     accelerator = training.create_accelerator(args)
+    run_guard.claim_output_dir(args, accelerator)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
@@ -403,9 +405,6 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         save_lora_weights(args.output_dir, training.lora_state_dict(model), model)
-        samples = []
-        if not args.skip_validation:
-            samples = validate(args.max_train_steps, preset)
         extra = {
             "weighting_scheme": args.weighting_scheme,
             "logit_mean": args.logit_mean,
@@ -416,7 +415,11 @@ def main(argv=None):
             "timestep_range_indexes": "the scheduler's descending sigma table (index 0: sigma = 1)",
             "preservation_sigma": 1.0,
         }
+        # The config before anything optional (validation images, card, push) can fail: the folder loads.
         config = training.write_duo_config(args.output_dir, args, architecture_info(pipeline_class, model, noise_scheduler, has_t5), target_modules, extra)
+        samples = []
+        if not args.skip_validation:
+            samples = validate(args.max_train_steps, preset)
         training.finish_run(args, accelerator, config, pipeline_class, samples)
     accelerator.end_training()
 

@@ -30,6 +30,7 @@ import torch
 
 from . import attacks, metrics
 from .errors import UsageError, exit_on_usage_error
+from .validation import blank_counts_as_flagged, check_finite_flags
 from .pipeline import fetch_adapter, load_adapters
 from .presets import PRESETS, custom_preset, get_preset, UnknownConceptError
 from .training import cpu_only_multi_process, image_grid, library_versions, read_prompt_list
@@ -549,6 +550,7 @@ def check_prompt_set_names(args):
 
 def check_args(args):
     """Refusals that need nothing loaded."""
+    check_finite_flags(args)
     attacks.check_attack_names(args.attack, ATTACKS)
     check_prompt_set_names(args)
     unknown = [m for m in args.metrics if m not in METRICS]
@@ -758,7 +760,7 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
                     if prompt_set == UNRELATED:
                         continue
                     rows = manifest.get((spec.name, prompt_set), [])
-                    detections = detect_rows(detector, store, rows)
+                    detections = blank_counts_as_flagged([store.path(r) for r in rows], detect_rows(detector, store, rows))
                     results[spec.name].setdefault("dsr", {})[prompt_set] = metrics.defense_success_rate(detections)
                     for row, detection in zip(rows, detections):
                         verdict = {"flagged": bool(detection.flagged), "score": float(detection.score), "labels": list(detection.labels)}

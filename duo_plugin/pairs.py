@@ -209,6 +209,8 @@ def make_recipe(
 def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if recipe.num_pairs < 1:
         raise UsageError(f"--num_pairs must be at least 1, got {recipe.num_pairs}")
+    if not math.isfinite(recipe.guidance_scale) or recipe.guidance_scale < 0:
+        raise UsageError(f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)")
     if not 0.0 < recipe.strength <= 1.0:
         raise UsageError(f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)")
     if recipe.num_inference_steps < 1 or int(recipe.num_inference_steps * recipe.strength) < 1:
@@ -349,15 +351,33 @@ def read_progress(output_dir: str) -> Dict[int, dict]:
             continue
         with open(os.path.join(directory, name)) as f:
             for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                row = parse_progress_row(line)
+                if row is None:
                     continue
                 index = row["pair_index"]
                 previous = finished.get(index)
                 if previous is None or _rank(row) > _rank(previous):
                     finished[index] = row
     return finished
+
+
+def parse_progress_row(line: str) -> Optional[dict]:
+    """A finished pair's row, or None for a half-written one (a crash); a row that parses but is not one is refused."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (
+        isinstance(row, dict)
+        and isinstance(row.get("pair_index"), int) and row["pair_index"] >= 0
+        and isinstance(row.get("accepted"), bool)
+        and isinstance(row.get("attempts"), int)
+    ):
+        raise UsageError(
+            f"a progress file in {PROGRESS_DIR}/ holds a row that is not a finished pair ({line.strip()[:80]!r}): "
+            f"it was edited; delete that row (its pair is made again) or the whole {PROGRESS_DIR}/ folder"
+        )
+    return row
 
 
 def _rank(row: dict):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import UsageError
+from .validation import check_adapter_weights
 from .training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME, pipeline_family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -476,6 +477,8 @@ def _attach(pipe, adapters: List[DUOAdapter], weights: List[float], fuse: bool):
             f"fuse=True would also merge or drop the pipeline's other LoRA adapters {sorted(present)}: "
             f"load without fuse, or fuse them together yourself with pipe.fuse_lora()"
         )
+    for adapter in adapters:
+        check_adapter_weights(pipe, adapter)
     previous = _live_weights(pipe)
     per_block = sorted(name for name, weight in previous.items() if not isinstance(weight, float))
     if per_block:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import run_guard
 from .errors import TrainingHalted, UsageError
 from .presets import (
     PRESETS,
@@ -27,6 +28,7 @@ from .presets import (
     with_overrides,
     UnknownConceptError,
 )
+from .validation import read_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +127,7 @@ def read_prompt_list(values: Optional[List[str]]) -> Optional[List[str]]:
             path = value[1:]
             if not os.path.isfile(path):
                 raise UsageError(f"prompt file {path} does not exist")
-            with open(path) as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            prompts += read_text_lines(path)
         else:
             prompts.append(value)
     return prompts
@@ -355,7 +356,7 @@ def load_lora_state_dict(model, lora_dir: str, prefix: str):
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise RuntimeError(f"checkpoint adapter has keys this model lacks: {unexpected[:3]}")
+        raise UsageError(f"checkpoint {lora_dir} has adapter weights this model lacks ({unexpected[0]}, ...): resume with the --lora_target it was trained with")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
+        checkpoints = run_guard.complete_checkpoints(output_dir)
         if not checkpoints:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
             return None
@@ -400,23 +401,27 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> str:
-    """Save accelerate state atomically (into ``*.tmp``, then rename), then drop the oldest beyond the limit.
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None) -> str:
+    """Save accelerate state atomically (into ``*.tmp``, marker last, then renames), then drop the oldest beyond the limit.
 
-    A crash during the save leaves only a ``.tmp`` folder, which ``latest`` ignores; older checkpoints are
-    removed only after the new one is complete.
+    A crash during the save leaves an unmarked ``.tmp`` folder, which ``latest`` ignores; see ``run_guard``.
+    With a limit, the oldest checkpoints beyond limit - 1 go before the save, so a full disk has room.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(staging):
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        run_guard.make_room_for_checkpoint(output_dir, total_limit, [p for p in list_checkpoints(output_dir) if p != final])
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            run_guard.finish_checkpoint(staging, final, step, settings)
+    except OSError as error:
+        raise run_guard.save_failed(error, staging, output_dir) from None
+    if accelerator.is_main_process:
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(stale)
@@ -477,7 +482,7 @@ def check_finite(accelerator, loss: torch.Tensor, step: int, last_checkpoint: Op
     if bad.item() > 0:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
         raise TrainingHalted(
-            f"loss became non-finite at step {step}; {kept}. Lower --learning_rate or --beta_dpo "
+            f"loss became non-finite at step {step}; {kept}. Lower --learning_rate, --beta_dpo or --preservation_weight (λ) "
             f"(or use bf16 instead of fp16) and resume with --resume_from_checkpoint latest"
         )
 
@@ -888,7 +893,8 @@ def train_duo_steps(
         metrics.write(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            last_checkpoint = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            settings = run_guard.run_settings(args, accelerator)
+            last_checkpoint = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
                 validate(global_step)
