@@ -274,8 +274,14 @@ def read_recipe_file(output_dir: str) -> Optional[dict]:
     path = os.path.join(output_dir, RECIPE_NAME)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} is not readable JSON ({error}): it was edited; restore it or choose another output folder") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("recipe", {}), dict):
+        raise UsageError(f"{path} is not a pair recipe: it was edited; restore it or choose another output folder")
+    return stored
 
 
 def check_folder_matches(output_dir: str, recipe: PairRecipe):
