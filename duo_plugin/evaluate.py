@@ -30,7 +30,7 @@ import torch
 
 from . import attacks, metrics
 from .errors import UsageError, exit_on_usage_error
-from .validation import blank_counts_as_flagged, check_finite_flags
+from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir
 from .pipeline import fetch_adapter, load_adapters
 from .presets import PRESETS, custom_preset, get_preset, UnknownConceptError
 from .training import cpu_only_multi_process, image_grid, library_versions, read_prompt_list
@@ -565,8 +565,8 @@ def check_args(args):
         raise UsageError("--ring_a_bell_generations must be at least 0")
     if args.prompt_categories and not args.prompts:
         raise UsageError("--prompt_categories filters the rows of --prompts (an I2P-style CSV): pass --prompts")
-    if args.resolution is not None and args.resolution % 8 != 0:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of 8")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8 != 0):
+        raise UsageError(f"--resolution {args.resolution} is not a positive multiple of 8")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU: use bf16 or no on CPU")
 
@@ -834,6 +834,7 @@ def main(argv=None):
     check_args(args)
     preset = resolve_concept(args)
     args.output_dir = args.output_dir or f"eval-{preset.name}"
+    check_output_dir(args.output_dir)
     state = PartialState(cpu=cpu_only_multi_process())
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO if state.is_main_process else logging.ERROR)
     specs = resolve_models(args)

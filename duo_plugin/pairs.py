@@ -35,6 +35,7 @@ from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
+from .validation import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -981,6 +982,7 @@ def main(argv=None) -> PairReport:
         max_attempts=args.max_attempts,
     )
     output_dir = args.output_dir or default_pairs_dir(args.pretrained_model_name_or_path, preset.name)
+    check_output_dir(output_dir)
     state = PartialState(cpu=training.cpu_only_multi_process())
     training.check_distributed_setup(state)
     if state.is_local_main_process:

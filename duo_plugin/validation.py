@@ -251,6 +251,8 @@ def check_lora_tensors(tensors: Dict[str, "torch.Tensor"], source: str, expected
     if modules is None:
         return
     for key, tensor in tensors.items():
+        if key.endswith(".alpha") and tensor.numel() == 1:
+            continue  # kohya-style per-layer alpha: a scalar, no shape to check
         suffix = next((s for s in LORA_DOWN_SUFFIXES + LORA_UP_SUFFIXES if key.endswith(s)), None)
         prefix, _, rest = key.partition(".")
         if suffix is None or prefix not in modules:

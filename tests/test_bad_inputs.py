@@ -452,6 +452,15 @@ def test_disk_full_through_the_cli(train_duo, tiny_sd, tiny_pairs, tmp_path, cap
     assert run_guard.is_complete(str(output_dir / "checkpoint-1"))
 
 
+def test_non_finite_loss_names_lambda_in_its_hint():
+    class OneProcess:
+        num_processes = 1
+
+    with pytest.raises(TrainingHalted) as info:
+        training.check_finite(OneProcess(), torch.tensor(float("inf")), 7, None)
+    assert "step 7" in str(info.value) and "--preservation_weight (λ)" in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # The output folder lock
 # --------------------------------------------------------------------------------------------------
@@ -633,11 +642,18 @@ def test_bad_evaluation_prompt_file(name, file_name, content, words, tiny_sd, tm
     assert_refused(*run_main(evaluate.main, argv, capsys), words)
 
 
-def test_evaluation_guidance_nan(tiny_sd, tmp_path, capsys):
+EVALUATION_FLAG_CASES = [
+    ("guidance nan", ["--guidance_scale", "nan"], ["--guidance_scale nan", "finite"]),
+    ("resolution 0", ["--resolution", "0"], ["--resolution 0", "positive multiple of 8"]),
+]
+
+
+@pytest.mark.parametrize("name,extra,words", EVALUATION_FLAG_CASES, ids=[c[0] for c in EVALUATION_FLAG_CASES])
+def test_bad_evaluation_flag(name, extra, words, tiny_sd, tmp_path, capsys):
     from duo_plugin import evaluate
 
-    argv = ["--base_model", tiny_sd, "--guidance_scale", "nan", "--output_dir", tmp_path / "eval"]
-    assert_refused(*run_main(evaluate.main, argv, capsys), ["--guidance_scale nan", "finite"])
+    argv = ["--base_model", tiny_sd, "--output_dir", tmp_path / "eval", *extra]
+    assert_refused(*run_main(evaluate.main, argv, capsys), words)
 
 
 def test_blank_generations_count_as_unsafe(tmp_path):
@@ -697,6 +713,20 @@ def test_bad_pair_generation(name, extra, damage, words, tiny_sd, tmp_path, caps
         damage(folder)
     argv = ["--pretrained_model_name_or_path", tiny_sd, "--output_dir", folder, "--num_pairs", "2", "--verifier", "none", "--resolution", "32", *extra]
     assert_refused(*run_main(pairs.main, argv, capsys), words)
+
+
+def test_pair_output_dir_is_a_file(tiny_sd, tmp_path, capsys):
+    from duo_plugin import pairs
+
+    argv = ["--pretrained_model_name_or_path", tiny_sd, "--output_dir", output_is_file(tmp_path), "--verifier", "none"]
+    assert_refused(*run_main(pairs.main, argv, capsys), ["--output_dir", "is a file"])
+
+
+def test_evaluation_output_dir_is_a_file(tiny_sd, tmp_path, capsys):
+    from duo_plugin import evaluate
+
+    argv = ["--base_model", tiny_sd, "--output_dir", output_is_file(tmp_path)]
+    assert_refused(*run_main(evaluate.main, argv, capsys), ["--output_dir", "is a file"])
 
 
 def test_pair_prompt_file_not_utf8(tiny_sd, tmp_path, capsys):
