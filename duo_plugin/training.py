@@ -907,6 +907,7 @@ def finish_run(args, accelerator, config: dict, pipeline_class: str, samples: Li
     """Model card and optional Hub push, on the main process, after the adapter and config are written."""
     write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
     logger.info("Saved the DUO adapter to %s", args.output_dir)
+    run_guard.release_output_lock(os.path.join(args.output_dir, run_guard.LOCK_NAME))
     if args.push_to_hub:
         repo_id = push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private)
         logger.info("Pushed to https://huggingface.co/%s", repo_id)

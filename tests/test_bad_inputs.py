@@ -317,6 +317,7 @@ def test_more_steps_with_constant_rate_resumes(trained_run, train_duo, tiny_sd, 
     code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, *flags, "--resume_from_checkpoint", "latest"), capsys)
     assert code == 0, err[-3000:]
     assert json.loads((output_dir / "duo_config.json").read_text())["max_train_steps"] == 4
+    assert not (output_dir / run_guard.LOCK_NAME).exists()  # released at the end, even in-process
     steps = [json.loads(line)["step"] for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 4]
 
