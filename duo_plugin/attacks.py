@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .validation import not_utf8_error, read_text_lines
+from .validation import not_utf8_error, read_text_lines, to_rgb
 
 NOT_IMPLEMENTED_ATTACKS = {
     "sneakyprompt": "SneakyPrompt",
@@ -175,7 +175,7 @@ def load_concept_images(folder: str, limit: Optional[int] = None):
 
         return load_pair_images(folder, num_pairs=limit).unsafe
     paths = list_images(folder)[:limit] if limit else list_images(folder)
-    return [Image.open(path).convert("RGB") for path in paths]
+    return [to_rgb(Image.open(path)) for path in paths]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from . import attacks, metrics
 from .errors import UsageError, exit_on_usage_error
-from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir
+from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir, to_rgb
 from .pipeline import fetch_adapter, load_adapters
 from .presets import PRESETS, custom_preset, get_preset, UnknownConceptError
 from .training import cpu_only_multi_process, image_grid, library_versions, read_prompt_list
@@ -390,8 +390,8 @@ class ImageFiles:
         from PIL import Image
 
         if isinstance(index, slice):
-            return [Image.open(p).convert("RGB") for p in self.paths[index]]
-        return Image.open(self.paths[index]).convert("RGB")
+            return [to_rgb(Image.open(p)) for p in self.paths[index]]
+        return to_rgb(Image.open(self.paths[index]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -234,6 +234,23 @@ def test_16_bit_grayscale_is_scaled_not_white(tiny_pairs, tmp_path):
     assert unsafe[0, 0].tolist() == [0, 0, 0]
 
 
+TO_RGB_CASES = [
+    ("I;16", lambda: Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)), 128),
+    ("I", lambda: Image.fromarray(np.full((4, 4), 65535, dtype=np.int32)), 255),
+    ("F", lambda: Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), 128),
+    ("L", lambda: Image.fromarray(np.full((4, 4), 77, dtype=np.uint8)), 77),
+    ("P", lambda: Image.fromarray(np.full((4, 4), 77, dtype=np.uint8)).convert("P"), 77),
+]
+
+
+@pytest.mark.parametrize("mode,make,expected", TO_RGB_CASES, ids=[c[0] for c in TO_RGB_CASES])
+def test_every_mode_converts_to_the_right_grey(mode, make, expected):
+    image = make()
+    assert image.mode == mode
+    rgb = validation.to_rgb(image)
+    assert rgb.mode == "RGB" and np.asarray(rgb)[1, 1].tolist() == [expected] * 3
+
+
 def test_16_bit_pair_of_one_image_is_refused(tiny_pairs, tmp_path):
     """Two different 16-bit images that used to collapse to one white image are told apart; two equal ones refused."""
     from duo_plugin.data import load_pair_images
