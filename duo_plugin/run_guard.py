@@ -256,16 +256,17 @@ def check_resume_checkpoint(path: str, args, accelerator=None):
         raise UsageError(f"checkpoint {path} holds a rank-{min(ranks)} adapter but --rank is {args.rank}: pass --rank {min(ranks)}")
     if getattr(args, "lora_target", None) == "self_attn" and has_cross_attention:
         raise UsageError(f"checkpoint {path} adapts cross-attention too, but --lora_target is self_attn: pass --lora_target attn")
-    record = read_checkpoint_record(path)
-    if record is None:
-        logger.warning("checkpoint %s predates recorded settings: resuming without checking them", path)
-        return
-    step = record.get("step")
-    if isinstance(step, int) and step > args.max_train_steps:
+    match = _SAVE_FOLDER.match(os.path.basename(os.path.normpath(path)))
+    step = int(match.group(1)) if match else None
+    if step is not None and step > args.max_train_steps:
         raise UsageError(
             f"checkpoint {path} is at step {step}, beyond --max_train_steps {args.max_train_steps}: "
             f"pass --max_train_steps {step} or more, or resume from an earlier checkpoint"
         )
+    record = read_checkpoint_record(path)
+    if record is None:
+        logger.warning("checkpoint %s predates recorded settings: resuming without checking them", path)
+        return
     stored, current = record.get("settings") or {}, run_settings(args, accelerator)
     names = [name for name in current if name in stored and stored[name] != current[name]]
     if "max_train_steps" in names and current.get("lr_scheduler") == "constant":

@@ -302,12 +302,19 @@ def empty_checkpoint(folder):
     folder.mkdir()
 
 
+def unmarked(folder):
+    """A checkpoint saved before the marker existed: still checked for steps, rank and readability."""
+    os.remove(folder / run_guard.CHECKPOINT_MARKER)
+
+
 RESUME_CASES = [
     ("changed learning rate", ["--learning_rate", "2e-3"], None, ["--learning_rate 0.001 (checkpoint) vs 0.002", "another --output_dir"]),
     ("changed beta", ["--beta_dpo", "250"], None, ["--beta_dpo 500.0 (checkpoint) vs 250.0"]),
     ("steps below the checkpoint", ["--max_train_steps", "1"], None, ["step 2", "beyond --max_train_steps 1"]),
     ("another rank", ["--rank", "8"], None, ["rank-4", "--rank is 8", "pass --rank 4"]),
     ("other LoRA targets", ["--lora_target", "attn"], None, ["--lora_target 'self_attn' (checkpoint) vs 'attn'"]),
+    ("unmarked checkpoint beyond the steps", ["--max_train_steps", "1"], unmarked, ["step 2", "beyond --max_train_steps 1"]),
+    ("unmarked checkpoint of another rank", ["--rank", "16"], unmarked, ["rank-4", "--rank is 16"]),
     ("truncated weights", [], truncate_weights, ["checkpoint", "not a readable safetensors", "truncated"]),
     ("garbage folder", [], garbage_checkpoint, ["checkpoint-2", "incomplete", "optimizer.bin"]),
     ("empty folder", [], empty_checkpoint, ["checkpoint-2", "incomplete", "pytorch_lora_weights.safetensors"]),
