@@ -3,8 +3,8 @@
 
 Both steps run in one process on the same models, pairs and seeds, one pair per step:
 
-* **ours**: the step of ``train_duo.py`` / ``train_duo_sd3.py``, imported from the scripts
-  (``make_duo_batch`` and ``duo_forward``), followed by the scripts' backward, gradient clipping and
+* **ours**: the step of ``train_duo.py`` / ``train_duo_sd3.py``: ``make_duo_batch`` and ``duo_forward``
+  of ``duo_plugin.sd`` / ``duo_plugin.sd3``, followed by the scripts' backward, gradient clipping and
   optimizer step. The pair latents are the VAE posteriors cached once by ``duo_plugin.data.encode_pairs``
   and the empty prompt is encoded once; the VAE and the text encoders then leave the accelerator.
 * **official**: written by us from the description of the official implementation. Every step
@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -55,9 +54,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from duo_plugin import data, objective, training  # noqa: E402
+from duo_plugin import data, lora, objective, sd, sd3, training  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
-from duo_plugin.presets import get_preset, learning_rate_for_beta  # noqa: E402
+from duo_plugin.presets import FAMILY_RECIPES, get_preset, learning_rate_for_beta, preservation_weight_for_beta  # noqa: E402
 
 GB = 1e9  # the targets are in decimal gigabytes, the stricter reading of "GB"
 
@@ -383,17 +382,6 @@ def git_commit() -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_training_script(name: str):
-    """``train_duo`` or ``train_duo_sd3`` imported from the repository root, or None if it is absent."""
-    path = REPO_ROOT / f"{name}.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(f"duo_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class ModelBundle:
     """Everything a DUO step touches, for one base model."""
@@ -576,11 +564,10 @@ def default_hyperparameters(family: str, full_size: bool) -> Hyperparameters:
     attention is 16-32 wide) as in the tests."""
     preset = get_preset("nudity")
     rank = 32 if full_size else 4
-    base_learning_rate = 3e-4 if family == "sd" else 3e-5  # train_duo.py's and train_duo_sd3.py's
-    t_min, t_max = (0, 750) if family == "sd" else (1, 750)
+    recipe = FAMILY_RECIPES[family]
     return Hyperparameters(
-        rank=rank, lora_alpha=rank, beta_dpo=preset.beta_dpo, preservation_weight=preset.preservation_weight,
-        learning_rate=learning_rate_for_beta(preset.beta_dpo, base_learning_rate), t_min=t_min, t_max=t_max,
+        rank=rank, lora_alpha=rank, beta_dpo=preset.beta_dpo, preservation_weight=preservation_weight_for_beta(preset.beta_dpo),
+        learning_rate=learning_rate_for_beta(preset.beta_dpo, recipe.base_learning_rate), t_min=recipe.t_min, t_max=recipe.t_max,
     )
 
 
@@ -593,16 +580,15 @@ class DUOStepBench:
         self.device = accelerator.device
         self.weight_dtype = weight_dtype
         self.hyper = hyper
-        self.script = load_training_script("train_duo" if bundle.family == "sd" else "train_duo_sd3")
-        if self.script is None:
-            raise UsageError(f"{'train_duo.py' if bundle.family == 'sd' else 'train_duo_sd3.py'} is missing from {REPO_ROOT}")
+        # The step pieces train_duo.py (duo_plugin.sd) and train_duo_sd3.py (duo_plugin.sd3) run.
+        self.script = sd if bundle.family == "sd" else sd3
 
         model = bundle.denoiser
         model.requires_grad_(False)
         self.sdpa_processors = dict(model.attn_processors)
-        target_modules = training.lora_target_modules(model, "self_attn" if bundle.family == "sd" else "attn")
-        training.add_duo_adapter(model, hyper.rank, hyper.lora_alpha, target_modules)
-        training.cast_lora_params_to_fp32(model)
+        target_modules = lora.lora_target_modules(model, FAMILY_RECIPES[bundle.family].lora_target)
+        lora.add_duo_adapter(model, hyper.rank, hyper.lora_alpha, target_modules)
+        lora.cast_lora_params_to_fp32(model)
         self.model = model
         self.lora_params = [p for p in model.parameters() if p.requires_grad]
         self.initial_lora = [p.detach().clone() for p in self.lora_params]
@@ -1041,9 +1027,6 @@ def run_suite(args, device: torch.device, workdir: str) -> dict:
     notes = []
     for model_name in args.models:
         family = "sd" if model_name in ("sd14", "tiny-sd") else "sd3"
-        if family == "sd3" and not (REPO_ROOT / "train_duo_sd3.py").exists():
-            notes.append("train_duo_sd3.py is absent: the SD3 rows are left out")
-            continue
         print(f"\n== {model_name}: building ({'full size, random weights' if full_size else 'tiny'}) ==", flush=True)
         build_start = time.perf_counter()
         bundle = full_size_bundle(model_name, device, weight_dtype) if full_size else tiny_bundle(family, workdir)

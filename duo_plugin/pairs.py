@@ -30,11 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import training
+from .concepts import add_concept_arguments, resolve_concept_preset
+from .distributed import check_distributed_setup, cpu_only_multi_process
+from .families import base_has_t5, detect_pipeline_class, dtype_kwargs, pipeline_family
+from .outputs import library_versions, push_to_hub
 from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
 from .errors import DUOError, UsageError, exit_on_usage_error
-from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
+from .presets import PRESETS, ConceptPreset
 from .validation import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -139,8 +142,8 @@ def inspect_base_model(
     """Family, default resolution and step count of a base model, without loading any weight."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    pipeline_class = pipeline_class or training.detect_pipeline_class(pretrained_model_name_or_path, revision, cache_dir)
-    family = training.pipeline_family(pipeline_class)
+    pipeline_class = pipeline_class or detect_pipeline_class(pretrained_model_name_or_path, revision, cache_dir)
+    family = pipeline_family(pipeline_class)
     if family not in ("sd", "sd3"):
         raise UsageError(
             f"{pipeline_class} is not supported for pair generation: use a Stable Diffusion 1.x/2.x or 3 base model, "
@@ -207,6 +210,27 @@ def make_recipe(
     return recipe
 
 
+def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int) -> PairRecipe:
+    """The recipe from the flags of ``add_generation_arguments`` (the generator's or a training script's);
+    ``seed`` is the generation seed (``--seed`` of the generator, ``--generation_seed`` of a training script)."""
+    return make_recipe(
+        preset,
+        args.pretrained_model_name_or_path,
+        info,
+        revision=args.revision,
+        variant=args.variant,
+        num_pairs=args.num_pairs,
+        strength=args.strength,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        resolution=args.resolution,
+        seed=seed,
+        verifier=args.verifier,
+        detector_threshold=args.detector_threshold,
+        max_attempts=args.max_attempts,
+    )
+
+
 def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if recipe.num_pairs < 1:
         raise UsageError(f"--num_pairs must be at least 1, got {recipe.num_pairs}")
@@ -233,19 +257,6 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
             resolve_detector_factory(recipe.verifier)
         except UsageError as error:
             raise UsageError(f"--verifier: {error}") from None
-
-
-def resolve_pair_preset(concept: str, unsafe_prompts: Optional[List[str]], safe_prompts: Optional[List[str]]) -> ConceptPreset:
-    """A preset by name, or a custom concept from prompts (``@file`` entries expanded), as the training scripts do."""
-    unsafe_prompts = training.read_prompt_list(unsafe_prompts)
-    safe_prompts = training.read_prompt_list(safe_prompts)
-    try:
-        if unsafe_prompts or safe_prompts:
-            name = concept if concept not in PRESETS else f"custom-{concept}"
-            return custom_preset(name, unsafe_prompts or [], safe_prompts or [])
-        return get_preset(concept)
-    except (UnknownConceptError, ValueError) as error:
-        raise UsageError(str(error)) from None
 
 
 def default_pairs_dir(pretrained_model_name_or_path: str, concept: str) -> str:
@@ -307,7 +318,7 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
 
 def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str):
     config = {"format_version": 1, "recipe": recipe.to_dict(), "seed_rule": IMAGE_SEED_RULE, "dtype": dtype,
-              "library_versions": training.library_versions()}
+              "library_versions": library_versions()}
     _atomic_write(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
 
 
@@ -485,10 +496,10 @@ def torch_dtype_for(name: str, device: torch.device) -> torch.dtype:
 
 def load_text2img_pipeline(recipe: PairRecipe, device, dtype: torch.dtype, cache_dir: Optional[str] = None):
     """The base text-to-image pipeline, without the SD safety checker: it would black out the very images DUO learns from."""
-    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, **training.dtype_kwargs(dtype)}
+    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, **dtype_kwargs(dtype)}
     if recipe.family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    elif not training.base_has_t5(recipe.base_model, recipe.revision, cache_dir):
+    elif not base_has_t5(recipe.base_model, recipe.revision, cache_dir):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipeline = text2img_class(recipe.family).from_pretrained(recipe.base_model, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
@@ -858,7 +869,7 @@ def push_pairs_to_hub(output_dir: str, repo_id: Optional[str], token: Optional[s
     with open(os.path.join(output_dir, METADATA_NAME)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     files = list(PUBLIC_SIDE_FILES) + [row[key] for row in rows for key in ("unsafe_file_name", "safe_file_name")]
-    return training.push_to_hub(output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset")
+    return push_to_hub(output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -891,29 +902,14 @@ def get_pair_images(args, preset, pipeline_class: str, accelerator) -> PairImage
     if args.dataset_name is None:
         folder = args.pairs_dir or default_pairs_dir(args.pretrained_model_name_or_path, args.concept)
         info = inspect_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir, pipeline_class)
-        recipe = make_recipe(
-            preset,
-            args.pretrained_model_name_or_path,
-            info,
-            revision=args.revision,
-            variant=args.variant,
-            num_pairs=args.num_pairs,
-            strength=getattr(args, "strength", None),
-            guidance_scale=getattr(args, "guidance_scale", None),
-            num_inference_steps=getattr(args, "num_inference_steps", None),
-            resolution=args.resolution,
-            seed=getattr(args, "generation_seed", None),
-            verifier=getattr(args, "verifier", None),
-            detector_threshold=getattr(args, "detector_threshold", None),
-            max_attempts=getattr(args, "max_attempts", None),
-        )
+        recipe = recipe_from_args(args, preset, info, seed=args.generation_seed)
         generate_pairs(
             recipe,
             folder,
             accelerator,
-            batch_size=getattr(args, "generation_batch_size", DEFAULT_BATCH_SIZE),
-            dtype=getattr(args, "generation_dtype", "auto"),
-            min_pairs=getattr(args, "min_pairs", None),
+            batch_size=args.generation_batch_size,
+            dtype=args.generation_dtype,
+            min_pairs=args.min_pairs,
             cache_dir=args.cache_dir,
         )
         args.pairs_dir = folder
@@ -938,9 +934,7 @@ def parse_args(argv=None):
         prog="python -m duo_plugin.pairs",
         description="Generate DUO pairs (unsafe image, SDEdit safe twin), verified by a detector.",
     )
-    parser.add_argument("--concept", type=str, default="nudity", help=f"a preset ({', '.join(PRESETS)}) or a custom name with --unsafe_prompt")
-    parser.add_argument("--unsafe_prompt", action="append", default=None, help="custom concept: a prompt showing it (repeatable, or @file)")
-    parser.add_argument("--safe_prompt", action="append", default=None, help="custom concept: its safe counterpart (repeatable, or @file)")
+    add_concept_arguments(parser)
     parser.add_argument("--num_pairs", type=int, default=None, help="preset default (64 nudity, 32 violence)")
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL)
     parser.add_argument("--revision", type=str, default=None)
@@ -963,28 +957,13 @@ def main(argv=None) -> PairReport:
     from accelerate import PartialState
 
     args = parse_args(argv)
-    preset = resolve_pair_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
+    preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
     info = inspect_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    recipe = make_recipe(
-        preset,
-        args.pretrained_model_name_or_path,
-        info,
-        revision=args.revision,
-        variant=args.variant,
-        num_pairs=args.num_pairs,
-        strength=args.strength,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-        resolution=args.resolution,
-        seed=args.seed,
-        verifier=args.verifier,
-        detector_threshold=args.detector_threshold,
-        max_attempts=args.max_attempts,
-    )
+    recipe = recipe_from_args(args, preset, info, seed=args.seed)
     output_dir = args.output_dir or default_pairs_dir(args.pretrained_model_name_or_path, preset.name)
     check_output_dir(output_dir)
-    state = PartialState(cpu=training.cpu_only_multi_process())
-    training.check_distributed_setup(state)
+    state = PartialState(cpu=cpu_only_multi_process())
+    check_distributed_setup(state)
     if state.is_local_main_process:
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     report = generate_pairs(

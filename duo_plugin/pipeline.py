@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import UsageError
+from .families import pipeline_family
+from .lora import LORA_WEIGHT_NAME
+from .outputs import DUO_CONFIG_NAME
 from .validation import check_adapter_weights
-from .training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME, pipeline_family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "Stable Diffusion 3"}

@@ -282,7 +282,7 @@ def check_resume_checkpoint(path: str, args, accelerator=None):
 def claim_output_dir(args, accelerator):
     """Lock ``--output_dir``, restore interrupted checkpoint saves, and check the checkpoint to resume from,
     before any weight is loaded. Every process gets the same refusal."""
-    from .training import resolve_resume_path
+    from .checkpoints import resolve_resume_path
 
     refusal = None
     if accelerator.is_main_process:

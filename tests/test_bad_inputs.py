@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT, tiny_train_args
-from duo_plugin import run_guard, training, validation
+from duo_plugin import checkpoints, lora, outputs, run_guard, training, validation
 from duo_plugin.errors import TrainingHalted, UsageError
 
 
@@ -352,7 +352,7 @@ def test_latest_skips_an_incomplete_checkpoint(trained_run, tmp_path, caplog):
     os.remove(output_dir / "checkpoint-2" / "optimizer.bin")
     os.remove(output_dir / "checkpoint-2" / run_guard.CHECKPOINT_MARKER)
     with caplog.at_level(logging.WARNING, logger="duo_plugin.run_guard"):
-        path = training.resolve_resume_path("latest", str(output_dir))
+        path = checkpoints.resolve_resume_path("latest", str(output_dir))
     assert path == str(output_dir / "checkpoint-1")
     assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-2" in caplog.text
 
@@ -383,7 +383,7 @@ class FolderAccelerator:
 
 
 def saved_checkpoint(output_dir, step, payload):
-    training.save_checkpoint(FolderAccelerator(payload), str(output_dir), step, None, {"learning_rate": 1.0})
+    checkpoints.save_checkpoint(FolderAccelerator(payload), str(output_dir), step, None, {"learning_rate": 1.0})
     return output_dir / f"checkpoint-{step}"
 
 
@@ -410,14 +410,14 @@ def test_resave_interrupted_anywhere_leaves_a_complete_checkpoint(kill_at, tmp_p
     monkeypatch.setattr(run_guard.os, "replace", counted(real_replace))
     monkeypatch.setattr(run_guard.shutil, "rmtree", counted(real_rmtree))
     try:
-        training.save_checkpoint(FolderAccelerator(b"new"), str(tmp_path), 2, None, {"learning_rate": 1.0})
+        checkpoints.save_checkpoint(FolderAccelerator(b"new"), str(tmp_path), 2, None, {"learning_rate": 1.0})
         finished = True
     except Killed:
         finished = False
     monkeypatch.undo()
 
     run_guard.recover_interrupted_saves(str(tmp_path))
-    assert training.resolve_resume_path("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.resolve_resume_path("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
     for name in run_guard.CHECKPOINT_FILES:
         assert (tmp_path / "checkpoint-2" / name).read_bytes() in (b"old", b"new")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
@@ -431,7 +431,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoints(tmp_path):
     saved_checkpoint(tmp_path, 1, b"one")
     full = FolderAccelerator(fail_after=1, error=OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(TrainingHalted) as info:
-        training.save_checkpoint(full, str(tmp_path), 2, None, {})
+        checkpoints.save_checkpoint(full, str(tmp_path), 2, None, {})
     message = str(info.value)
     assert "could not save checkpoint-2" in message and "disk is full" in message
     assert "previous checkpoints are intact" in message and "checkpoint-1" in message and "resume" in message
@@ -442,7 +442,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoints(tmp_path):
 def test_rotation_frees_space_before_the_save(tmp_path):
     """With --checkpoints_total_limit 2, the oldest goes before the third is written (the disk needs room for it)."""
     for step in (1, 2):
-        training.save_checkpoint(FolderAccelerator(), str(tmp_path), step, 2, {})
+        checkpoints.save_checkpoint(FolderAccelerator(), str(tmp_path), step, 2, {})
     seen_during_save = []
 
     class Watching(FolderAccelerator):
@@ -450,7 +450,7 @@ def test_rotation_frees_space_before_the_save(tmp_path):
             seen_during_save.extend(sorted(n for n in os.listdir(tmp_path) if not n.endswith(".tmp")))
             super().save_state(folder)
 
-    training.save_checkpoint(Watching(), str(tmp_path), 3, 2, {})
+    checkpoints.save_checkpoint(Watching(), str(tmp_path), 3, 2, {})
     assert seen_during_save == ["checkpoint-2"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
 
@@ -526,7 +526,7 @@ def test_config_is_written_before_validation_can_fail(train_duo, tiny_sd, tiny_p
     def broken_validation(*args, **kwargs):
         raise UsageError("validation failed on purpose")
 
-    monkeypatch.setattr(training, "validation_grid", broken_validation)
+    monkeypatch.setattr(outputs, "validation_grid", broken_validation)
     output_dir = tmp_path / "out"
     code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "1"), capsys)
     assert_refused(code, err, ["validation failed on purpose"])
@@ -549,13 +549,13 @@ def tiny_pipe(tiny_sd):
 def adapter_copy(trained_run, tmp_path):
     folder = tmp_path / "adapter"
     folder.mkdir()
-    for name in (training.DUO_CONFIG_NAME, training.LORA_WEIGHT_NAME):
+    for name in (outputs.DUO_CONFIG_NAME, lora.LORA_WEIGHT_NAME):
         shutil.copy(trained_run / name, folder / name)
     return folder
 
 
 def edit_tensors(folder, edit):
-    path = folder / training.LORA_WEIGHT_NAME
+    path = folder / lora.LORA_WEIGHT_NAME
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
@@ -570,9 +570,9 @@ def inf_weights(folder):
 
 
 def config_rank(folder):
-    config = json.loads((folder / training.DUO_CONFIG_NAME).read_text())
+    config = json.loads((folder / outputs.DUO_CONFIG_NAME).read_text())
     config["rank"] = 8
-    (folder / training.DUO_CONFIG_NAME).write_text(json.dumps(config))
+    (folder / outputs.DUO_CONFIG_NAME).write_text(json.dumps(config))
 
 
 def unknown_key(folder):
@@ -588,12 +588,12 @@ def wrong_shape(folder):
 
 
 def truncated(folder):
-    path = folder / training.LORA_WEIGHT_NAME
+    path = folder / lora.LORA_WEIGHT_NAME
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 def empty(folder):
-    (folder / training.LORA_WEIGHT_NAME).write_bytes(b"")
+    (folder / lora.LORA_WEIGHT_NAME).write_bytes(b"")
 
 
 ADAPTER_CASES = [
@@ -801,7 +801,7 @@ def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, 
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
-    final, reference = load_file(killed / training.LORA_WEIGHT_NAME), load_file(full / training.LORA_WEIGHT_NAME)
+    final, reference = load_file(killed / lora.LORA_WEIGHT_NAME), load_file(full / lora.LORA_WEIGHT_NAME)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in final)
     assert not any(name.endswith((".tmp", ".old")) for name in os.listdir(killed))

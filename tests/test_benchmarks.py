@@ -175,7 +175,7 @@ def test_full_size_step_flops_add_up(bench):
 def test_call_counter_tells_adapted_from_reference(bench):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from duo_plugin import training
+    from duo_plugin import lora
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -184,13 +184,13 @@ def test_call_counter_tells_adapted_from_reference(bench):
         norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4,
     )
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    training.add_duo_adapter(unet, 2, 2, training.lora_target_modules(unet, "attn"))
+    lora.add_duo_adapter(unet, 2, 2, lora.lora_target_modules(unet, "attn"))
     text_encoder = torch.nn.Linear(2, 2)
     counter = bench.CallCounter(vae, {"text_encoder": text_encoder}, unet)
     inputs = (torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 3, 8))
     with torch.no_grad():
         unet(*inputs)
-        with training.adapters_disabled(unet):
+        with lora.adapters_disabled(unet):
             unet(*inputs)
             unet(*inputs)
         vae.encode(torch.randn(1, 3, 8, 8))

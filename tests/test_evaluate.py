@@ -25,11 +25,11 @@ def make_tiny_adapter(base_model, output_dir, pairs_dir, seed=0):
     """A LoRA adapter on the UNet's self-attention saved as train_duo.py saves it, with non-zero weights."""
     from diffusers import StableDiffusionPipeline
 
-    from duo_plugin import training
+    from duo_plugin import lora, outputs
 
     pipe = StableDiffusionPipeline.from_pretrained(base_model)
     unet = pipe.unet
-    training.add_duo_adapter(unet, rank=4, alpha=4, target_modules=training.lora_target_modules(unet, "self_attn"))
+    lora.add_duo_adapter(unet, rank=4, alpha=4, target_modules=lora.lora_target_modules(unet, "self_attn"))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -37,11 +37,11 @@ def make_tiny_adapter(base_model, output_dir, pairs_dir, seed=0):
                 param.normal_(0.0, 0.5)
     os.makedirs(output_dir, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
-        output_dir, unet_lora_layers=training.lora_state_dict(unet), weight_name=training.LORA_WEIGHT_NAME
+        output_dir, unet_lora_layers=lora.lora_state_dict(unet), weight_name=lora.LORA_WEIGHT_NAME
     )
     config = {
         "base_model": base_model,
-        "weight_name": training.LORA_WEIGHT_NAME,
+        "weight_name": lora.LORA_WEIGHT_NAME,
         "concept": "nudity",
         "dataset": pairs_dir,
         "architecture": {
@@ -53,7 +53,7 @@ def make_tiny_adapter(base_model, output_dir, pairs_dir, seed=0):
             "prediction_type": pipe.scheduler.config.prediction_type,
         },
     }
-    with open(os.path.join(output_dir, training.DUO_CONFIG_NAME), "w") as f:
+    with open(os.path.join(output_dir, outputs.DUO_CONFIG_NAME), "w") as f:
         json.dump(config, f)
     return str(output_dir)
 

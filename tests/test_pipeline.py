@@ -23,7 +23,8 @@ from duo_plugin.pipeline import (
     active_concepts,
     load_adapters,
 )
-from duo_plugin.training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME
+from duo_plugin.lora import LORA_WEIGHT_NAME
+from duo_plugin.outputs import DUO_CONFIG_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, run_script, tiny_train_args
-from duo_plugin import data, objective, training
+from duo_plugin import arguments, data, lora, objective, sd3
 
 # The tiny T5 tokenizer and CLIP encoders know 16 positions.
 SD3_FLAGS = ("--max_sequence_length", "16")
@@ -159,7 +159,7 @@ def test_preservation_branch_is_pure_noise_at_sigma_one(train_duo_sd3):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     num_pairs = 3
     cache = latent_cache(num_pairs)
-    batch = train_duo_sd3.make_duo_batch(
+    batch = sd3.make_duo_batch(
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(), empty_condition()
     )
     assert batch.model_input.shape[0] == 3 * num_pairs and batch.target.shape[0] == 2 * num_pairs
@@ -178,13 +178,13 @@ def test_preservation_branch_is_pure_noise_at_sigma_one(train_duo_sd3):
     safe_noise = (batch.model_input[num_pairs : 2 * num_pairs] - (1 - sigma) * safe) / sigma
     torch.testing.assert_close(unsafe_noise, safe_noise)
     # The preservation input does not depend on the images at all.
-    other = train_duo_sd3.make_duo_batch(
+    other = sd3.make_duo_batch(
         latent_cache(num_pairs, seed=5), torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(), empty_condition()
     )
     assert torch.equal(other.model_input[2 * num_pairs :], batch.model_input[2 * num_pairs :])
     # Preconditioned target: the clean latents; else the velocity ε − x.
     torch.testing.assert_close(batch.target, torch.cat([unsafe, safe]))
-    velocity = train_duo_sd3.make_duo_batch(
+    velocity = sd3.make_duo_batch(
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(precondition_outputs=0), empty_condition()
     )
     torch.testing.assert_close(velocity.target, torch.cat([unsafe_noise, safe_noise]) - torch.cat([unsafe, safe]), atol=1e-5, rtol=0)
@@ -194,7 +194,7 @@ def test_preservation_branch_is_pure_noise_at_sigma_one(train_duo_sd3):
     assert torch.equal(batch.weighting, torch.ones(2 * num_pairs, 1, 1, 1))
     # ... or, with --condition_on_prompts, both images of a pair on its prompt and preservation on the empty one.
     pair_condition = (torch.randn(num_pairs, 4, 32), torch.randn(num_pairs, 32))
-    conditioned = train_duo_sd3.make_duo_batch(
+    conditioned = sd3.make_duo_batch(
         cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(), empty_condition(), pair_condition
     )
     assert torch.equal(conditioned.prompt_embeds[:num_pairs], pair_condition[0])
@@ -210,7 +210,7 @@ def test_identical_pair_gives_ln2_and_zero_gradient_through_sd3(train_duo_sd3, t
 
     transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer").double()
     transformer.requires_grad_(False)
-    training.add_duo_adapter(transformer, rank=4, alpha=4, target_modules=training.lora_target_modules(transformer, "attn"))
+    lora.add_duo_adapter(transformer, rank=4, alpha=4, target_modules=lora.lora_target_modules(transformer, "attn"))
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
@@ -218,12 +218,12 @@ def test_identical_pair_gives_ln2_and_zero_gradient_through_sd3(train_duo_sd3, t
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3, subfolder="scheduler")
     prompt_embeds = torch.randn(1, 8, transformer.config.joint_attention_dim, dtype=torch.float64)
     pooled = torch.randn(1, transformer.config.pooled_projection_dim, dtype=torch.float64)
-    batch = train_duo_sd3.make_duo_batch(
+    batch = sd3.make_duo_batch(
         latent_cache(2, size=8, identical=True), torch.arange(2), torch.Generator().manual_seed(0), scheduler,
         flow_args(weighting_scheme="sigma_sqrt"), (prompt_embeds, pooled),
     )
     batch.model_input, batch.target = batch.model_input.double(), batch.target.double()
-    losses = train_duo_sd3.duo_forward(Accelerator(cpu=True), transformer, batch, 500.0, 0.0, torch.float64, precondition_outputs=1)
+    losses = sd3.duo_forward(Accelerator(cpu=True), transformer, batch, 500.0, 0.0, torch.float64, precondition_outputs=1)
     assert losses.delta_safe.abs().min() > 1e-6  # the adapter does matter ...
     assert losses.preference_loss.item() == pytest.approx(math.log(2), abs=1e-12)  # ... but not between twins
     losses.loss.backward()
@@ -490,8 +490,8 @@ def test_flow_matching_flags(train_duo_sd3):
 
 def test_official_sd3_defaults(train_duo_sd3):
     args = train_duo_sd3.parse_args(["--concept", "nudity"])
-    training.resolve_concept(args, architecture="sd3", base_learning_rate=train_duo_sd3.BASE_LEARNING_RATE)
-    train_duo_sd3.resolve_sd3_defaults(args)
+    arguments.resolve_training_args(args, family="sd3")
+    sd3.check_sd3_args(args)
     assert args.beta_dpo == 500 and args.learning_rate == pytest.approx(3e-5 * 100 / 500) and args.preservation_weight == 5e6
     assert args.rank == 32 and args.lora_alpha == 32 and args.lora_target == "attn" and args.max_train_steps == 1000
     assert (args.t_min, args.t_max) == (1, 750)

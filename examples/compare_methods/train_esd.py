@@ -69,7 +69,7 @@ def main(argv=None):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from duo_plugin.training import read_prompt_list
+    from duo_plugin.concepts import read_prompt_list
 
     args = parse_args(argv)
     prompts = read_prompt_list(args.prompt)

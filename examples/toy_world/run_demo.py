@@ -300,7 +300,7 @@ def sample_grid(eval_dir: str, manifest, models: List[str], path: str, per_set: 
     """One row per model, the same prompts and seeds in every row: direct, synonym, colourless, other colours."""
     from PIL import Image
 
-    from duo_plugin.training import image_grid
+    from duo_plugin.outputs import image_grid
 
     rows = []
     for model in models:

@@ -1,0 +1,103 @@
+"""Adapter-only accelerate checkpoints: saved atomically, listed, resumed from."""
+
+import logging
+import os
+import re
+import shutil
+from typing import List, Optional
+
+from . import run_guard
+from .errors import UsageError
+from .lora import load_lora_state_dict, lora_state_dict
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints, oldest first. A save in progress (``*.tmp``) is never listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = run_guard.complete_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
+            return None
+        return checkpoints[-1]
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'")
+    checkpoint_step(path)
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None) -> str:
+    """Save accelerate state atomically (into ``*.tmp``, marker last, then renames), then drop the oldest beyond the limit.
+
+    A crash during the save leaves an unmarked ``.tmp`` folder, which ``latest`` ignores; see ``run_guard``.
+    With a limit, the oldest checkpoints beyond limit - 1 go before the save, so a full disk has room.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    staging = final + ".tmp"
+    if accelerator.is_main_process:
+        run_guard.make_room_for_checkpoint(output_dir, total_limit, [p for p in list_checkpoints(output_dir) if p != final])
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            run_guard.finish_checkpoint(staging, final, step, settings)
+    except OSError as error:
+        raise run_guard.save_failed(error, staging, output_dir) from None
+    if accelerator.is_main_process:
+        if total_limit is not None:
+            for stale in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(stale)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_prefix: str):
+    """Make ``save_state``/``load_state`` store only the adapter, not the frozen base weights.
+
+    ``save_lora_weights(output_dir, state_dict, model)`` is the family's pipeline saver; ``model`` is the
+    unwrapped denoiser that carries the adapter.
+    """
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora_weights(output_dir, lora_state_dict(model), model)
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            models.pop()
+        load_lora_state_dict(model, input_dir, lora_prefix)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
