@@ -16,7 +16,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoints, oldest first. A save in progress (``*.tmp``) is never listed."""
+    """``checkpoint-<step>`` folders, oldest first, for rotation; ``latest`` uses ``run_guard.complete_checkpoints``."""
     if not os.path.isdir(output_dir):
         return []
     found = []
