@@ -13,6 +13,7 @@ import os
 
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from duo_plugin import arguments, checkpoints, data, families, lora, outputs, run_guard, sd, training, validation
@@ -127,8 +128,7 @@ def main(argv=None):
     empty_embedding = sd.encode_prompts(tokenizer, text_encoder, [""], accelerator.device).cpu()
     vae.to("cpu")
     text_encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = training.make_optimizer(args, lora_params)
@@ -138,6 +138,8 @@ def main(argv=None):
         # A prepared scheduler steps once per process per optimizer step.
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(unet)
@@ -151,7 +153,7 @@ def main(argv=None):
         first_step = checkpoints.checkpoint_step(last_checkpoint)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("duo", config=training.tracker_config(args))
+        accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
     metrics = outputs.MetricsLog(
         os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=last_checkpoint is not None
     )

@@ -28,6 +28,7 @@ import os
 
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from duo_plugin import arguments, checkpoints, data, families, lora, objective, outputs, run_guard, sd3, training, validation
@@ -109,7 +110,6 @@ def image_generator(args, pipeline, embeddings: sd3.PromptEmbeddings, weight_dty
 def log_validation(args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, step, preset=None):
     """Base vs unlearned grid (and, with ``preset``, the model card samples) with the VAE on the accelerator only
     meanwhile. Returns the model card samples."""
-    from diffusers.training_utils import free_memory
 
     device = accelerator.device
     model = accelerator.unwrap_model(transformer)
@@ -153,7 +153,7 @@ def main(argv=None):
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
         raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)")
     transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **families.dtype_kwargs(weight_dtype), **model_kwargs
+        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, dtype=weight_dtype, **model_kwargs
     )
     transformer.requires_grad_(False)
 
@@ -176,8 +176,7 @@ def main(argv=None):
         device=device, dtype=torch.float32, progress=accelerator.is_local_main_process,
     )
     vae.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
     transformer.to(device)
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
@@ -190,6 +189,8 @@ def main(argv=None):
         # A prepared scheduler steps once per process per optimizer step.
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
@@ -203,7 +204,7 @@ def main(argv=None):
         first_step = checkpoints.checkpoint_step(last_checkpoint)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("duo-sd3", config=training.tracker_config(args))
+        accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
     metrics = outputs.MetricsLog(
         os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=last_checkpoint is not None
     )

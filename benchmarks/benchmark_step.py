@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from duo_plugin import data, lora, objective, sd, sd3, training  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+from duo_plugin.precision import torch_dtype  # noqa: E402
 from duo_plugin.presets import FAMILY_RECIPES, get_preset, learning_rate_for_beta, preservation_weight_for_beta  # noqa: E402
 
 GB = 1e9  # the targets are in decimal gigabytes, the stricter reading of "GB"
@@ -1010,7 +1011,7 @@ def run_suite(args, device: torch.device, workdir: str) -> dict:
     from accelerate import Accelerator
 
     mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    weight_dtype = torch_dtype(mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     full_size = args.suite == "gpu" and not args.tiny
     can_8bit = installed_version("bitsandbytes") is not None

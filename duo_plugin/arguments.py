@@ -2,11 +2,11 @@
 name them), the refusals that need nothing loaded, and the defaults a concept preset fills in."""
 
 import argparse
-import importlib.util
 import os
 from typing import Optional
 
 import torch
+from diffusers.utils import is_bitsandbytes_available, is_tensorboard_available, is_xformers_available
 
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .errors import UsageError
@@ -35,7 +35,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     duo.add_argument("--preservation_weight", type=float, default=None, help="λ of the output-preservation term; default 1e6·β/100")
     duo.add_argument("--t_min", type=int, default=None, help="lowest training timestep index")
     duo.add_argument("--t_max", type=int, default=None, help="timestep indices are drawn from [t_min, t_max)")
-    duo.add_argument("--lora_target", type=str, default=None, choices=["self_attn", "attn"], help="which attention layers get LoRA")
+    duo.add_argument(
+        "--lora_layers", "--lora_target", dest="lora_target", type=str, default=None, choices=["self_attn", "attn"],
+        help="which attention layers get LoRA: self_attn (the UNet's attn1, SD1 default) or attn (every attention projection)",
+    )
     duo.add_argument("--condition_on_prompts", action="store_true", help="condition on the pair's unsafe prompt instead of the empty prompt")
 
     data = parser.add_argument_group("pair data")
@@ -57,6 +60,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     train.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; preset default")
     train.add_argument("--learning_rate", type=float, default=None, help="default scales with β (official recipe)")
     train.add_argument("--lr_scheduler", type=str, default="constant")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    train.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
     train.add_argument("--lr_warmup_steps", type=int, default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
@@ -77,12 +82,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     ckpt.add_argument("--resume_from_checkpoint", type=str, default=None, help='a checkpoint path or "latest"')
 
     val = parser.add_argument_group("validation and logging")
-    val.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="preset default: unsafe, synonym, unrelated")
+    val.add_argument("--validation_prompt", "--validation_prompts", dest="validation_prompts", type=str, nargs="+", default=None, help="preset default: unsafe, synonym, unrelated")
     val.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
     val.add_argument("--num_validation_images", type=int, default=2)
     val.add_argument("--num_validation_inference_steps", type=int, default=30)
     val.add_argument("--skip_validation", action="store_true", help="no sample images (and none in the model card)")
     val.add_argument("--report_to", type=str, default="tensorboard")
+    val.add_argument("--tracker_name", type=str, default=None, help="the trackers' project name (default: duo, duo-sd3 for SD3)")
     val.add_argument("--logging_dir", type=str, default="logs")
 
     hub = parser.add_argument_group("Hub")
@@ -99,9 +105,9 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
         raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8; use e.g. {args.resolution // 8 * 8 or 8}")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise UsageError("--report_to wandb with --hub_token would expose the token in the run's config: log in with `hf auth login` instead")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+    if args.use_8bit_adam and not is_bitsandbytes_available():
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (PyTorch SDPA is used without it)")
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     device_type = accelerator_device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,7 +121,7 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
         raise UsageError("--checkpoints_total_limit must be at least 1")
     if args.report_to not in ("tensorboard", "wandb", "comet_ml", "all", "none") :
         raise UsageError(f"--report_to {args.report_to}: choose tensorboard, wandb, comet_ml, all or none")
-    if args.report_to in ("tensorboard", "all") and importlib.util.find_spec("tensorboard") is None:
+    if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
         raise UsageError("--report_to tensorboard needs tensorboard: pip install tensorboard, or pass --report_to none")
 
 
@@ -139,6 +145,7 @@ def resolve_training_args(args, family: str) -> ConceptPreset:
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     args.lora_target = args.lora_target or recipe.lora_target
+    args.tracker_name = args.tracker_name or ("duo-sd3" if family == "sd3" else "duo")
     args.t_min = recipe.t_min if args.t_min is None else args.t_min
     args.t_max = recipe.t_max if args.t_max is None else args.t_max
     if args.output_dir is None:

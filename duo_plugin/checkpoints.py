@@ -85,18 +85,31 @@ def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_pre
     """Make ``save_state``/``load_state`` store only the adapter, not the frozen base weights.
 
     ``save_lora_weights(output_dir, state_dict, model)`` is the family's pipeline saver; ``model`` is the
-    unwrapped denoiser that carries the adapter.
+    unwrapped denoiser that carries the adapter, the only model a DUO run prepares. Under DeepSpeed the
+    engine saves and restores its own state (there are no weights to drop); the adapter file is still
+    written, and read back into the live model.
     """
+    from accelerate.utils import DistributedType
+
+    def check_models(models):
+        for candidate in models:
+            if not isinstance(accelerator.unwrap_model(candidate), type(model)):
+                raise ValueError(f"unexpected model in the accelerate state: {type(candidate).__name__}, expected {type(model).__name__}")
 
     def save_hook(models, weights, output_dir):
+        check_models(models)
         if accelerator.is_main_process:
             save_lora_weights(output_dir, lora_state_dict(model), model)
+        # The adapter file replaces the full state dict accelerate would save next to it.
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
-        while models:
-            models.pop()
+        check_models(models)
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # Nothing for accelerate to load: the adapter is all there is, restored here.
+            while models:
+                models.pop()
         load_lora_state_dict(model, input_dir, lora_prefix)
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -100,12 +100,30 @@ def resolve_detector_factory(name: str) -> Callable[..., object]:
     raise UsageError(f"unknown detector {name!r}: choose one of {', '.join(detector_names())}")
 
 
-def get_detector(name: Optional[str], threshold: Optional[float] = None):
-    """A detector by name, or None for ``none``/None (no verification)."""
+def get_detector(name: Optional[str], threshold: Optional[float] = None, unsafe_labels=None, safe_labels=None):
+    """A detector by name, or None for ``none``/None (no verification).
+
+    ``unsafe_labels``/``safe_labels`` describe the concept and its absence, for detectors that need them
+    (the CLIP zero-shot detector); a detector whose factory takes no labels never receives them.
+    """
     if name in (None, "none"):
         return None
     factory = resolve_detector_factory(name)
-    return factory(threshold=threshold) if threshold is not None else factory()
+    kwargs = {} if threshold is None else {"threshold": threshold}
+    parameters = _parameters(factory)
+    for key, value in (("unsafe_labels", unsafe_labels), ("safe_labels", safe_labels)):
+        if value and key in parameters:
+            kwargs[key] = list(value)
+    return factory(**kwargs)
+
+
+def _parameters(factory) -> set:
+    import inspect
+
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a builtin or C factory: it gets the threshold only
+        return set()
 
 
 class CLIPZeroShotDetector:

@@ -35,6 +35,7 @@ from .pipeline import fetch_adapter, load_adapters
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .distributed import cpu_only_multi_process
 from .outputs import image_grid, library_versions
+from .precision import torch_dtype
 
 logger = logging.getLogger("duo_plugin.evaluate")
 
@@ -202,7 +203,7 @@ def load_pipeline(source: str, dtype, revision=None, variant=None):
     # The evaluation measures the model, not a safety checker that blacks images out.
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     if dtype != torch.float32:
-        extra["torch_dtype"] = dtype
+        extra["dtype"] = dtype
     try:
         return DiffusionPipeline.from_pretrained(source, revision=revision, variant=variant, **extra)
     except (OSError, ValueError) as error:
@@ -235,7 +236,7 @@ def swap_denoiser(pipe, source: str, dtype):
         subfolders = [name] if os.path.isdir(os.path.join(source, name)) else [None]
     else:
         subfolders = [None, name]  # a Hub repo of the model itself, or of a whole pipeline
-    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
     for subfolder in subfolders:
         try:
             replacement = type(current).from_pretrained(source, subfolder=subfolder, **kwargs)
@@ -847,7 +848,7 @@ def main(argv=None):
 
     networks = load_metric_networks(args, preset) if state.is_main_process else {}
     store = ImageStore(args.output_dir)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    dtype = torch_dtype(args.mixed_precision)
     attack_logs = {}
     concept_images = None
 

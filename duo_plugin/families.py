@@ -27,15 +27,6 @@ def base_has_t5(pretrained_model_name_or_path: str, revision: Optional[str] = No
     return (config.get("text_encoder_3") or [None])[0] is not None
 
 
-def dtype_kwargs(dtype) -> dict:
-    """``from_pretrained``'s dtype argument: diffusers 0.42 renamed ``torch_dtype`` to ``dtype``."""
-    import diffusers
-    from packaging import version
-
-    name = "dtype" if version.parse(diffusers.__version__) >= version.parse("0.42.0") else "torch_dtype"
-    return {name: dtype}
-
-
 def pipeline_family(pipeline_class: str) -> str:
     if pipeline_class.startswith("StableDiffusion3"):
         return "sd3"

@@ -29,7 +29,7 @@ def lora_target_modules(model: torch.nn.Module, lora_target: str) -> List[str]:
             continue
         names.append(name)
     if not names:
-        raise UsageError(f"--lora_target {lora_target} matches no layer of this model: use --lora_target attn")
+        raise UsageError(f"--lora_target {lora_target} matches no layer of this model: use --lora_layers attn")
     return names
 
 
@@ -62,9 +62,9 @@ def add_duo_adapter(model, rank: int, alpha: int, target_modules: List[str]):
 
 def cast_lora_params_to_fp32(model):
     """LoRA parameters train in fp32 even when the frozen base runs in fp16/bf16."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(model, dtype=torch.float32)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from . import run_guard
-from .errors import UsageError
+from .errors import NetworkError
 from .lora import LORA_WEIGHT_NAME, adapters_disabled, target_module_patterns
 
 logger = logging.getLogger(__name__)
@@ -42,15 +42,14 @@ class MetricsLog:
 
 
 def image_grid(rows: list):
-    """Paste a list of image rows into one image."""
+    """Paste rows of images of one size into one image; shorter rows end in white cells."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (c * width, r * height))
-    return grid
+    cols = max(len(row) for row in rows)
+    blank = Image.new("RGB", rows[0][0].size, "white")
+    cells = [image for row in rows for image in list(row) + [blank] * (cols - len(row))]
+    return make_image_grid(cells, rows=len(rows), cols=cols)
 
 
 def log_images_to_trackers(accelerator, tag: str, grid, step: int):
@@ -151,6 +150,28 @@ def write_duo_config(output_dir: str, args, architecture: dict, target_modules: 
     return config
 
 
+# The licence of each family's reference weights, as diffusers' DreamBooth-LoRA scripts declare it. SD3's is not
+# an SPDX licence: the card says "other" and links the base model's licence file.
+FAMILY_LICENCES = {"sd": "creativeml-openrail-m", "sd3": "other"}
+
+
+def base_model_licence(base_model: str, family: str) -> tuple:
+    """``(licence id, sentence for the card)``: the base's own card licence when it is a local folder with one,
+    else the family's (SD3: ``other``, with a link to the base's licence file)."""
+    card_path = os.path.join(base_model, "README.md")
+    if os.path.isfile(card_path):
+        from huggingface_hub import ModelCard
+
+        licence = ModelCard.load(card_path).data.license
+        if licence:
+            return licence, f"The base model's licence applies: `{licence}` (see its model card)."
+    licence = FAMILY_LICENCES.get(family, "other")
+    if licence == "other":
+        link = base_model if os.path.isdir(base_model) else f"https://huggingface.co/{base_model}/blob/main/LICENSE.md"
+        return licence, f"The base model's licence applies: see [its licence]({link})."
+    return licence, f"The base model's licence applies: `{licence}`."
+
+
 def write_model_card(output_dir: str, config: dict, pipeline_class: str, sample_images: List[tuple], repo_id: Optional[str] = None):
     """A model card with the recipe, how to load it, and samples from unrelated prompts only.
 
@@ -161,6 +182,7 @@ def write_model_card(output_dir: str, config: dict, pipeline_class: str, sample_
     from huggingface_hub import ModelCard, ModelCardData
 
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
+    licence, licence_note = base_model_licence(config["base_model"], config["architecture"]["family"])
     widget = [{"text": prompt, "output": {"url": path}} for path, prompt in sample_images]
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in sample_images)
     description = f"""
@@ -176,7 +198,7 @@ outputs as they were (output-preservation regulariser).
 import torch
 from duo_plugin import DUOPipeline
 
-pipe = DUOPipeline.from_pretrained("{name}", torch_dtype=torch.float16).to("cuda")
+pipe = DUOPipeline.from_pretrained("{name}", dtype=torch.float16).to("cuda")
 image = pipe("a photo of a lighthouse").images[0]
 ```
 
@@ -185,7 +207,7 @@ or with stock diffusers:
 ```python
 from diffusers import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{config['base_model']}", torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{config['base_model']}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{name}", weight_name="{LORA_WEIGHT_NAME}")
 ```
 
@@ -210,6 +232,10 @@ The full configuration is in `{DUO_CONFIG_NAME}`.
 
 {gallery or 'No samples were generated.'}
 
+## Licence
+
+{licence_note}
+
 ## Limitations
 
 Unlearning lowers, but does not rule out, the chance of generating the concept. Evaluate the adapter on your own
@@ -218,7 +244,7 @@ prompts (`python -m duo_plugin.evaluate`) before relying on it.
     # Always a fresh card from diffusers' training template: never fetch (and reuse) a card from the Hub.
     card = ModelCard.from_template(
         card_data=ModelCardData(
-            license="creativeml-openrail-m",
+            license=licence,
             library_name="diffusers",
             base_model=config["base_model"],
             tags=MODEL_CARD_TAGS + [f"duo-{config['concept']}"],
@@ -261,10 +287,10 @@ def push_to_hub(
         retry = f"hf upload {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id} {output_dir} ."
         if repo_type == "model":
             retry += f" --include {' '.join(repr(p) for p in allow_patterns)}"
-        raise UsageError(
+        raise NetworkError(
             f"push to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
             f"everything is kept in {output_dir}. Retry with: {retry}"
-        ) from None
+        ) from error
     return repo_id
 
 

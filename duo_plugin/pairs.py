@@ -32,11 +32,12 @@ import torch
 
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .distributed import check_distributed_setup, cpu_only_multi_process
-from .families import base_has_t5, detect_pipeline_class, dtype_kwargs, pipeline_family
+from .families import base_has_t5, detect_pipeline_class, pipeline_family
 from .outputs import library_versions, push_to_hub
 from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
 from .errors import DUOError, UsageError, exit_on_usage_error
+from .precision import torch_dtype
 from .presets import PRESETS, ConceptPreset
 from .validation import check_output_dir
 
@@ -208,6 +209,16 @@ def make_recipe(
     )
     check_recipe(recipe, info)
     return recipe
+
+
+def make_verifier(recipe: PairRecipe):
+    """The recipe's verifier, or None. A detector that needs labels (clip) gets the recipe's prompts: the unsafe
+    prompts describe the concept, the safe prompts its absence."""
+    if not recipe.verifier:
+        return None
+    unsafe_prompts = list(dict.fromkeys(unsafe for unsafe, _ in recipe.prompt_pairs))
+    safe_prompts = list(dict.fromkeys(safe for _, safe in recipe.prompt_pairs))
+    return get_detector(recipe.verifier, recipe.detector_threshold, unsafe_labels=unsafe_prompts, safe_labels=safe_prompts)
 
 
 def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int) -> PairRecipe:
@@ -485,18 +496,18 @@ def make_report(recipe: PairRecipe, finished: Dict[int, dict], output_dir: str) 
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_dtype_for(name: str, device: torch.device) -> torch.dtype:
+def generation_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: fp16 on a GPU (the usual inference precision of these models), fp32 on CPU."""
     if name == "auto":
         name = "fp16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs a GPU: use fp32 or bf16 on CPU")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return torch_dtype(name)
 
 
 def load_text2img_pipeline(recipe: PairRecipe, device, dtype: torch.dtype, cache_dir: Optional[str] = None):
     """The base text-to-image pipeline, without the SD safety checker: it would black out the very images DUO learns from."""
-    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, **dtype_kwargs(dtype)}
+    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, "dtype": dtype}
     if recipe.family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif not base_has_t5(recipe.base_model, recipe.revision, cache_dir):
@@ -680,9 +691,9 @@ def generate_pairs(
         raise UsageError(f"--min_pairs {min_pairs} must be between 0 and --num_pairs {recipe.num_pairs}")
     if batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
-    torch_dtype = torch_dtype_for(dtype, state.device)
+    pipeline_dtype = generation_dtype(dtype, state.device)
     # The detector is built first: a bad --verifier fails before any model is loaded.
-    detector = get_detector(recipe.verifier, recipe.detector_threshold) if recipe.verifier else None
+    detector = make_verifier(recipe)
 
     os.makedirs(output_dir, exist_ok=True)
     check_folder_matches(output_dir, recipe)
@@ -697,7 +708,7 @@ def generate_pairs(
     if mine:
         if state.is_main_process:
             logger.info("Generating %d pairs into %s (%d already done)", len(pending), output_dir, recipe.num_pairs - len(pending))
-        maker = SDEditPairMaker(load_text2img_pipeline(recipe, state.device, torch_dtype, cache_dir), recipe)
+        maker = SDEditPairMaker(load_text2img_pipeline(recipe, state.device, pipeline_dtype, cache_dir), recipe)
         log = ProgressLog(output_dir, state.process_index)
         finished_rows = []
         desc = "Pairs" if state.num_processes == 1 else f"Pairs (process {state.process_index})"

@@ -3,7 +3,7 @@
 ```python
 from duo_plugin import DUOPipeline
 
-pipe = DUOPipeline.from_pretrained("someone/sd14-duo-nudity", torch_dtype=torch.float16)
+pipe = DUOPipeline.from_pretrained("someone/sd14-duo-nudity", dtype=torch.float16)
 pipe = DUOPipeline.from_pretrained({"nudity": "a/b", "blood": "c/d"}, adapter_weights={"blood": 0.8}, fuse=True)
 ```
 
@@ -583,7 +583,7 @@ class DUOPipeline:
             adapter_weights: a number, a list, or a dict ``{concept: weight}``; default 1.0 each.
             fuse: merge the adapters into the base weights (no inference overhead; cannot be undone).
             adapter_revision: a branch, tag or commit for the adapter repos, or a dict per adapter.
-            **kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` for the base: ``torch_dtype``,
+            **kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` for the base: ``dtype``,
                 ``variant``, ``revision`` (of the base; default: the revision the adapters were trained on),
                 ``cache_dir``, ``token``, ``local_files_only``, ... ``cache_dir``, ``token`` and
                 ``local_files_only`` also apply to the adapters.

@@ -38,7 +38,7 @@ TRAINING_SETTINGS = (
     "unsafe_image_column", "safe_image_column", "num_pairs", "strength", "guidance_scale", "num_inference_steps",
     "generation_seed", "verifier", "resolution", "center_crop", "random_flip", "beta_dpo", "preservation_weight",
     "t_min", "t_max", "lora_target", "condition_on_prompts", "seed", "train_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "rank", "lora_alpha", "use_8bit_adam", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "precondition_outputs", "max_sequence_length",
 )

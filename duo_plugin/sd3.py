@@ -11,7 +11,7 @@ import torch
 
 from . import objective
 from .errors import UsageError
-from .families import base_has_t5, dtype_kwargs
+from .families import base_has_t5
 from .lora import LORA_WEIGHT_NAME, adapters_disabled
 
 
@@ -44,7 +44,7 @@ def load_text_pipeline(args, transformer, dtype):
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
-        **dtype_kwargs(dtype),
+        dtype=dtype,
         **without_t5,
     )
 
@@ -189,7 +189,7 @@ def check_sd3_args(args):
     """SD3-only refusals, after the family's defaults are filled in."""
     if args.lora_target != "attn":
         raise UsageError(
-            f"--lora_target {args.lora_target}: SD3's joint attention has no separate self-attention; use --lora_target attn "
+            f"--lora_layers {args.lora_target}: SD3's joint attention has no separate self-attention; use --lora_layers attn "
             f"(to_q, to_k, to_v, to_out.0 of every transformer block)"
         )
     if args.max_sequence_length < 1:

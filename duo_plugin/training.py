@@ -9,6 +9,7 @@ import torch
 from .arguments import check_environment_args
 from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import TrainingHalted
+from .precision import torch_dtype
 
 
 def setup_logging(accelerator):
@@ -51,7 +52,7 @@ def create_accelerator(args):
 
 def weight_dtype_for(accelerator) -> torch.dtype:
     """The dtype of the frozen weights: the mixed-precision dtype; the LoRA weights stay fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return torch_dtype(accelerator.mixed_precision)
 
 
 def make_optimizer(args, params):

@@ -61,6 +61,7 @@ def check_training_args(args):
     _at_least(args, "validation_steps", 1)
     _at_least(args, "num_pairs", 1)
     _at_least(args, "lr_warmup_steps", 0)
+    _at_least(args, "lr_num_cycles", 1)
     _at_least(args, "t_min", 0)
     if not args.skip_validation:
         _at_least(args, "num_validation_images", 1, "or pass --skip_validation")

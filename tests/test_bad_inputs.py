@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, tiny_train_args
+from conftest import REPO_ROOT, reset_accelerate_state, run_process, tiny_train_args
 from duo_plugin import checkpoints, lora, outputs, run_guard, training, validation
 from duo_plugin.errors import TrainingHalted, UsageError
 
@@ -42,6 +42,14 @@ def train_duo():
 @pytest.fixture(scope="module")
 def train_duo_sd3():
     return load_script("train_duo_sd3.py").main
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate(request):
+    """In-process runs share accelerate's singletons: each test starts from none and leaves none."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 def run_main(main, argv, capsys):
@@ -273,7 +281,9 @@ RUN_FLAGS = ("--max_train_steps", "3", "--checkpointing_steps", "1", "--skip_val
 def trained_run(tiny_sd, tiny_pairs, tmp_path_factory):
     """A 3-step run with checkpoints 1 and 2 (in-process)."""
     output_dir = tmp_path_factory.mktemp("trained") / "run"
+    reset_accelerate_state()
     load_script("train_duo.py").main(tiny_train_args(tiny_sd, tiny_pairs, output_dir, *RUN_FLAGS))
+    reset_accelerate_state()
     assert (output_dir / "checkpoint-2" / run_guard.CHECKPOINT_MARKER).is_file()
     return output_dir
 
@@ -775,7 +785,7 @@ def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, 
     full = tmp_path / "full"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     command = [sys.executable, os.path.join(REPO_ROOT, "train_duo.py")]
-    subprocess.run(command + tiny_train_args(tiny_sd, tiny_pairs, full, *flags), check=True, env=env, capture_output=True)
+    assert run_process(command + tiny_train_args(tiny_sd, tiny_pairs, full, *flags), env=env).returncode == 0
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -783,22 +793,23 @@ def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, 
         shutil.copytree(full / f"checkpoint-{step}", killed / f"checkpoint-{step}")
     process = subprocess.Popen(
         command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", str(killed / "checkpoint-2")),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
+    while process.poll() is None:
         names = os.listdir(killed)
         if "checkpoint-3.tmp" in names or "checkpoint-3.old" in names:
             break
         time.sleep(0.001)
-    assert process.poll() is None, "the run ended before the re-save was seen"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        assert process.poll() is None, "the run ended before the re-save was seen"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
 
-    resumed = subprocess.run(
-        command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", "latest"),
-        env=env, capture_output=True, text=True,
-    )
+    resumed = run_process(command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", "latest"), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
     final, reference = load_file(killed / lora.LORA_WEIGHT_NAME), load_file(full / lora.LORA_WEIGHT_NAME)

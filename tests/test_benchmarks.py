@@ -8,13 +8,12 @@ fields, and the small pure functions behind the ratios and the targets.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_process
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark_step.py")
 
@@ -27,9 +26,9 @@ def bench():
     return module
 
 
-def run_benchmark(*args, timeout=600):
+def run_benchmark(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    return run_process([sys.executable, SCRIPT, *args], env=env)
 
 
 def rows_by(report, **match):
@@ -129,14 +128,17 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert len(report["comparisons"]) == 3
 
 
-def test_refusals():
-    result = run_benchmark("--measure_steps", "0")
-    assert result.returncode == 2 and "--measure_steps must be at least 1" in result.stderr
-    result = run_benchmark("--tiny")
-    assert result.returncode == 2 and "--tiny only applies to --suite gpu" in result.stderr
+def test_refusals(bench, capsys):
+    def refusal(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(list(argv))
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--measure_steps must be at least 1" in refusal("--measure_steps", "0")
+    assert "--tiny only applies to --suite gpu" in refusal("--tiny")
     if not torch.cuda.is_available():
-        result = run_benchmark("--suite", "gpu")
-        assert result.returncode == 2 and "no CUDA device" in result.stderr
+        assert "no CUDA device" in refusal("--suite", "gpu")
 
 
 # --------------------------------------------------------------------------------------------------

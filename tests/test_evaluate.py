@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import run_process
 from duo_plugin import attacks, metrics
 from duo_plugin.detectors import CLIPZeroShotDetector, Detection, register_detector
 from duo_plugin.errors import UsageError
@@ -475,7 +475,6 @@ def test_rerun_generates_nothing_and_refuses_other_settings(evaluated, capsys):
 @pytest.mark.slow
 def test_accelerate_launch_splits_prompts_across_processes(tiny_sd, tiny_adapter, prompt_files, tmp_path):
     """Two CPU processes share the images; the report equals a single-process run's."""
-    import subprocess
 
     from duo_plugin.evaluate import main
 
@@ -487,7 +486,7 @@ def test_accelerate_launch_splits_prompts_across_processes(tiny_sd, tiny_adapter
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--multi_gpu", "--num_processes", "2", "--main_process_port", "0", "-m", "duo_plugin.evaluate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(launcher + common + ["--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    result = run_process(launcher + common + ["--output_dir", str(tmp_path / "two")], env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["settings"]["num_processes"] == 2

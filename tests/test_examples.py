@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 from unittest import mock
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_process
 
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 RECIPES = ("nudity_sd14", "violence_sd14", "nudity_sd3", "custom_concept", "compare_methods", "multi_gpu")
@@ -49,9 +48,9 @@ def recipe_env(**settings):
     return env
 
 
-def run_recipe(recipe, *flags, timeout=900, **settings):
+def run_recipe(recipe, *flags, **settings):
     command = ["bash", os.path.join(EXAMPLES, recipe, "run.sh"), *flags]
-    return subprocess.run(command, check=False, capture_output=True, text=True, env=recipe_env(**settings), cwd=REPO_ROOT, timeout=timeout)
+    return run_process(command, env=recipe_env(**settings))
 
 
 def printed_commands(stdout):
@@ -190,7 +189,7 @@ DRY_RUNS = {
 def dry_run_commands(recipe):
     runs = []
     for flags, settings in DRY_RUNS[recipe]:
-        result = run_recipe(recipe, *flags, "--dry-run", timeout=60, **settings)
+        result = run_recipe(recipe, *flags, "--dry-run", **settings)
         assert result.returncode == 0, result.stderr
         commands = printed_commands(result.stdout)
         assert commands, f"{recipe} {flags} printed no command"
@@ -264,19 +263,19 @@ def test_dry_runs_show_the_recipes_settings(parsers):
 
 
 def test_real_runs_refuse_missing_inputs_before_running_anything():
-    result = run_recipe("nudity_sd14", "--dry-run", timeout=60)
+    result = run_recipe("nudity_sd14", "--dry-run")
     assert result.returncode == 2 and "set I2P_PROMPTS" in result.stderr and printed_commands(result.stdout) == []
-    result = run_recipe("nudity_sd14", timeout=60, I2P_PROMPTS="/no/such/i2p.csv", COCO_CAPTIONS="/no/such/coco.json")
+    result = run_recipe("nudity_sd14", I2P_PROMPTS="/no/such/i2p.csv", COCO_CAPTIONS="/no/such/coco.json")
     assert result.returncode == 2 and "I2P_PROMPTS=/no/such/i2p.csv does not exist" in result.stderr and result.stdout == ""
-    result = run_recipe("compare_methods", "--dry-run", timeout=60, I2P_PROMPTS="x", COCO_CAPTIONS="y")
+    result = run_recipe("compare_methods", "--dry-run", I2P_PROMPTS="x", COCO_CAPTIONS="y")
     assert result.returncode == 2 and "set ADAPTERS" in result.stderr
-    result = run_recipe("multi_gpu", "--dry-run", timeout=60, MODE="fsdp")
+    result = run_recipe("multi_gpu", "--dry-run", MODE="fsdp")
     assert result.returncode == 2 and "MODE=fsdp: use ddp or deepspeed" in result.stderr
-    result = run_recipe("multi_gpu", "--dry-run", timeout=60, NUM_GPUS=3)
+    result = run_recipe("multi_gpu", "--dry-run", NUM_GPUS=3)
     assert result.returncode == 2 and "not a multiple of NUM_GPUS=3" in result.stderr
-    result = run_recipe("custom_concept", "--smok", timeout=60)
+    result = run_recipe("custom_concept", "--smok")
     assert result.returncode == 2 and "unknown option --smok" in result.stderr
-    result = run_recipe("nudity_sd3", "--help", timeout=60)
+    result = run_recipe("nudity_sd3", "--help")
     assert result.returncode == 0 and result.stdout.startswith("Nudity on Stable Diffusion 3 medium")
 
 

@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, run_script, tiny_train_args
+from conftest import run_process, tiny_train_args, train_in_process
 from duo_plugin import pairs
 from duo_plugin.detectors import DETECTORS, Detection, register_detector
 
@@ -338,7 +337,7 @@ def test_two_processes_split_the_pairs(reference, tiny_sd, tmp_path):
                "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
                "--module", "duo_plugin.pairs", *pair_args(tiny_sd, split, *CUSTOM, "--num_pairs", "4", "--batch_size", "1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+    result = run_process(command, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     by_process = {
         name: sorted(row["pair_index"] for row in read_rows(split / pairs.PROGRESS_DIR, name))
@@ -350,18 +349,35 @@ def test_two_processes_split_the_pairs(reference, tiny_sd, tmp_path):
         assert np.abs(pixels(split / name).astype(int) - pixels(folder / name)).max() <= 1, name
 
 
-@pytest.mark.slow
 def test_train_duo_generates_pairs_then_trains(tiny_sd, tmp_path):
     pairs_dir = tmp_path / "pairs"
     args = tiny_train_args(tiny_sd, "unused", tmp_path / "out", "--skip_validation", "--num_pairs", "4",
                            "--pairs_dir", str(pairs_dir), *CUSTOM)
     position = args.index("--dataset_name")
     del args[position : position + 2]
-    result = run_script("train_duo.py", args)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_in_process("train_duo.py", args)
     rows = read_rows(pairs_dir)
     assert [row["unsafe_prompt"] for row in rows] == ["a red square", "a red circle"] * 2
     # The training resolution is the generation resolution.
     assert all(pixels(pairs_dir / row["safe_file_name"]).shape == (32, 32, 3) for row in rows)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "duo_config.json").read_text())["concept"] == "squares"
+
+
+def test_clip_verifier_describes_the_concept_with_the_recipes_prompts(tiny_sd, tmp_path, monkeypatch):
+    """--verifier clip works: the CLIP zero-shot detector gets the unsafe prompts as the concept's labels and the
+    safe prompts as its absence, and every attempt is scored."""
+    from duo_plugin import metrics
+    from duo_plugin.detectors import CLIPZeroShotDetector
+    from duo_plugin.testing import make_tiny_clip
+
+    monkeypatch.setattr(metrics, "DEFAULT_CLIP_MODEL", make_tiny_clip(str(tmp_path / "clip")))
+    folder = tmp_path / "pairs"
+    pairs.main(pair_args(tiny_sd, folder, *CUSTOM, "--num_pairs", "2", "--verifier", "clip", "--max_attempts", "1", "--min_pairs", "0"))
+    recipe = json.loads((folder / pairs.RECIPE_NAME).read_text())["recipe"]
+    assert recipe["verifier"] == "clip"
+    verifier = pairs.make_verifier(pairs.PairRecipe(**{**recipe, "prompt_pairs": tuple(map(tuple, recipe["prompt_pairs"]))}))
+    assert isinstance(verifier, CLIPZeroShotDetector)
+    assert verifier.unsafe_labels == ["a red square", "a red circle"] and verifier.safe_labels == ["a blue square", "a blue circle"]
+    rows = [row for name in os.listdir(folder / pairs.PROGRESS_DIR) for row in read_rows(folder / pairs.PROGRESS_DIR, name)]
+    assert len(rows) == 2 and all(0.0 <= row["unsafe_score"] <= 1.0 for row in rows)

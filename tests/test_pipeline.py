@@ -5,6 +5,7 @@ here by train_duo.py against that base's repo id; everything is then loaded by r
 offline, and compared with stock diffusers (load_lora_weights + set_adapters) on the same base.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script, tiny_train_args
+from conftest import run_process, tiny_train_args, train_in_process
 from duo_plugin.errors import UsageError
 from duo_plugin.pipeline import (
     DUOPipeline,
@@ -26,7 +27,6 @@ from duo_plugin.pipeline import (
 from duo_plugin.lora import LORA_WEIGHT_NAME
 from duo_plugin.outputs import DUO_CONFIG_NAME
 
-pytestmark = pytest.mark.slow
 
 BASE = "duo-test/tiny-sd"
 NUDITY = "duo-test/sd-duo-nudity"
@@ -80,11 +80,24 @@ def add_to_hub_cache(cache_dir, repo_id, folder, commit=None, ref="main", only=N
     return commit
 
 
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
+@contextlib.contextmanager
+def offline_cache(cache):
+    """The default Hub cache is ``cache`` and the Hub is unreachable (HF_HUB_OFFLINE=1).
+
+    huggingface_hub reads both variables when imported, so its constants are set too.
+    """
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_HUB_CACHE", str(cache))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        yield
 
 
 def train_adapter(cache, base_repo, pairs, output_dir, script="train_duo.py", *extra):
+    """The script's main() in process, loading the base by repo id from the offline cache."""
     args = tiny_train_args(
         base_repo, pairs, output_dir,
         "--preservation_weight", "0",
@@ -92,7 +105,8 @@ def train_adapter(cache, base_repo, pairs, output_dir, script="train_duo.py", *e
         "--skip_validation",
         *extra,
     )
-    assert_ok(run_script(script, args, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
+    with offline_cache(cache):
+        train_in_process(script, args)
     return output_dir
 
 
@@ -133,17 +147,8 @@ def hub(tiny_pairs, tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_hub_cache(hub):
-    """The default cache is the test's, and the Hub is unreachable (HF_HUB_OFFLINE=1).
-
-    huggingface_hub reads both variables when imported, so its constants are set too.
-    """
-    from huggingface_hub import constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_HUB_CACHE", str(hub["cache"]))
-        patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        patch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    """The default cache is the test's, and the Hub is unreachable."""
+    with offline_cache(hub["cache"]):
         yield
 
 
@@ -202,9 +207,9 @@ def test_loads_by_repo_id_offline_like_stock_diffusers(hub, images):
     assert np.abs(images["nudity"] - images["base"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_fresh_process_with_hf_hub_offline_loads_by_repo_id(hub, images, tmp_path):
     """The user's case: only environment variables, no patched constants."""
-    import subprocess
     import sys
 
     script = (
@@ -215,7 +220,7 @@ def test_a_fresh_process_with_hf_hub_offline_loads_by_repo_id(hub, images, tmp_p
         "numpy.save(sys.argv[1], image)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub["cache"]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "image.npy")], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-c", script, str(tmp_path / "image.npy")], env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     # Another process may use another number of threads, which reorders float sums (seen: 1.3e-6).
     np.testing.assert_allclose(np.load(tmp_path / "image.npy"), images["nudity"], atol=1e-5)
@@ -374,8 +379,6 @@ def test_prediction_type_mismatch_is_refused(hub, tmp_path):
 def test_sd_adapter_on_sd3_base_is_refused(hub):
     from duo_plugin import testing
 
-    if not hasattr(testing, "make_tiny_sd3_pipeline"):
-        pytest.skip("duo_plugin.testing.make_tiny_sd3_pipeline is not there yet")
     sd3_dir = testing.make_tiny_sd3_pipeline(str(hub["root"] / "sd3_configs"), with_t5=False)
     add_to_hub_cache(hub["cache"], "duo-test/tiny-sd3-configs", sd3_dir, only=(".json",))
     with pytest.raises(UsageError, match="family sd vs sd3"):
@@ -408,11 +411,9 @@ def test_refusals(hub, tmp_path):
 
 
 def test_sd3_adapter_loads_onto_its_base(hub, tiny_pairs):
-    from duo_plugin import testing
-
-    if not os.path.exists(os.path.join(REPO_ROOT, "train_duo_sd3.py")) or not hasattr(testing, "make_tiny_sd3_pipeline"):
-        pytest.skip("train_duo_sd3.py is not there yet: the SD3 path is written but untested")
     from diffusers import StableDiffusion3Pipeline
+
+    from duo_plugin import testing
 
     root, cache = hub["root"], hub["cache"]
     base_dir = testing.make_tiny_sd3_pipeline(str(root / "sd3_base"))

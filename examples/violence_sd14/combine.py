@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from duo_plugin import DUOPipeline, active_concepts  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+from duo_plugin.precision import DTYPES, torch_dtype  # noqa: E402
 
 VIOLENCE_CONCEPTS = ("blood", "suffer", "gun", "horror")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -87,7 +87,7 @@ def main(argv=None):
         base_model=args.base_model,
         adapter_weights={name: weights.get(name, 1.0) for name in adapters},
         fuse=args.fuse,
-        torch_dtype=DTYPES[args.dtype],
+        dtype=torch_dtype(args.dtype),
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
