@@ -20,6 +20,7 @@ from duo_plugin import arguments, checkpoints, data, families, lora, outputs, ru
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
+
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -64,7 +65,9 @@ def image_generator(args, pipeline, weight_dtype, device):
     return generate
 
 
-def log_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset=None):
+def log_validation(
+    args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset=None
+):
     """Base vs unlearned grid (and, with ``preset``, the model card samples); the VAE and text encoder are on the
     accelerator only meanwhile. Returns the model card samples."""
     device = accelerator.device
@@ -101,12 +104,22 @@ def main(argv=None):
     from diffusers.optimization import get_scheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    model_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **model_kwargs)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs)
+    model_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs
+    )
+    text_encoder = CLIPTextModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **model_kwargs
+    )
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs
+    )
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
         raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps}")
@@ -120,8 +133,15 @@ def main(argv=None):
 
     # Everything the loop needs from the VAE and the text encoder, computed once.
     latents_cache = data.encode_pairs(
-        vae, pairs, args.resolution, args.center_crop, args.random_flip, args.seed,
-        device=accelerator.device, dtype=weight_dtype, progress=accelerator.is_local_main_process,
+        vae,
+        pairs,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        device=accelerator.device,
+        dtype=weight_dtype,
+        progress=accelerator.is_local_main_process,
     )
     if args.condition_on_prompts:
         prompt_embeddings = sd.encode_prompts(tokenizer, text_encoder, pairs.unsafe_prompts, accelerator.device).cpu()
@@ -155,15 +175,25 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
     metrics = outputs.MetricsLog(
-        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=last_checkpoint is not None
+        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"),
+        accelerator.is_main_process,
+        append=last_checkpoint is not None,
     )
     metrics.truncate_after(first_step)
 
     pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running DUO training *****", main_process_only=True)
-    logger.info(f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}", main_process_only=True)
-    logger.info(f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})", main_process_only=True)
-    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    logger.info(
+        f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}",
+        main_process_only=True,
+    )
+    logger.info(
+        f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})",
+        main_process_only=True,
+    )
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
 
     for step in range(first_step, args.max_train_steps):
         step_logs = []
@@ -171,15 +201,30 @@ def main(argv=None):
             # Every random draw of a micro-step comes from its own generator, so resuming is exact.
             generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
             pair_indices = data.pair_indices_for_step(
-                len(pairs), step, micro_step, args.gradient_accumulation_steps, args.train_batch_size,
-                accelerator.process_index, accelerator.num_processes, args.seed,
+                len(pairs),
+                step,
+                micro_step,
+                args.gradient_accumulation_steps,
+                args.train_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                args.seed,
             )
             with accelerator.accumulate(unet):
                 pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
                 batch = sd.make_duo_batch(
-                    latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
+                    latents_cache,
+                    pair_indices,
+                    generator,
+                    noise_scheduler,
+                    args.t_min,
+                    args.t_max,
+                    empty_embedding,
+                    pair_condition,
                 )
-                losses = sd.duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
+                losses = sd.duo_forward(
+                    accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype
+                )
                 training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)
                 if accelerator.sync_gradients:
@@ -199,10 +244,14 @@ def main(argv=None):
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             settings = run_guard.run_settings(args, accelerator)
-            last_checkpoint = checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings)
+            last_checkpoint = checkpoints.save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
+            )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
-                log_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, global_step)
+                log_validation(
+                    args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, global_step
+                )
             accelerator.wait_for_everyone()
     progress_bar.close()
     accelerator.wait_for_everyone()
@@ -210,11 +259,22 @@ def main(argv=None):
     if accelerator.is_main_process:
         sd.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
         # The config before anything optional (validation images, card, push) can fail: the folder loads.
-        config = outputs.write_duo_config(args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules)
+        config = outputs.write_duo_config(
+            args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules
+        )
         samples = []
         if not args.skip_validation:
             samples = log_validation(
-                args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, args.max_train_steps, preset
+                args,
+                accelerator,
+                unet,
+                vae,
+                text_encoder,
+                tokenizer,
+                noise_scheduler,
+                weight_dtype,
+                args.max_train_steps,
+                preset,
             )
         outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()

@@ -35,18 +35,24 @@ from duo_plugin import arguments, checkpoints, data, families, lora, objective, 
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
+
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 3 (flow-matching transformer models).")
+    parser = argparse.ArgumentParser(
+        description="DUO concept unlearning for Stable Diffusion 3 (flow-matching transformer models)."
+    )
     arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=1024)
     add_generation_arguments(parser, for_training=True)
     flow = parser.add_argument_group("flow matching (as in diffusers' SD3 LoRA script)")
     flow.add_argument(
-        "--weighting_scheme", type=str, default="none", choices=list(objective.FLOW_MATCHING_WEIGHTING_SCHEMES),
+        "--weighting_scheme",
+        type=str,
+        default="none",
+        choices=list(objective.FLOW_MATCHING_WEIGHTING_SCHEMES),
         help="none (official DUO): σ uniform over the t range, unit weights; logit_normal/mode: σ drawn from that density "
         "over the t range; sigma_sqrt/cosmap: uniform σ, weighted loss",
     )
@@ -54,10 +60,20 @@ def parse_args(argv=None):
     flow.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     flow.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     flow.add_argument(
-        "--precondition_outputs", type=int, nargs="?", const=1, default=1, choices=[0, 1],
+        "--precondition_outputs",
+        type=int,
+        nargs="?",
+        const=1,
+        default=1,
+        choices=[0, 1],
         help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
     )
-    flow.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embeddings (the pipeline's default)")
+    flow.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=256,
+        help="T5 tokens of the prompt embeddings (the pipeline's default)",
+    )
     return parser.parse_args(argv)
 
 
@@ -147,13 +163,21 @@ def main(argv=None):
 
     weight_dtype = training.weight_dtype_for(accelerator)
     device = accelerator.device
-    model_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs)
+    model_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
+    )
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
-        raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)")
+        raise UsageError(
+            f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)"
+        )
     transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, dtype=weight_dtype, **model_kwargs
+        args.pretrained_model_name_or_path,
+        subfolder="transformer",
+        variant=args.variant,
+        dtype=weight_dtype,
+        **model_kwargs,
     )
     transformer.requires_grad_(False)
 
@@ -168,12 +192,21 @@ def main(argv=None):
     has_t5 = families.base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
 
     # The pair latents, cached once; the VAE (fp32: it is small and SD3's latents are sensitive) then leaves.
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs)
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs
+    )
     vae.requires_grad_(False)
     vae.to(device)
     latents_cache = data.encode_pairs(
-        vae, pairs, args.resolution, args.center_crop, args.random_flip, args.seed,
-        device=device, dtype=torch.float32, progress=accelerator.is_local_main_process,
+        vae,
+        pairs,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        device=device,
+        dtype=torch.float32,
+        progress=accelerator.is_local_main_process,
     )
     vae.to("cpu")
     free_memory()
@@ -206,19 +239,29 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
     metrics = outputs.MetricsLog(
-        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"), accelerator.is_main_process, append=last_checkpoint is not None
+        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"),
+        accelerator.is_main_process,
+        append=last_checkpoint is not None,
     )
     metrics.truncate_after(first_step)
 
     pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running DUO training (SD3) *****", main_process_only=True)
-    logger.info(f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}", main_process_only=True)
-    logger.info(f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})", main_process_only=True)
+    logger.info(
+        f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}",
+        main_process_only=True,
+    )
+    logger.info(
+        f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})",
+        main_process_only=True,
+    )
     logger.info(
         f"  σ-table indices [{args.t_min}, {args.t_max}), weighting = {args.weighting_scheme}, preconditioned = {bool(args.precondition_outputs)}",
         main_process_only=True,
     )
-    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
 
     for step in range(first_step, args.max_train_steps):
         step_logs = []
@@ -226,14 +269,32 @@ def main(argv=None):
             # Every random draw of a micro-step comes from its own generator, so resuming is exact.
             generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
             pair_indices = data.pair_indices_for_step(
-                len(pairs), step, micro_step, args.gradient_accumulation_steps, args.train_batch_size,
-                accelerator.process_index, accelerator.num_processes, args.seed,
+                len(pairs),
+                step,
+                micro_step,
+                args.gradient_accumulation_steps,
+                args.train_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                args.seed,
             )
             with accelerator.accumulate(transformer):
-                pair_condition = embeddings([pairs.unsafe_prompts[i] for i in pair_indices.tolist()]) if args.condition_on_prompts else None
-                batch = sd3.make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition)
+                pair_condition = (
+                    embeddings([pairs.unsafe_prompts[i] for i in pair_indices.tolist()])
+                    if args.condition_on_prompts
+                    else None
+                )
+                batch = sd3.make_duo_batch(
+                    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition
+                )
                 losses = sd3.duo_forward(
-                    accelerator, transformer, batch, args.beta_dpo, args.preservation_weight, weight_dtype, args.precondition_outputs
+                    accelerator,
+                    transformer,
+                    batch,
+                    args.beta_dpo,
+                    args.preservation_weight,
+                    weight_dtype,
+                    args.precondition_outputs,
                 )
                 training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)
@@ -254,10 +315,14 @@ def main(argv=None):
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             settings = run_guard.run_settings(args, accelerator)
-            last_checkpoint = checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings)
+            last_checkpoint = checkpoints.save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
+            )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
-                log_validation(args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, global_step)
+                log_validation(
+                    args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, global_step
+                )
             accelerator.wait_for_everyone()
     progress_bar.close()
     accelerator.wait_for_everyone()
@@ -266,13 +331,24 @@ def main(argv=None):
         sd3.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
         # The config before anything optional (validation images, card, push) can fail: the folder loads.
         config = outputs.write_duo_config(
-            args.output_dir, args, sd3.architecture_info(pipeline_class, model, noise_scheduler, has_t5), target_modules,
+            args.output_dir,
+            args,
+            sd3.architecture_info(pipeline_class, model, noise_scheduler, has_t5),
+            target_modules,
             extra=sd3.flow_matching_config(args),
         )
         samples = []
         if not args.skip_validation:
             samples = log_validation(
-                args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, args.max_train_steps, preset
+                args,
+                accelerator,
+                transformer,
+                vae,
+                noise_scheduler,
+                embeddings,
+                weight_dtype,
+                args.max_train_steps,
+                preset,
             )
         outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()

@@ -10,6 +10,7 @@ from . import run_guard
 from .errors import UsageError
 from .lora import load_lora_state_dict, lora_state_dict
 
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -47,7 +48,9 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
         path = os.path.join(output_dir, path)
     if not os.path.isdir(path):
-        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'")
+        raise UsageError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'"
+        )
     checkpoint_step(path)
     return path
 
@@ -94,7 +97,9 @@ def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_pre
     def check_models(models):
         for candidate in models:
             if not isinstance(accelerator.unwrap_model(candidate), type(model)):
-                raise ValueError(f"unexpected model in the accelerate state: {type(candidate).__name__}, expected {type(model).__name__}")
+                raise ValueError(
+                    f"unexpected model in the accelerate state: {type(candidate).__name__}, expected {type(model).__name__}"
+                )
 
     def save_hook(models, weights, output_dir):
         check_models(models)

@@ -9,11 +9,23 @@ from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset,
 from .validation import read_text_lines
 
 
-def add_concept_arguments(parser: argparse.ArgumentParser, unsafe_help: str = "custom concept: a prompt showing it (repeatable, or @file)"):
+def add_concept_arguments(
+    parser: argparse.ArgumentParser, unsafe_help: str = "custom concept: a prompt showing it (repeatable, or @file)"
+):
     """``--concept``, ``--unsafe_prompt`` and ``--safe_prompt`` (on ``parser`` or an argument group of it)."""
-    parser.add_argument("--concept", type=str, default="nudity", help=f"a preset ({', '.join(PRESETS)}) or a custom name with --unsafe_prompt/--safe_prompt")
+    parser.add_argument(
+        "--concept",
+        type=str,
+        default="nudity",
+        help=f"a preset ({', '.join(PRESETS)}) or a custom name with --unsafe_prompt/--safe_prompt",
+    )
     parser.add_argument("--unsafe_prompt", action="append", default=None, help=unsafe_help)
-    parser.add_argument("--safe_prompt", action="append", default=None, help="custom concept: its safe counterpart (repeatable, or @file)")
+    parser.add_argument(
+        "--safe_prompt",
+        action="append",
+        default=None,
+        help="custom concept: its safe counterpart (repeatable, or @file)",
+    )
     return parser
 
 
@@ -33,7 +45,9 @@ def read_prompt_list(values: Optional[List[str]]) -> Optional[List[str]]:
     return prompts
 
 
-def resolve_concept_preset(concept: str, unsafe_prompts: Optional[List[str]], safe_prompts: Optional[List[str]]) -> ConceptPreset:
+def resolve_concept_preset(
+    concept: str, unsafe_prompts: Optional[List[str]], safe_prompts: Optional[List[str]]
+) -> ConceptPreset:
     """A preset by name, or a custom concept from prompts (``@file`` entries expanded).
 
     A custom concept given a preset's name is renamed ``custom-<name>``: its pairs, adapter and
@@ -47,4 +61,4 @@ def resolve_concept_preset(concept: str, unsafe_prompts: Optional[List[str]], sa
             return custom_preset(name, unsafe_prompts or [], safe_prompts or [])
         return get_preset(concept)
     except (UnknownConceptError, ValueError) as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(str(error)) from error

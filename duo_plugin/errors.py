@@ -3,6 +3,7 @@
 import functools
 import sys
 
+
 USAGE_EXIT_CODE = 2
 HALTED_EXIT_CODE = 1
 NETWORK_EXIT_CODE = 3

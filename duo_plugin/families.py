@@ -5,7 +5,9 @@ from typing import Optional
 from .errors import UsageError
 
 
-def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional[str], cache_dir: Optional[str] = None) -> str:
+def detect_pipeline_class(
+    pretrained_model_name_or_path: str, revision: Optional[str], cache_dir: Optional[str] = None
+) -> str:
     """The ``_class_name`` of a diffusers pipeline, read from its model_index.json only."""
     from diffusers import DiffusionPipeline
 
@@ -15,11 +17,13 @@ def detect_pipeline_class(pretrained_model_name_or_path: str, revision: Optional
         raise UsageError(
             f"cannot read the pipeline config of --pretrained_model_name_or_path {pretrained_model_name_or_path!r} "
             f"({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from None
+        ) from error
     return config["_class_name"]
 
 
-def base_has_t5(pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> bool:
+def base_has_t5(
+    pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> bool:
     """False for a T5-less SD3 base, saved with ``text_encoder_3: [null, null]`` in model_index.json."""
     from diffusers import DiffusionPipeline
 
@@ -47,5 +51,9 @@ def require_family(pipeline_class: str, expected: str, script: str):
     if family == "sd":
         raise UsageError(f"{pipeline_class} is a Stable Diffusion 1.x/2.x model: use train_duo.py")
     if family == "sdxl":
-        raise UsageError(f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)")
-    raise UsageError(f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)")
+        raise UsageError(
+            f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+        )
+    raise UsageError(
+        f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+    )

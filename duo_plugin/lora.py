@@ -9,6 +9,7 @@ import torch
 
 from .errors import UsageError
 
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 

@@ -31,15 +31,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .concepts import add_concept_arguments, resolve_concept_preset
-from .distributed import check_distributed_setup, cpu_only_multi_process
-from .families import base_has_t5, detect_pipeline_class, pipeline_family
-from .outputs import library_versions, push_to_hub
 from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
+from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
+from .families import base_has_t5, detect_pipeline_class, pipeline_family
+from .files import append_jsonl, atomic_write_text
+from .outputs import library_versions, push_to_hub
 from .precision import torch_dtype
 from .presets import PRESETS, ConceptPreset
 from .validation import check_output_dir
+
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,17 @@ PUBLIC_SIDE_FILES = (METADATA_NAME, RECIPE_NAME, CARD_NAME)
 
 # The recipe fields that decide the images: a folder made with other values is never extended.
 RECIPE_IDENTITY = (
-    "base_model", "revision", "family", "prompt_pairs", "strength", "guidance_scale",
-    "num_inference_steps", "resolution", "seed", "verifier", "detector_threshold",
+    "base_model",
+    "revision",
+    "family",
+    "prompt_pairs",
+    "strength",
+    "guidance_scale",
+    "num_inference_steps",
+    "resolution",
+    "seed",
+    "verifier",
+    "detector_threshold",
 )
 
 
@@ -150,8 +161,10 @@ def inspect_base_model(
             f"{pipeline_class} is not supported for pair generation: use a Stable Diffusion 1.x/2.x or 3 base model, "
             f"or give pairs made elsewhere with --dataset_name"
         )
-    denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (UNet2DConditionModel, "unet")
-    kwargs = dict(revision=revision, cache_dir=cache_dir)
+    denoiser_class, subfolder = (
+        (SD3Transformer2DModel, "transformer") if family == "sd3" else (UNet2DConditionModel, "unet")
+    )
+    kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         denoiser = denoiser_class.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", **kwargs)
@@ -159,7 +172,7 @@ def inspect_base_model(
         raise UsageError(
             f"cannot read the {subfolder}/vae configs of {pretrained_model_name_or_path!r} ({type(error).__name__}): "
             f"give a complete diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from None
+        ) from error
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x, of vae scale x patch size for SD3.
     multiple = math.lcm(8, vae_scale_factor * denoiser.get("patch_size", 1)) if family == "sd3" else 8
@@ -218,7 +231,9 @@ def make_verifier(recipe: PairRecipe):
         return None
     unsafe_prompts = list(dict.fromkeys(unsafe for unsafe, _ in recipe.prompt_pairs))
     safe_prompts = list(dict.fromkeys(safe for _, safe in recipe.prompt_pairs))
-    return get_detector(recipe.verifier, recipe.detector_threshold, unsafe_labels=unsafe_prompts, safe_labels=safe_prompts)
+    return get_detector(
+        recipe.verifier, recipe.detector_threshold, unsafe_labels=unsafe_prompts, safe_labels=safe_prompts
+    )
 
 
 def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int) -> PairRecipe:
@@ -248,7 +263,9 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if not math.isfinite(recipe.guidance_scale) or recipe.guidance_scale < 0:
         raise UsageError(f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)")
     if not 0.0 < recipe.strength <= 1.0:
-        raise UsageError(f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)")
+        raise UsageError(
+            f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)"
+        )
     if recipe.num_inference_steps < 1 or int(recipe.num_inference_steps * recipe.strength) < 1:
         raise UsageError(
             f"--num_inference_steps {recipe.num_inference_steps} with --strength {recipe.strength} leaves no SDEdit step: "
@@ -257,8 +274,12 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if not 1 <= recipe.max_attempts < MAX_ATTEMPTS_LIMIT:
         raise UsageError(f"--max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT - 1}, got {recipe.max_attempts}")
     if recipe.resolution < info.resolution_multiple or recipe.resolution % info.resolution_multiple:
-        nearest = max(info.resolution_multiple, recipe.resolution // info.resolution_multiple * info.resolution_multiple)
-        raise UsageError(f"--resolution {recipe.resolution} is not a multiple of {info.resolution_multiple} for this model: use e.g. {nearest}")
+        nearest = max(
+            info.resolution_multiple, recipe.resolution // info.resolution_multiple * info.resolution_multiple
+        )
+        raise UsageError(
+            f"--resolution {recipe.resolution} is not a multiple of {info.resolution_multiple} for this model: use e.g. {nearest}"
+        )
     if recipe.detector_threshold is not None and not 0.0 < recipe.detector_threshold <= 1.0:
         raise UsageError(f"--detector_threshold {recipe.detector_threshold} is outside (0, 1]")
     if recipe.seed < 0:
@@ -281,7 +302,10 @@ def default_pairs_dir(pretrained_model_name_or_path: str, concept: str) -> str:
 
 def _sanitise(name: str) -> str:
     # Hub ids become "owner--name", as in the Hugging Face cache; local paths keep their parts.
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/\\").replace("/", "--").replace("\\", "--")).strip("-") or "model"
+    return (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/\\").replace("/", "--").replace("\\", "--")).strip("-")
+        or "model"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +343,11 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
         return
     expected = recipe.identity()
     stored_identity = {key: stored.get("recipe", {}).get(key) for key in RECIPE_IDENTITY}
-    differences = [f"{key} {stored_identity[key]!r} vs {expected[key]!r}" for key in RECIPE_IDENTITY if stored_identity[key] != expected[key]]
+    differences = [
+        f"{key} {stored_identity[key]!r} vs {expected[key]!r}"
+        for key in RECIPE_IDENTITY
+        if stored_identity[key] != expected[key]
+    ]
     if differences:
         raise UsageError(
             f"{output_dir} holds pairs made with another recipe ({'; '.join(differences[:3])}): "
@@ -328,19 +356,17 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
 
 
 def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str):
-    config = {"format_version": 1, "recipe": recipe.to_dict(), "seed_rule": IMAGE_SEED_RULE, "dtype": dtype,
-              "library_versions": library_versions()}
-    _atomic_write(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
+    config = {
+        "format_version": 1,
+        "recipe": recipe.to_dict(),
+        "seed_rule": IMAGE_SEED_RULE,
+        "dtype": dtype,
+        "library_versions": library_versions(),
+    }
+    atomic_write_text(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
 
 
 IMAGE_SEED_RULE = "(((seed * 1000003 + pair_index) * 1000 + attempt) * 2 + role) mod (2^63 - 1); role 0 unsafe, 1 safe"
-
-
-def _atomic_write(path: str, text: str):
-    staging = path + ".tmp"
-    with open(staging, "w") as f:
-        f.write(text)
-    os.replace(staging, path)
 
 
 class ProgressLog:
@@ -359,10 +385,7 @@ class ProgressLog:
                         g.write("\n")
 
     def append(self, row: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, [row], durable=True)
 
 
 def read_progress(output_dir: str) -> Dict[int, dict]:
@@ -466,8 +489,10 @@ class PairReport:
         return sum(p.planned for p in self.prompts)
 
     def lines(self) -> List[str]:
-        lines = [f"{self.accepted}/{self.planned} pairs accepted in {self.output_dir}"
-                 + ("" if self.verifier else " (unverified: no detector)")]
+        lines = [
+            f"{self.accepted}/{self.planned} pairs accepted in {self.output_dir}"
+            + ("" if self.verifier else " (unverified: no detector)")
+        ]
         for p in self.prompts:
             lines.append(
                 f"  {p.unsafe_prompt!r} -> {p.safe_prompt!r}: {p.accepted}/{p.finished} pairs accepted "
@@ -550,7 +575,7 @@ class SDEditPairMaker:
     @torch.no_grad()
     def safe_twins(self, unsafe_images, safe_prompts: List[str], unsafe_prompts: List[str], seeds: List[int]):
         r = self.recipe
-        size = dict(height=r.resolution, width=r.resolution) if self._img2img_takes_size else {}
+        size = {"height": r.resolution, "width": r.resolution} if self._img2img_takes_size else {}
         return self.img2img(
             prompt=safe_prompts,
             negative_prompt=unsafe_prompts,
@@ -608,7 +633,10 @@ def make_pair_batch(maker, detector, recipe: PairRecipe, pairs: List[_PairInProg
         if editing:
             seeds = [image_seed(recipe.seed, p.index, p.attempt, 1) for p in editing]
             twins = maker.safe_twins(
-                [p.unsafe_image for p in editing], [p.safe_prompt for p in editing], [p.unsafe_prompt for p in editing], seeds
+                [p.unsafe_image for p in editing],
+                [p.safe_prompt for p in editing],
+                [p.unsafe_prompt for p in editing],
+                seeds,
             )
             for pair, twin, seed, detection in zip(editing, twins, seeds, _detect(detector, twins)):
                 pair.last_detections = {"unsafe": pair.unsafe_detection, "safe": detection}
@@ -707,7 +735,12 @@ def generate_pairs(
 
     if mine:
         if state.is_main_process:
-            logger.info("Generating %d pairs into %s (%d already done)", len(pending), output_dir, recipe.num_pairs - len(pending))
+            logger.info(
+                "Generating %d pairs into %s (%d already done)",
+                len(pending),
+                output_dir,
+                recipe.num_pairs - len(pending),
+            )
         maker = SDEditPairMaker(load_text2img_pipeline(recipe, state.device, pipeline_dtype, cache_dir), recipe)
         log = ProgressLog(output_dir, state.process_index)
         finished_rows = []
@@ -723,7 +756,9 @@ def generate_pairs(
         for start in range(0, len(mine), batch_size):
             batch = [
                 # A pair given up earlier and retried under a higher --max_attempts goes on with new seeds.
-                _PairInProgress(index, *recipe.prompts_of(index), attempt=finished[index]["attempts"] if index in finished else 0)
+                _PairInProgress(
+                    index, *recipe.prompts_of(index), attempt=finished[index]["attempts"] if index in finished else 0
+                )
                 for index in mine[start : start + batch_size]
             ]
             make_pair_batch(maker, detector, recipe, batch, output_dir, on_finished)
@@ -739,7 +774,7 @@ def generate_pairs(
     report.generated_now = len(pending)
     if state.is_main_process:
         rows = metadata_rows(recipe, finished)
-        _atomic_write(os.path.join(output_dir, METADATA_NAME), "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(os.path.join(output_dir, METADATA_NAME), "".join(json.dumps(row) + "\n" for row in rows))
         write_dataset_card(output_dir, recipe, report)
         for line in report.lines():
             logger.info(line)
@@ -808,7 +843,7 @@ concept.
 | inference steps | {recipe.num_inference_steps} (the edit runs {int(recipe.num_inference_steps * recipe.strength)} of them) |
 | resolution | {recipe.resolution} |
 | seed | {recipe.seed} |
-| verifier | {recipe.verifier or 'none'}{threshold} |
+| verifier | {recipe.verifier or "none"}{threshold} |
 | max attempts per pair | {recipe.max_attempts} |
 
 Pair `i` uses prompt group `i mod {len(recipe.prompt_pairs)}`. The image seeds are
@@ -865,10 +900,22 @@ def reproduce_command(recipe: PairRecipe) -> str:
     if recipe.revision:
         parts += ["--revision", recipe.revision]
     parts += [
-        "--num_pairs", str(recipe.num_pairs), "--strength", str(recipe.strength),
-        "--guidance_scale", str(recipe.guidance_scale), "--num_inference_steps", str(recipe.num_inference_steps),
-        "--resolution", str(recipe.resolution), "--seed", str(recipe.seed),
-        "--verifier", recipe.verifier or "none", "--max_attempts", str(recipe.max_attempts),
+        "--num_pairs",
+        str(recipe.num_pairs),
+        "--strength",
+        str(recipe.strength),
+        "--guidance_scale",
+        str(recipe.guidance_scale),
+        "--num_inference_steps",
+        str(recipe.num_inference_steps),
+        "--resolution",
+        str(recipe.resolution),
+        "--seed",
+        str(recipe.seed),
+        "--verifier",
+        recipe.verifier or "none",
+        "--max_attempts",
+        str(recipe.max_attempts),
     ]
     if recipe.detector_threshold is not None:
         parts += ["--detector_threshold", str(recipe.detector_threshold)]
@@ -880,7 +927,9 @@ def push_pairs_to_hub(output_dir: str, repo_id: Optional[str], token: Optional[s
     with open(os.path.join(output_dir, METADATA_NAME)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     files = list(PUBLIC_SIDE_FILES) + [row[key] for row in rows for key in ("unsafe_file_name", "safe_file_name")]
-    return push_to_hub(output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset")
+    return push_to_hub(
+        output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -892,18 +941,54 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
     """The recipe flags. The training scripts add them with ``for_training=True`` (their own --seed and
     batch flags are for training, so the generator's are --generation_seed and --generation_batch_size)."""
     group = parser.add_argument_group("pair generation" + (" (without --dataset_name)" if for_training else ""))
-    group.add_argument("--strength", type=float, default=None, help="SDEdit strength; preset default (0.75 nudity, 0.8 violence)")
-    group.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance of both images; preset default 7.5")
-    group.add_argument("--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)")
-    group.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up")
-    group.add_argument("--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)")
-    group.add_argument("--verifier", type=str, default=None, help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)")
-    group.add_argument("--detector_threshold", type=float, default=None, help="detector score at which an image counts as flagged (NudeNet default 0.6)")
+    group.add_argument(
+        "--strength", type=float, default=None, help="SDEdit strength; preset default (0.75 nudity, 0.8 violence)"
+    )
+    group.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of both images; preset default 7.5",
+    )
+    group.add_argument(
+        "--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)"
+    )
+    group.add_argument(
+        "--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up"
+    )
+    group.add_argument(
+        "--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)"
+    )
+    group.add_argument(
+        "--verifier",
+        type=str,
+        default=None,
+        help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)",
+    )
+    group.add_argument(
+        "--detector_threshold",
+        type=float,
+        default=None,
+        help="detector score at which an image counts as flagged (NudeNet default 0.6)",
+    )
     prefix = "generation_" if for_training else ""
-    group.add_argument(f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process")
-    group.add_argument(f"--{prefix}dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    group.add_argument(
+        f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process"
+    )
+    group.add_argument(
+        f"--{prefix}dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 on GPU, fp32 on CPU",
+    )
     if for_training:
-        group.add_argument("--generation_seed", type=int, default=DEFAULT_SEED, help="seed of the generated pairs (not the training seed)")
+        group.add_argument(
+            "--generation_seed",
+            type=int,
+            default=DEFAULT_SEED,
+            help="seed of the generated pairs (not the training seed)",
+        )
     return parser
 
 
@@ -951,13 +1036,22 @@ def parse_args(argv=None):
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None, help="e.g. fp16 weights of the base model")
     parser.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--output_dir", type=str, default=None, help="default: the cache folder train_duo.py reuses (~/.cache/duo/pairs/<model>/<concept>)")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="default: the cache folder train_duo.py reuses (~/.cache/duo/pairs/<model>/<concept>)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="default: the base model's")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     add_generation_arguments(parser)
     hub = parser.add_argument_group("Hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="push the pairs as a dataset repo (private unless --hub_public)")
-    hub.add_argument("--hub_model_id", type=str, default=None, help="dataset repo id; default: the output folder's name")
+    hub.add_argument(
+        "--push_to_hub", action="store_true", help="push the pairs as a dataset repo (private unless --hub_public)"
+    )
+    hub.add_argument(
+        "--hub_model_id", type=str, default=None, help="dataset repo id; default: the output folder's name"
+    )
     hub.add_argument("--hub_token", type=str, default=None)
     hub.add_argument("--hub_public", action="store_true")
     return parser.parse_args(argv)
@@ -978,7 +1072,13 @@ def main(argv=None) -> PairReport:
     if state.is_local_main_process:
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     report = generate_pairs(
-        recipe, output_dir, state, batch_size=args.batch_size, dtype=args.dtype, min_pairs=args.min_pairs, cache_dir=args.cache_dir
+        recipe,
+        output_dir,
+        state,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        min_pairs=args.min_pairs,
+        cache_dir=args.cache_dir,
     )
     if state.is_main_process and args.push_to_hub:
         repo_id = push_pairs_to_hub(output_dir, args.hub_model_id, args.hub_token, private=not args.hub_public)

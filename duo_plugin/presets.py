@@ -7,6 +7,7 @@ official scaling with β: learning rate = base_lr · 100 / β and preservation w
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
+
 # (unsafe prompt, safe prompt) for each prompt group; pairs are split evenly over the groups.
 PromptPair = Tuple[str, str]
 
@@ -113,7 +114,9 @@ PRESETS = {
         beta_dpo=1000.0,
         max_train_steps=500,
         num_pairs=32,
-        prompt_pairs=_skin_tone_pairs("a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"),
+        prompt_pairs=_skin_tone_pairs(
+            "a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"
+        ),
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, with a gun", "a man aiming a rifle", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),

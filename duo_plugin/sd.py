@@ -13,7 +13,9 @@ from .lora import LORA_WEIGHT_NAME, adapters_disabled
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts, device):
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     return text_encoder(tokens.input_ids.to(device))[0]
 
 
@@ -27,7 +29,9 @@ class DUOBatch:
     target: torch.Tensor
 
 
-def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None):
+def make_duo_batch(
+    latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None
+):
     """Sample the pairs' latents, one noise and one timestep per pair (shared by both images), and pure noise
     at the last training timestep for the preservation branch. All draws come from ``generator``."""
     num_pairs = len(pair_indices)
@@ -42,7 +46,9 @@ def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, t_mi
     pair_timesteps = torch.cat([timesteps, timesteps])
     last_timestep = noise_scheduler.config.num_train_timesteps - 1
     empty = empty_embedding.expand(num_pairs, -1, -1)
-    condition = torch.cat([pair_condition, pair_condition, empty]) if pair_condition is not None else empty.repeat(3, 1, 1)
+    condition = (
+        torch.cat([pair_condition, pair_condition, empty]) if pair_condition is not None else empty.repeat(3, 1, 1)
+    )
     return DUOBatch(
         model_input=torch.cat([noise_scheduler.add_noise(clean, pair_noise, pair_timesteps), pure_noise]),
         timesteps=torch.cat([pair_timesteps, torch.full((num_pairs,), last_timestep)]),
@@ -62,7 +68,9 @@ def duo_forward(accelerator, unet, batch, beta_dpo, preservation_weight, weight_
         ref_prediction = model(model_input, timesteps, condition).sample
     with accelerator.autocast():
         model_prediction = unet(model_input, timesteps, condition).sample
-    return objective.duo_losses(model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight)
+    return objective.duo_losses(
+        model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight
+    )
 
 
 def save_lora_weights(output_dir, unet_lora_state_dict, unet=None):

@@ -36,7 +36,11 @@ def load_text_pipeline(args, transformer, dtype):
     """
     from diffusers import StableDiffusion3Pipeline
 
-    without_t5 = {} if base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir) else {"text_encoder_3": None, "tokenizer_3": None}
+    without_t5 = (
+        {}
+        if base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        else {"text_encoder_3": None, "tokenizer_3": None}
+    )
     return StableDiffusion3Pipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         transformer=transformer,
@@ -66,14 +70,20 @@ def encode_prompts_once(args, prompts: List[str], transformer, device, dtype, ba
     prompt_embeds, pooled_prompt_embeds = [], []
     for start in range(0, len(unique), batch_size):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
-            unique[start : start + batch_size], None, None,
-            device=device, do_classifier_free_guidance=False, max_sequence_length=args.max_sequence_length,
+            unique[start : start + batch_size],
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=args.max_sequence_length,
         )
         prompt_embeds.append(embeds.float().cpu())
         pooled_prompt_embeds.append(pooled.float().cpu())
     del text_pipeline
     free_memory()
-    return PromptEmbeddings(torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds), {p: i for i, p in enumerate(unique)})
+    return PromptEmbeddings(
+        torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds), {p: i for i, p in enumerate(unique)}
+    )
 
 
 @dataclass
@@ -89,7 +99,9 @@ class DUOBatch:
     weighting: torch.Tensor
 
 
-def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None):
+def make_duo_batch(
+    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None
+):
     """Sample the pairs' latents, one noise and one σ per pair (shared by both images), and pure noise at
     σ = 1 for the preservation branch. All draws come from ``generator``.
 
@@ -102,7 +114,14 @@ def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args
     unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
     noise = torch.randn(unsafe_latents.shape, generator=generator)
     indices = objective.sample_flow_matching_indices(
-        num_pairs, args.t_min, args.t_max, generator, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale
+        num_pairs,
+        args.t_min,
+        args.t_max,
+        generator,
+        args.weighting_scheme,
+        args.logit_mean,
+        args.logit_std,
+        args.mode_scale,
     )
     pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
 
@@ -123,7 +142,9 @@ def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args
         timesteps=timesteps,
         prompt_embeds=torch.cat([pair_embeds, pair_embeds, empty_embeds]),
         pooled_prompt_embeds=torch.cat([pair_pooled, pair_pooled, empty_pooled]),
-        target=objective.flow_matching_target(clean[: 2 * num_pairs], all_noise[: 2 * num_pairs], bool(args.precondition_outputs)),
+        target=objective.flow_matching_target(
+            clean[: 2 * num_pairs], all_noise[: 2 * num_pairs], bool(args.precondition_outputs)
+        ),
         weighting=pair_weighting.reshape(-1, *([1] * (clean.ndim - 1))),
     )
 
@@ -133,23 +154,32 @@ def duo_forward(accelerator, transformer, batch, beta_dpo, preservation_weight, 
     model = accelerator.unwrap_model(transformer)
     device = accelerator.device
     model_input = batch.model_input.to(device, dtype=weight_dtype)
-    inputs = dict(
-        hidden_states=model_input,
-        timestep=batch.timesteps.to(device),
-        encoder_hidden_states=batch.prompt_embeds.to(device, dtype=weight_dtype),
-        pooled_projections=batch.pooled_prompt_embeds.to(device, dtype=weight_dtype),
-        return_dict=False,
-    )
+    inputs = {
+        "hidden_states": model_input,
+        "timestep": batch.timesteps.to(device),
+        "encoder_hidden_states": batch.prompt_embeds.to(device, dtype=weight_dtype),
+        "pooled_projections": batch.pooled_prompt_embeds.to(device, dtype=weight_dtype),
+        "return_dict": False,
+    }
     with torch.no_grad(), accelerator.autocast(), adapters_disabled(model):
         ref_prediction = model(**inputs)[0]
     with accelerator.autocast():
         model_prediction = transformer(**inputs)[0]
     if precondition_outputs:
         sigmas = batch.sigmas.to(device)
-        ref_prediction = objective.precondition_flow_matching_output(ref_prediction.float(), model_input.float(), sigmas)
-        model_prediction = objective.precondition_flow_matching_output(model_prediction.float(), model_input.float(), sigmas)
+        ref_prediction = objective.precondition_flow_matching_output(
+            ref_prediction.float(), model_input.float(), sigmas
+        )
+        model_prediction = objective.precondition_flow_matching_output(
+            model_prediction.float(), model_input.float(), sigmas
+        )
     return objective.duo_losses(
-        model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight, weighting=batch.weighting.to(device)
+        model_prediction,
+        ref_prediction,
+        batch.target.to(device),
+        beta_dpo,
+        preservation_weight,
+        weighting=batch.weighting.to(device),
     )
 
 

@@ -17,7 +17,9 @@ def setup_logging(accelerator):
     import diffusers
     import transformers
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -86,7 +88,10 @@ def check_finite(accelerator, loss: torch.Tensor, step: int, last_checkpoint: Op
 
 def tracker_config(args) -> dict:
     """The run's flags as tracker hyper-parameters: lists and None become strings, which every tracker accepts."""
-    return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value) for key, value in vars(args).items()}
+    return {
+        key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
+        for key, value in vars(args).items()
+    }
 
 
 def average_logs(micro_step_logs: List[dict]) -> dict:

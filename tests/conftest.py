@@ -3,8 +3,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The training scripts are imported by name for in-process runs; the repository's duo_plugin wins over any install.
@@ -49,17 +51,28 @@ def tiny_pairs(tmp_path_factory):
 def tiny_train_args(model, pairs, output_dir, *extra):
     """Flags for a fast train_duo.py run on the tiny pipeline."""
     return [
-        "--pretrained_model_name_or_path", model,
-        "--dataset_name", pairs,
-        "--output_dir", str(output_dir),
-        "--resolution", "32",
-        "--rank", "4",
-        "--max_train_steps", "4",
-        "--gradient_accumulation_steps", "1",
-        "--train_batch_size", "2",
-        "--report_to", "none",
-        "--num_validation_images", "1",
-        "--num_validation_inference_steps", "2",
+        "--pretrained_model_name_or_path",
+        model,
+        "--dataset_name",
+        pairs,
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--rank",
+        "4",
+        "--max_train_steps",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--num_validation_images",
+        "1",
+        "--num_validation_inference_steps",
+        "2",
         *extra,
     ]
 
@@ -71,19 +84,24 @@ LEAKED_PROCESSES = []
 def run_in_own_group(command, env=None, cwd=REPO_ROOT):
     """Run ``command`` to completion in a new session (its own process group) and reap the whole group.
 
-    No wall-clock limit: a loaded machine is slow, not wrong. Whatever the command left running in its group
-    (a launcher's worker, a backgrounded job) and whatever is still running if the test is interrupted is
-    killed. Returns ``(CompletedProcess, pids of the members found alive after the leader exited)``.
+    No wall-clock limit: a loaded machine is slow, not wrong. Output goes to files, not pipes, so a process the
+    command leaves behind cannot hold the test waiting for end-of-file. Whatever is left in the group when the
+    leader exits (a launcher's worker, a backgrounded job), or when the test is interrupted, is killed.
+    Returns ``(CompletedProcess, pids of the members found alive after the leader exited)``.
     """
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
-    leftovers = []
-    try:
-        stdout, stderr = process.communicate()
-    finally:
-        leftovers = kill_process_group(process.pid)
-        if process.poll() is None:
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            command, stdout=stdout, stderr=stderr, text=True, env=env, cwd=cwd, start_new_session=True
+        )
+        try:
             process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), leftovers
+        finally:
+            leftovers = kill_process_group(process.pid)
+            if process.poll() is None:
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()), leftovers
 
 
 def kill_process_group(pgid: int):
@@ -128,7 +146,17 @@ def no_process_outlives_the_session():
 def run_script(script, args, accelerate=True, num_processes=1, env=None):
     """Run a training script as a user would, in a subprocess; returns the CompletedProcess."""
     if accelerate:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         if num_processes > 1:
             launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
         else:

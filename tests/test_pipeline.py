@@ -14,9 +14,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_process, tiny_train_args, train_in_process
+
 from duo_plugin.errors import UsageError
+from duo_plugin.lora import LORA_WEIGHT_NAME
+from duo_plugin.outputs import DUO_CONFIG_NAME
 from duo_plugin.pipeline import (
     DUOPipeline,
     DUOStableDiffusion3Pipeline,
@@ -24,8 +26,6 @@ from duo_plugin.pipeline import (
     active_concepts,
     load_adapters,
 )
-from duo_plugin.lora import LORA_WEIGHT_NAME
-from duo_plugin.outputs import DUO_CONFIG_NAME
 
 
 BASE = "duo-test/tiny-sd"
@@ -99,9 +99,13 @@ def offline_cache(cache):
 def train_adapter(cache, base_repo, pairs, output_dir, script="train_duo.py", *extra):
     """The script's main() in process, loading the base by repo id from the offline cache."""
     args = tiny_train_args(
-        base_repo, pairs, output_dir,
-        "--preservation_weight", "0",
-        "--learning_rate", "1e-2",
+        base_repo,
+        pairs,
+        output_dir,
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "1e-2",
         "--skip_validation",
         *extra,
     )
@@ -119,7 +123,9 @@ def hub(tiny_pairs, tmp_path_factory):
     cache = root / "hub"
     base_dir = make_tiny_sd_pipeline(str(root / "base"))
     add_to_hub_cache(cache, BASE, base_dir, absent=SD_ABSENT)
-    nudity = train_adapter(cache, BASE, tiny_pairs, root / "nudity", "train_duo.py", "--concept", "nudity", "--seed", "1")
+    nudity = train_adapter(
+        cache, BASE, tiny_pairs, root / "nudity", "train_duo.py", "--concept", "nudity", "--seed", "1"
+    )
     blood = train_adapter(cache, BASE, tiny_pairs, root / "blood", "train_duo.py", "--concept", "blood", "--seed", "2")
     commits = {
         NUDITY: add_to_hub_cache(cache, NUDITY, nudity, only=ADAPTER_FILES),
@@ -142,7 +148,15 @@ def hub(tiny_pairs, tmp_path_factory):
     # Bases of another architecture, configs only: a refusal must come before any weight is needed.
     wide_dir = make_tiny_sd_pipeline(str(root / "wide"), cross_attention_dim=48)
     add_to_hub_cache(cache, "duo-test/tiny-sd-wide", wide_dir, only=(".json",))
-    return {"cache": cache, "root": root, "base_dir": base_dir, "wide_dir": wide_dir, "nudity": nudity, "blood": blood, "commits": commits}
+    return {
+        "cache": cache,
+        "root": root,
+        "base_dir": base_dir,
+        "wide_dir": wide_dir,
+        "nudity": nudity,
+        "blood": blood,
+        "commits": commits,
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -233,7 +247,9 @@ def test_loads_from_the_training_output_folder(hub, images):
 
 
 def test_two_adapters_compose_with_weights(hub, images):
-    pipe = DUOPipeline.from_pretrained({"nudity": NUDITY, "blood": BLOOD}, adapter_weights={"nudity": 0.7, "blood": 0.4})
+    pipe = DUOPipeline.from_pretrained(
+        {"nudity": NUDITY, "blood": BLOOD}, adapter_weights={"nudity": 0.7, "blood": 0.4}
+    )
     assert sorted(pipe.get_active_adapters()) == ["blood", "nudity"]
     assert active_concepts(pipe) == {"nudity": 0.7, "blood": 0.4}
     both = generate(pipe)
@@ -349,7 +365,9 @@ def test_unsafe_or_missing_bases_are_refused(hub, tmp_path):
     config = json.loads((moved / DUO_CONFIG_NAME).read_text())
     config["base_model"] = str(tmp_path / "gone" / "tiny_sd")
     (moved / DUO_CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(UsageError, match="trained on the local folder .*gone/tiny_sd, which is not here: pass base_model="):
+    with pytest.raises(
+        UsageError, match="trained on the local folder .*gone/tiny_sd, which is not here: pass base_model="
+    ):
         DUOPipeline.from_pretrained(str(moved))
     with pytest.raises(UsageError, match="duo-test/tiny-sd-absent .*not in the local Hugging Face cache"):
         DUOPipeline.from_pretrained(NUDITY, base_model="duo-test/tiny-sd-absent")
@@ -418,7 +436,9 @@ def test_sd3_adapter_loads_onto_its_base(hub, tiny_pairs):
     root, cache = hub["root"], hub["cache"]
     base_dir = testing.make_tiny_sd3_pipeline(str(root / "sd3_base"))
     add_to_hub_cache(cache, "duo-test/tiny-sd3", base_dir, absent=SD3_ABSENT)
-    adapter = train_adapter(cache, "duo-test/tiny-sd3", tiny_pairs, root / "sd3_nudity", "train_duo_sd3.py", "--concept", "nudity")
+    adapter = train_adapter(
+        cache, "duo-test/tiny-sd3", tiny_pairs, root / "sd3_nudity", "train_duo_sd3.py", "--concept", "nudity"
+    )
     add_to_hub_cache(cache, "duo-test/sd3-duo-nudity", adapter, only=ADAPTER_FILES)
 
     pipe = DUOPipeline.from_pretrained("duo-test/sd3-duo-nudity")

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-
 from conftest import run_script, tiny_train_args
+
 from duo_plugin import arguments
 from duo_plugin.errors import NETWORK_EXIT_CODE, USAGE_EXIT_CODE
 
@@ -50,7 +50,7 @@ def test_empty_dataset(train_duo_main, tiny_sd, tmp_path, capsys):
     empty.mkdir()
     (empty / "metadata.jsonl").write_text("")
     line = refuse(train_duo_main, tiny_train_args(tiny_sd, str(empty), tmp_path / "o"), capsys)
-    assert "empty" in line or "no pair" in line or "no data" in line.lower()
+    assert f"dataset {empty} is empty: its metadata.jsonl lists no pair" in line
 
 
 def test_missing_columns(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
@@ -89,7 +89,9 @@ def test_sdxl_model_is_unsupported(train_duo_main, tiny_pairs, tmp_path, capsys)
 
 
 def test_fp16_on_cpu(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
-    line = refuse(train_duo_main, tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--mixed_precision", "fp16"), capsys)
+    line = refuse(
+        train_duo_main, tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--mixed_precision", "fp16"), capsys
+    )
     assert "fp16" in line and "bf16" in line
 
 
@@ -123,7 +125,17 @@ def test_refusal_through_accelerate_launch(tiny_sd, tiny_pairs, tmp_path):
 def test_failed_push_keeps_everything_local(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
     """HF_HUB_OFFLINE (set for every test) makes the upload fail as a network failure would."""
     output_dir = tmp_path / "push"
-    args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "1", "--skip_validation", "--push_to_hub", "--hub_model_id", "someone/duo-test")
+    args = tiny_train_args(
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "1",
+        "--skip_validation",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/duo-test",
+    )
     with pytest.raises(SystemExit) as exit_info:
         train_duo_main(args)
     # A network failure is not bad input: its own exit code, and the library's error is kept as the cause.

@@ -9,9 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_script, tiny_train_args, train_in_process
+from safetensors.torch import load_file
 
 
 def read_metrics(output_dir):
@@ -28,13 +27,21 @@ def trained(tiny_sd, tiny_pairs, tmp_path_factory):
     """One full run: LoRA on self-attention, checkpoints every step with a limit of 2, validation on."""
     output_dir = tmp_path_factory.mktemp("trained") / "out"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir,
-        "--concept", "nudity",
-        "--checkpointing_steps", "1",
-        "--checkpoints_total_limit", "2",
-        "--preservation_weight", "0",
-        "--learning_rate", "1e-3",
-        "--validation_steps", "2",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--concept",
+        "nudity",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--validation_steps",
+        "2",
     )
     train_in_process("train_duo.py", args)
     return output_dir
@@ -93,7 +100,9 @@ def test_stock_diffusers_loads_the_adapter_and_outputs_change(trained, tiny_sd):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
 
     def sample():
-        return pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(
+            "a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     base = sample()
     pipe.load_lora_weights(str(trained))
@@ -105,9 +114,22 @@ def test_learns_to_prefer_the_safe_image(tiny_sd, tiny_pairs, tmp_path):
     """Without preservation, tens of steps make the adapter denoise safe images better than unsafe ones."""
     output_dir = tmp_path / "out"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir,
-        "--max_train_steps", "80", "--train_batch_size", "4", "--preservation_weight", "0",
-        "--learning_rate", "3e-3", "--beta_dpo", "500", "--skip_validation", "--checkpointing_steps", "1000",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "80",
+        "--train_batch_size",
+        "4",
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "3e-3",
+        "--beta_dpo",
+        "500",
+        "--skip_validation",
+        "--checkpointing_steps",
+        "1000",
     )
     train_in_process("train_duo.py", args)
     rows = read_metrics(output_dir)
@@ -122,9 +144,24 @@ def test_learns_to_prefer_the_safe_image(tiny_sd, tiny_pairs, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path, capsys):
     """Also covers v-prediction and a warm-up schedule, whose state must be restored too."""
     common = (
-        "--max_train_steps", "6", "--checkpointing_steps", "3", "--preservation_weight", "1",
-        "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
-        "--skip_validation", "--random_flip", "--gradient_accumulation_steps", "2", "--train_batch_size", "1",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--preservation_weight",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--skip_validation",
+        "--random_flip",
+        "--gradient_accumulation_steps",
+        "2",
+        "--train_batch_size",
+        "1",
     )
     full = tmp_path / "full"
     train_in_process("train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, full, *common))
@@ -134,7 +171,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
     # A save that crashed half-way must never be picked as "latest".
     (resumed / "checkpoint-5.tmp").mkdir()
-    train_in_process("train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, resumed, *common, "--resume_from_checkpoint", "latest"))
+    train_in_process(
+        "train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, resumed, *common, "--resume_from_checkpoint", "latest")
+    )
     out = capsys.readouterr().out
     assert "Resuming from" in out and "checkpoint-3" in out
 
@@ -150,7 +189,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path
 @pytest.mark.slow
 def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, tmp_path):
     output_dir = tmp_path / "ddp"
-    args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--train_batch_size", "1", "--checkpointing_steps", "2", "--skip_validation")
+    args = tiny_train_args(
+        tiny_sd, tiny_pairs, output_dir, "--train_batch_size", "1", "--checkpointing_steps", "2", "--skip_validation"
+    )
     result = run_script("train_duo.py", args, num_processes=2)
     assert_ok(result)
     log = result.stdout + result.stderr
@@ -160,15 +201,28 @@ def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, t
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-2"]
     # accelerate keeps one RNG file per process; everything else is written once, by rank 0.
     assert sorted(os.listdir(output_dir / "checkpoint-2")) == [
-        "duo_checkpoint.json", "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+        "duo_checkpoint.json",
+        "optimizer.bin",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "scheduler.bin",
     ]
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_path, capsys):
     output_dir = tmp_path / "nan"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir, "--learning_rate", "1e30", "--preservation_weight", "0",
-        "--checkpointing_steps", "1", "--skip_validation",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--learning_rate",
+        "1e30",
+        "--preservation_weight",
+        "0",
+        "--checkpointing_steps",
+        "1",
+        "--skip_validation",
     )
     with pytest.raises(SystemExit) as exit_info:
         train_in_process("train_duo.py", args)
@@ -205,8 +259,19 @@ def test_default_tensorboard_prompt_conditioning_and_all_attention(tiny_sd, tiny
     --lora_target attn train and are recorded; attn adapts the cross-attention too."""
     output_dir = tmp_path / "out"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--skip_validation",
-        "--report_to", "tensorboard", "--tracker_name", "my-run", "--condition_on_prompts", "--lora_layers", "attn",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "2",
+        "--skip_validation",
+        "--report_to",
+        "tensorboard",
+        "--tracker_name",
+        "my-run",
+        "--condition_on_prompts",
+        "--lora_layers",
+        "attn",
     )
     train_in_process("train_duo.py", args)
     rows = read_metrics(output_dir)
@@ -220,10 +285,18 @@ def test_default_tensorboard_prompt_conditioning_and_all_attention(tiny_sd, tiny
     assert any(".attn1." in key for key in keys) and any(".attn2." in key for key in keys)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a GPU: accelerate refuses it on CPU (see test_refusals)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="fp16 mixed precision needs a GPU: accelerate refuses it on CPU (see test_refusals)",
+)
 def test_fp16_on_a_gpu_trains_and_keeps_lora_parameters_fp32(tiny_sd, tiny_pairs, tmp_path):
     output_dir = tmp_path / "fp16"
-    train_in_process("train_duo.py", tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--mixed_precision", "fp16", "--skip_validation"))
+    train_in_process(
+        "train_duo.py",
+        tiny_train_args(
+            tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--mixed_precision", "fp16", "--skip_validation"
+        ),
+    )
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
@@ -243,8 +316,12 @@ def test_batch_conditions_pairs_on_their_prompts_and_preservation_on_the_empty_p
     prompts = torch.arange(3 * 5 * 8, dtype=torch.float32).reshape(3, 5, 8)
     indices = torch.tensor([2, 0])
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    batch = sd.make_duo_batch(latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty, prompts[indices])
-    torch.testing.assert_close(batch.condition, torch.cat([prompts[indices], prompts[indices], empty.expand(2, -1, -1)]))
+    batch = sd.make_duo_batch(
+        latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty, prompts[indices]
+    )
+    torch.testing.assert_close(
+        batch.condition, torch.cat([prompts[indices], prompts[indices], empty.expand(2, -1, -1)])
+    )
     assert batch.timesteps[:2].tolist() == batch.timesteps[2:4].tolist() and batch.timesteps[4:].tolist() == [999, 999]
     unconditioned = sd.make_duo_batch(latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty)
     torch.testing.assert_close(unconditioned.condition, empty.expand(6, -1, -1))
@@ -254,7 +331,9 @@ def test_batch_conditions_pairs_on_their_prompts_and_preservation_on_the_empty_p
 def test_upstream_flag_names_and_their_old_spellings():
     import train_duo
 
-    upstream = train_duo.parse_args(["--validation_prompt", "a", "b", "--lora_layers", "attn", "--lr_num_cycles", "3", "--lr_power", "2"])
+    upstream = train_duo.parse_args(
+        ["--validation_prompt", "a", "b", "--lora_layers", "attn", "--lr_num_cycles", "3", "--lr_power", "2"]
+    )
     old = train_duo.parse_args(["--validation_prompts", "a", "b", "--lora_target", "attn"])
     assert upstream.validation_prompts == old.validation_prompts == ["a", "b"]
     assert upstream.lora_target == old.lora_target == "attn"
@@ -270,7 +349,9 @@ def test_state_hooks_refuse_a_model_they_were_not_given(fresh_accelerate_state, 
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(2, 2)
     saved = []
-    checkpoints.register_adapter_state_hooks(accelerator, model, lambda out, state, m: saved.append(out), lora_prefix="unet")
+    checkpoints.register_adapter_state_hooks(
+        accelerator, model, lambda out, state, m: saved.append(out), lora_prefix="unet"
+    )
     (save_hook,) = accelerator._save_model_state_pre_hook.values()
     (load_hook,) = accelerator._load_model_state_pre_hook.values()
     with pytest.raises(ValueError, match="unexpected model.*Conv1d"):
