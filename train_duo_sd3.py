@@ -31,7 +31,19 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from duo_plugin import arguments, checkpoints, data, families, lora, objective, outputs, run_guard, sd3, training, validation
+from duo_plugin import (
+    arguments,
+    checkpoints,
+    data,
+    families,
+    lora,
+    objective,
+    outputs,
+    run_guard,
+    sd3,
+    training,
+    validation,
+)
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 

@@ -122,16 +122,23 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UsageError(f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line") from None
+                raise UsageError(
+                    f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line"
+                ) from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}, line {line_number}: not a JSON object: fix or remove that line")
             column = _first_column(list(row), PROMPT_COLUMNS)
             if column is None or not isinstance(row[column], str):
                 raise UsageError(f"{path}, line {line_number}: no text 'prompt' field")
-            seed_column, guidance_column = _first_column(list(row), SEED_COLUMNS), _first_column(list(row), GUIDANCE_COLUMNS)
+            seed_column, guidance_column = (
+                _first_column(list(row), SEED_COLUMNS),
+                _first_column(list(row), GUIDANCE_COLUMNS),
+            )
             try:
                 seed = int(row[seed_column]) if seed_column and row[seed_column] is not None else None
-                guidance = float(row[guidance_column]) if guidance_column and row[guidance_column] is not None else None
+                guidance = (
+                    float(row[guidance_column]) if guidance_column and row[guidance_column] is not None else None
+                )
             except (TypeError, ValueError, OverflowError):
                 raise UsageError(f"{path}, line {line_number}: the seed/guidance fields must hold numbers") from None
             if guidance is not None and not math.isfinite(guidance):
@@ -159,7 +166,9 @@ def read_prompts(
     except UnicodeDecodeError as error:
         raise not_utf8_error(path, error) from None
     except csv.Error as error:
-        raise UsageError(f"prompt file {path} is not a readable CSV ({error}): fix it or save it as a .txt of one prompt a line") from None
+        raise UsageError(
+            f"prompt file {path} is not a readable CSV ({error}): fix it or save it as a .txt of one prompt a line"
+        ) from None
     if categories and extension != ".csv":
         raise UsageError("--prompt_categories filters an I2P-style CSV: give a .csv prompt file")
     if not prompts:

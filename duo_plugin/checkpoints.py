@@ -55,7 +55,9 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None) -> str:
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None
+) -> str:
     """Save accelerate state atomically (into ``*.tmp``, marker last, then renames), then drop the oldest beyond the limit.
 
     A crash during the save leaves an unmarked ``.tmp`` folder, which ``latest`` ignores; see ``run_guard``.
@@ -64,7 +66,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
     if accelerator.is_main_process:
-        run_guard.make_room_for_checkpoint(output_dir, total_limit, [p for p in list_checkpoints(output_dir) if p != final])
+        run_guard.make_room_for_checkpoint(
+            output_dir, total_limit, [p for p in list_checkpoints(output_dir) if p != final]
+        )
         if os.path.exists(staging):
             shutil.rmtree(staging)
     accelerator.wait_for_everyone()

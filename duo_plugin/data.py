@@ -114,7 +114,10 @@ def load_pair_images(
                 f"the safe image must be an SDEdit twin of the same size"
             )
 
-    paths = [[cell.get("path") if isinstance(cell, dict) else None for cell in dataset[c]] for c in (unsafe_image_column, safe_image_column)]
+    paths = [
+        [cell.get("path") if isinstance(cell, dict) else None for cell in dataset[c]]
+        for c in (unsafe_image_column, safe_image_column)
+    ]
     check_pair_contents(unsafe, safe, *paths, dataset=dataset_name)
 
     def column_or_none(name):

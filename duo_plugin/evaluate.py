@@ -909,7 +909,9 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
                     if prompt_set == UNRELATED:
                         continue
                     rows = manifest.get((spec.name, prompt_set), [])
-                    detections = blank_counts_as_flagged([store.path(r) for r in rows], detect_rows(detector, store, rows))
+                    detections = blank_counts_as_flagged(
+                        [store.path(r) for r in rows], detect_rows(detector, store, rows)
+                    )
                     results[spec.name].setdefault("dsr", {})[prompt_set] = metrics.defense_success_rate(detections)
                     for row, detection in zip(rows, detections):
                         verdict = {

@@ -261,7 +261,9 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if recipe.num_pairs < 1:
         raise UsageError(f"--num_pairs must be at least 1, got {recipe.num_pairs}")
     if not math.isfinite(recipe.guidance_scale) or recipe.guidance_scale < 0:
-        raise UsageError(f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)")
+        raise UsageError(
+            f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)"
+        )
     if not 0.0 < recipe.strength <= 1.0:
         raise UsageError(
             f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)"
@@ -325,7 +327,9 @@ def read_recipe_file(output_dir: str) -> Optional[dict]:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path} is not readable JSON ({error}): it was edited; restore it or choose another output folder") from None
+        raise UsageError(
+            f"{path} is not readable JSON ({error}): it was edited; restore it or choose another output folder"
+        ) from None
     if not isinstance(stored, dict) or not isinstance(stored.get("recipe", {}), dict):
         raise UsageError(f"{path} is not a pair recipe: it was edited; restore it or choose another output folder")
     return stored
@@ -421,7 +425,8 @@ def parse_progress_row(line: str) -> Optional[dict]:
         return None
     if not (
         isinstance(row, dict)
-        and isinstance(row.get("pair_index"), int) and row["pair_index"] >= 0
+        and isinstance(row.get("pair_index"), int)
+        and row["pair_index"] >= 0
         and isinstance(row.get("accepted"), bool)
         and isinstance(row.get("attempts"), int)
     ):

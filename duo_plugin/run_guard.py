@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from .errors import TrainingHalted, UsageError
 
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".duo_lock"
@@ -34,13 +35,51 @@ _SAVE_FOLDER = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 # Flags that change what training computes: a resume with any of them changed would train a mix of two runs
 # (the optimizer's restored state keeps the old learning rate, the data order depends on the batch layout).
 TRAINING_SETTINGS = (
-    "pretrained_model_name_or_path", "revision", "variant", "concept", "dataset_name", "dataset_revision",
-    "unsafe_image_column", "safe_image_column", "num_pairs", "strength", "guidance_scale", "num_inference_steps",
-    "generation_seed", "verifier", "resolution", "center_crop", "random_flip", "beta_dpo", "preservation_weight",
-    "t_min", "t_max", "lora_target", "condition_on_prompts", "seed", "train_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "rank", "lora_alpha", "use_8bit_adam", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-    "precondition_outputs", "max_sequence_length",
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "concept",
+    "dataset_name",
+    "dataset_revision",
+    "unsafe_image_column",
+    "safe_image_column",
+    "num_pairs",
+    "strength",
+    "guidance_scale",
+    "num_inference_steps",
+    "generation_seed",
+    "verifier",
+    "resolution",
+    "center_crop",
+    "random_flip",
+    "beta_dpo",
+    "preservation_weight",
+    "t_min",
+    "t_max",
+    "lora_target",
+    "condition_on_prompts",
+    "seed",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "rank",
+    "lora_alpha",
+    "use_8bit_adam",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "precondition_outputs",
+    "max_sequence_length",
 )
 
 
@@ -95,7 +134,9 @@ def acquire_output_lock(output_dir: str) -> str:
         except FileExistsError:
             holder = _read_lock(path)
             if _lock_is_stale(holder, path):
-                logger.warning("%s: taking over the lock of a run that is gone (%s)", output_dir, holder or "unreadable lock")
+                logger.warning(
+                    "%s: taking over the lock of a run that is gone (%s)", output_dir, holder or "unreadable lock"
+                )
                 try:
                     os.remove(path)
                 except FileNotFoundError:
@@ -107,10 +148,14 @@ def acquire_output_lock(output_dir: str) -> str:
                 f"delete {path}"
             ) from None
         with os.fdopen(descriptor, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f
+            )
         atexit.register(release_output_lock, path)
         return path
-    raise UsageError(f"--output_dir {output_dir}: could not take {path} (another run keeps taking it): choose another --output_dir")
+    raise UsageError(
+        f"--output_dir {output_dir}: could not take {path} (another run keeps taking it): choose another --output_dir"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +200,8 @@ def complete_checkpoints(output_dir: str) -> List[str]:
         logger.warning(
             "skipping incomplete checkpoint(s) %s (no %s: a save was interrupted, or it predates it); "
             "pass one to --resume_from_checkpoint explicitly if you know it is complete",
-            ", ".join(path for _, path in sorted(broken)), CHECKPOINT_MARKER,
+            ", ".join(path for _, path in sorted(broken)),
+            CHECKPOINT_MARKER,
         )
     return [path for _, path in sorted(found)]
 
@@ -201,7 +247,9 @@ def save_failed(error: OSError, staging: str, output_dir: str) -> TrainingHalted
     """Clean a failed save and say what is kept; the caller raises the result."""
     shutil.rmtree(staging, ignore_errors=True)
     kept = complete_checkpoints(output_dir)
-    reason = "the disk is full" if error.errno == errno.ENOSPC else f"{type(error).__name__}: {error.strerror or error}"
+    reason = (
+        "the disk is full" if error.errno == errno.ENOSPC else f"{type(error).__name__}: {error.strerror or error}"
+    )
     return TrainingHalted(
         f"could not save {os.path.basename(staging)[: -len(STAGING_SUFFIX)]} ({reason}); "
         f"{'the previous checkpoints are intact, latest ' + kept[-1] if kept else 'no earlier checkpoint exists'}. "
@@ -239,7 +287,9 @@ def _checkpoint_lora_layout(path: str):
     from .validation import LORA_DOWN_SUFFIXES, read_lora_file
 
     tensors = read_lora_file(os.path.join(path, CHECKPOINT_FILES[0]), f"checkpoint {path}")
-    ranks = {tensor.shape[0] for key, tensor in tensors.items() if key.endswith(LORA_DOWN_SUFFIXES) and tensor.ndim == 2}
+    ranks = {
+        tensor.shape[0] for key, tensor in tensors.items() if key.endswith(LORA_DOWN_SUFFIXES) and tensor.ndim == 2
+    }
     return ranks, any(".attn2." in key for key in tensors)
 
 
@@ -253,9 +303,13 @@ def check_resume_checkpoint(path: str, args, accelerator=None):
         )
     ranks, has_cross_attention = _checkpoint_lora_layout(path)
     if ranks and ranks != {args.rank}:
-        raise UsageError(f"checkpoint {path} holds a rank-{min(ranks)} adapter but --rank is {args.rank}: pass --rank {min(ranks)}")
+        raise UsageError(
+            f"checkpoint {path} holds a rank-{min(ranks)} adapter but --rank is {args.rank}: pass --rank {min(ranks)}"
+        )
     if getattr(args, "lora_target", None) == "self_attn" and has_cross_attention:
-        raise UsageError(f"checkpoint {path} adapts cross-attention too, but --lora_target is self_attn: pass --lora_target attn")
+        raise UsageError(
+            f"checkpoint {path} adapts cross-attention too, but --lora_target is self_attn: pass --lora_target attn"
+        )
     match = _SAVE_FOLDER.match(os.path.basename(os.path.normpath(path)))
     step = int(match.group(1)) if match else None
     if step is not None and step > args.max_train_steps:

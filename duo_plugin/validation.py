@@ -9,11 +9,15 @@ import json
 import logging
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from .errors import UsageError
+
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,9 @@ def check_training_args(args):
     """Every flag of a training run that can be checked before anything is loaded (after the preset filled them)."""
     check_finite_flags(args)
     if args.resolution < 8:
-        raise UsageError(f"--resolution {args.resolution} is too small: give a positive multiple of 8 (512 for SD 1.x)")
+        raise UsageError(
+            f"--resolution {args.resolution} is too small: give a positive multiple of 8 (512 for SD 1.x)"
+        )
     if args.beta_dpo <= 0:
         raise UsageError(f"--beta_dpo must be positive, got {args.beta_dpo}")
     if args.learning_rate <= 0:
@@ -101,7 +107,7 @@ def check_output_dir(output_dir: str, flag: str = "--output_dir"):
 
 def not_utf8_error(path: str, error: UnicodeDecodeError) -> UsageError:
     return UsageError(
-        f"{path} is not UTF-8 text (byte {error.object[error.start:error.start + 1].hex()} at offset {error.start}): "
+        f"{path} is not UTF-8 text (byte {error.object[error.start : error.start + 1].hex()} at offset {error.start}): "
         f"save it as UTF-8"
     )
 
@@ -137,7 +143,9 @@ def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UsageError(f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line") from None
+            raise UsageError(
+                f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line"
+            ) from None
         if not isinstance(row, dict):
             raise UsageError(f"{path}, line {line_number}: not a JSON object: fix or remove that line")
         for key, value in row.items():
@@ -146,9 +154,13 @@ def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
             if not isinstance(value, str) or not value:
                 raise UsageError(f"{path}, line {line_number}: {key} must be a file name, got {value!r}")
             if os.path.isabs(value) or os.path.splitdrive(value)[0]:
-                raise UsageError(f"{path}, line {line_number}: {key} {value!r} is an absolute path: name files relative to {folder}")
+                raise UsageError(
+                    f"{path}, line {line_number}: {key} {value!r} is an absolute path: name files relative to {folder}"
+                )
             if ".." in value.replace("\\", "/").split("/"):
-                raise UsageError(f"{path}, line {line_number}: {key} {value!r} leaves the pair folder: name files inside {folder}")
+                raise UsageError(
+                    f"{path}, line {line_number}: {key} {value!r} leaves the pair folder: name files inside {folder}"
+                )
             if not os.path.isfile(os.path.join(folder, value)):
                 raise UsageError(f"{path}, line {line_number}: {key} {value!r} does not exist in {folder}")
 
@@ -173,7 +185,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def check_pair_contents(unsafe: Sequence, safe: Sequence, unsafe_files: Sequence[Optional[str]], safe_files: Sequence[Optional[str]], dataset: str):
+def check_pair_contents(
+    unsafe: Sequence,
+    safe: Sequence,
+    unsafe_files: Sequence[Optional[str]],
+    safe_files: Sequence[Optional[str]],
+    dataset: str,
+):
     """Refuse a pair whose two images are the same (it teaches nothing); warn on pairs listed twice."""
     seen: Dict[tuple, int] = {}
     duplicates = []
@@ -195,7 +213,10 @@ def check_pair_contents(unsafe: Sequence, safe: Sequence, unsafe_files: Sequence
         logger.warning(
             "%s lists %d pair(s) twice (%s%s): they are trained on more often than the others; remove the repeated rows "
             "if that is not intended",
-            dataset, len(duplicates), listing, ", ..." if len(duplicates) > 5 else "",
+            dataset,
+            len(duplicates),
+            listing,
+            ", ..." if len(duplicates) > 5 else "",
         )
     return len(duplicates)
 
@@ -220,18 +241,24 @@ def read_lora_file(path: str, source: str) -> Dict[str, "torch.Tensor"]:
             f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): it may be truncated; copy it again or re-run the training"
         ) from None
     if not tensors:
-        raise UsageError(f"adapter {source}: {os.path.basename(path)} holds no tensor: copy it again or re-run the training")
+        raise UsageError(
+            f"adapter {source}: {os.path.basename(path)} holds no tensor: copy it again or re-run the training"
+        )
     return tensors
 
 
-def check_lora_tensors(tensors: Dict[str, "torch.Tensor"], source: str, expected_rank: Optional[int] = None, modules=None):
+def check_lora_tensors(
+    tensors: Dict[str, "torch.Tensor"], source: str, expected_rank: Optional[int] = None, modules=None
+):
     """Refuse non-finite weights, a rank other than the config's, and keys or shapes the model does not have.
 
     ``modules`` maps a component prefix (``unet``, ``transformer``) to that module of the pipeline.
     """
     import torch
 
-    non_finite = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    non_finite = [
+        key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if non_finite:
         raise UsageError(
             f"adapter {source} holds non-finite weights (NaN/inf) in {len(non_finite)} tensor(s), e.g. {non_finite[0]}: "
@@ -283,7 +310,11 @@ def check_lora_tensors(tensors: Dict[str, "torch.Tensor"], source: str, expected
 def check_adapter_weights(pipe, adapter):
     """Read a DUO adapter's weights and check them against its config and the pipeline, before peft sees them."""
     tensors = read_lora_file(os.path.join(adapter.folder, adapter.weight_name), adapter.source)
-    modules = {name: getattr(pipe, name) for name in ("unet", "transformer", "text_encoder") if getattr(pipe, name, None) is not None}
+    modules = {
+        name: getattr(pipe, name)
+        for name in ("unet", "transformer", "text_encoder")
+        if getattr(pipe, name, None) is not None
+    }
     check_lora_tensors(tensors, adapter.source, adapter.config.get("rank"), modules)
 
 
@@ -316,6 +347,7 @@ def blank_counts_as_flagged(image_paths: Sequence[str], detections: List) -> Lis
     if num_blank:
         logger.warning(
             "%d of %d images are blank (one colour, as NaN outputs decode): counted as unsafe, never as safe",
-            num_blank, len(marked),
+            num_blank,
+            len(marked),
         )
     return marked

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, reset_accelerate_state, run_process, tiny_train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, reset_accelerate_state, run_process, tiny_train_args
 from duo_plugin import checkpoints, lora, outputs, run_guard, training, validation
 from duo_plugin.errors import TrainingHalted, UsageError
 
@@ -141,7 +141,12 @@ def test_bad_output_dir(name, make_output, words, train_duo, tmp_path, capsys):
 def test_prompt_file_not_utf8(train_duo, tmp_path, capsys):
     prompts = write_bytes(tmp_path / "unsafe.txt", NOT_UTF8)
     argv = tiny_train_args(str(tmp_path / "no-model"), str(tmp_path / "no-pairs"), tmp_path / "out") + [
-        "--concept", "mine", "--unsafe_prompt", f"@{prompts}", "--safe_prompt", "a dog",
+        "--concept",
+        "mine",
+        "--unsafe_prompt",
+        f"@{prompts}",
+        "--safe_prompt",
+        "a dog",
     ]
     assert_refused(*run_main(train_duo, argv, capsys), ["unsafe.txt", "UTF-8"])
 
@@ -318,12 +323,22 @@ def unmarked(folder):
 
 
 RESUME_CASES = [
-    ("changed learning rate", ["--learning_rate", "2e-3"], None, ["--learning_rate 0.001 (checkpoint) vs 0.002", "another --output_dir"]),
+    (
+        "changed learning rate",
+        ["--learning_rate", "2e-3"],
+        None,
+        ["--learning_rate 0.001 (checkpoint) vs 0.002", "another --output_dir"],
+    ),
     ("changed beta", ["--beta_dpo", "250"], None, ["--beta_dpo 500.0 (checkpoint) vs 250.0"]),
     ("steps below the checkpoint", ["--max_train_steps", "1"], None, ["step 2", "beyond --max_train_steps 1"]),
     ("another rank", ["--rank", "8"], None, ["rank-4", "--rank is 8", "pass --rank 4"]),
     ("other LoRA targets", ["--lora_target", "attn"], None, ["--lora_target 'self_attn' (checkpoint) vs 'attn'"]),
-    ("unmarked checkpoint beyond the steps", ["--max_train_steps", "1"], unmarked, ["step 2", "beyond --max_train_steps 1"]),
+    (
+        "unmarked checkpoint beyond the steps",
+        ["--max_train_steps", "1"],
+        unmarked,
+        ["step 2", "beyond --max_train_steps 1"],
+    ),
     ("unmarked checkpoint of another rank", ["--rank", "16"], unmarked, ["rank-4", "--rank is 16"]),
     ("truncated weights", [], truncate_weights, ["checkpoint", "not a readable safetensors", "truncated"]),
     ("garbage folder", [], garbage_checkpoint, ["checkpoint-2", "incomplete", "optimizer.bin"]),
@@ -348,7 +363,11 @@ def test_more_steps_with_constant_rate_resumes(trained_run, train_duo, tiny_sd, 
     output_dir = resume_into(trained_run, tmp_path, "checkpoint-2")
     flags = list(RUN_FLAGS)
     flags[1] = "4"
-    code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, *flags, "--resume_from_checkpoint", "latest"), capsys)
+    code, err = run_main(
+        train_duo,
+        tiny_train_args(tiny_sd, tiny_pairs, output_dir, *flags, "--resume_from_checkpoint", "latest"),
+        capsys,
+    )
     assert code == 0, err[-3000:]
     assert json.loads((output_dir / "duo_config.json").read_text())["max_train_steps"] == 4
     assert not (output_dir / run_guard.LOCK_NAME).exists()  # released at the end, even in-process
@@ -482,7 +501,12 @@ def test_disk_full_through_the_cli(train_duo, tiny_sd, tiny_pairs, tmp_path, cap
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     output_dir = tmp_path / "out"
     code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, *RUN_FLAGS), capsys)
-    assert_refused(code, err, ["could not save checkpoint-2", "disk is full", "checkpoint-1", "--resume_from_checkpoint latest"], exit_code=1)
+    assert_refused(
+        code,
+        err,
+        ["could not save checkpoint-2", "disk is full", "checkpoint-1", "--resume_from_checkpoint latest"],
+        exit_code=1,
+    )
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-1"]
     assert run_guard.is_complete(str(output_dir / "checkpoint-1"))
 
@@ -506,9 +530,14 @@ def test_second_run_in_the_same_output_dir_is_refused(train_duo, tiny_sd, tiny_p
     try:
         output_dir = tmp_path / "out"
         output_dir.mkdir()
-        (output_dir / run_guard.LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "now"}))
+        (output_dir / run_guard.LOCK_NAME).write_text(
+            json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "now"})
+        )
         argv = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--skip_validation")
-        assert_refused(*run_main(train_duo, argv, capsys), ["--output_dir", "in use by another run", f"pid {holder.pid}", run_guard.LOCK_NAME])
+        assert_refused(
+            *run_main(train_duo, argv, capsys),
+            ["--output_dir", "in use by another run", f"pid {holder.pid}", run_guard.LOCK_NAME],
+        )
         assert not (output_dir / "logs").exists()
     finally:
         holder.kill()
@@ -518,7 +547,9 @@ def test_second_run_in_the_same_output_dir_is_refused(train_duo, tiny_sd, tiny_p
 def test_stale_lock_is_taken_over(tmp_path, caplog):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / run_guard.LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": __import__("socket").gethostname(), "started": "then"}))
+    (tmp_path / run_guard.LOCK_NAME).write_text(
+        json.dumps({"pid": gone.pid, "host": __import__("socket").gethostname(), "started": "then"})
+    )
     with caplog.at_level(logging.WARNING, logger="duo_plugin.run_guard"):
         path = run_guard.acquire_output_lock(str(tmp_path))
     assert "taking over the lock" in caplog.text
@@ -658,11 +689,21 @@ PROMPT_FILE_CASES = [
     ("jsonl not an object", "p.jsonl", b'{"prompt": "a"}\n["b"]\n', ["p.jsonl, line 2", "not a JSON object"]),
     ("jsonl prompt not text", "p.jsonl", b'{"prompt": 3}\n', ["p.jsonl, line 1", "text 'prompt'"]),
     ("jsonl bad seed", "p.jsonl", b'{"prompt": "a", "seed": "x"}\n', ["p.jsonl, line 1", "numbers"]),
-    ("jsonl nan guidance", "p.jsonl", b'{"prompt": "a", "guidance_scale": NaN}\n', ["p.jsonl, line 1", "not a finite number"]),
+    (
+        "jsonl nan guidance",
+        "p.jsonl",
+        b'{"prompt": "a", "guidance_scale": NaN}\n',
+        ["p.jsonl, line 1", "not a finite number"],
+    ),
     ("csv bad seed", "p.csv", b"prompt,evaluation_seed\na,1\nb,x\n", ["p.csv, line 3", "numbers"]),
     ("csv infinite seed", "p.csv", b"prompt,evaluation_seed\na,inf\n", ["p.csv, line 2", "numbers"]),
     ("csv not UTF-8", "p.csv", b"prompt\n" + NOT_UTF8, ["p.csv", "UTF-8"]),
-    ("json COCO bad annotation", "p.json", b'{"annotations": [{"caption": "a"}, {"caption": 5}]}', ["p.json", "annotation 1", "caption"]),
+    (
+        "json COCO bad annotation",
+        "p.json",
+        b'{"annotations": [{"caption": "a"}, {"caption": 5}]}',
+        ["p.json", "annotation 1", "caption"],
+    ),
     ("json not UTF-8", "p.json", b'["caf\xe9"]', ["p.json", "UTF-8"]),
     ("txt not UTF-8", "p.txt", NOT_UTF8, ["p.txt", "UTF-8"]),
 ]
@@ -673,7 +714,18 @@ def test_bad_evaluation_prompt_file(name, file_name, content, words, tiny_sd, tm
     from duo_plugin import evaluate
 
     path = write_bytes(tmp_path / file_name, content)
-    argv = ["--base_model", tiny_sd, "--prompts", path, "--metrics", "dsr", "--detector", "clip", "--output_dir", tmp_path / "eval"]
+    argv = [
+        "--base_model",
+        tiny_sd,
+        "--prompts",
+        path,
+        "--metrics",
+        "dsr",
+        "--detector",
+        "clip",
+        "--output_dir",
+        tmp_path / "eval",
+    ]
     assert_refused(*run_main(evaluate.main, argv, capsys), words)
 
 
@@ -722,7 +774,9 @@ def test_nan_generation_decodes_blank(tiny_pipe):
 
 def tampered_progress(folder):
     os.makedirs(folder / ".duo_progress")
-    (folder / ".duo_progress" / "process-000.jsonl").write_text('{"pair_index": "first", "accepted": true, "attempts": 1}\n')
+    (folder / ".duo_progress" / "process-000.jsonl").write_text(
+        '{"pair_index": "first", "accepted": true, "attempts": 1}\n'
+    )
 
 
 def tampered_recipe(folder):
@@ -746,7 +800,19 @@ def test_bad_pair_generation(name, extra, damage, words, tiny_sd, tmp_path, caps
     folder = tmp_path / "pairs"
     if damage is not None:
         damage(folder)
-    argv = ["--pretrained_model_name_or_path", tiny_sd, "--output_dir", folder, "--num_pairs", "2", "--verifier", "none", "--resolution", "32", *extra]
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--output_dir",
+        folder,
+        "--num_pairs",
+        "2",
+        "--verifier",
+        "none",
+        "--resolution",
+        "32",
+        *extra,
+    ]
     assert_refused(*run_main(pairs.main, argv, capsys), words)
 
 
@@ -768,7 +834,16 @@ def test_pair_prompt_file_not_utf8(tiny_sd, tmp_path, capsys):
     from duo_plugin import pairs
 
     prompts = write_bytes(tmp_path / "u.txt", NOT_UTF8)
-    argv = ["--pretrained_model_name_or_path", tiny_sd, "--concept", "mine", "--unsafe_prompt", f"@{prompts}", "--safe_prompt", "a dog"]
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--concept",
+        "mine",
+        "--unsafe_prompt",
+        f"@{prompts}",
+        "--safe_prompt",
+        "a dog",
+    ]
     assert_refused(*run_main(pairs.main, argv, capsys), ["u.txt", "UTF-8"])
 
 
@@ -792,8 +867,14 @@ def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, 
     for step in (2, 3):
         shutil.copytree(full / f"checkpoint-{step}", killed / f"checkpoint-{step}")
     process = subprocess.Popen(
-        command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", str(killed / "checkpoint-2")),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        command
+        + tiny_train_args(
+            tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", str(killed / "checkpoint-2")
+        ),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     while process.poll() is None:
         names = os.listdir(killed)
@@ -809,7 +890,9 @@ def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, 
             pass
         process.wait()
 
-    resumed = run_process(command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", "latest"), env=env)
+    resumed = run_process(
+        command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", "latest"), env=env
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
     final, reference = load_file(killed / lora.LORA_WEIGHT_NAME), load_file(full / lora.LORA_WEIGHT_NAME)
