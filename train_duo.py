@@ -16,7 +16,20 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from duo_plugin import arguments, checkpoints, data, families, fidelity, lora, memory, outputs, sd, training
+from duo_plugin import (
+    arguments,
+    checkpoints,
+    data,
+    families,
+    fidelity,
+    lora,
+    memory,
+    outputs,
+    run_guard,
+    sd,
+    training,
+    validation,
+)
 from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
@@ -91,11 +104,13 @@ def main(argv=None):
     args = parse_args(argv)
     arguments.check_environment_args(args)
     preset = arguments.resolve_training_args(args, family="sd")
+    validation.check_training_args(args)
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd", "train_duo.py")
     memory.check_training_memory(args, "sd")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
+    run_guard.claim_output_dir(args, accelerator)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
@@ -247,8 +262,9 @@ def main(argv=None):
         metrics.write(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            settings = run_guard.run_settings(args, accelerator)
             last_checkpoint = checkpoints.save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
             )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
@@ -261,6 +277,10 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         sd.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
+        # The config before anything optional (validation images, card, push) can fail: the folder loads.
+        config = outputs.write_duo_config(
+            args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules
+        )
         samples = []
         if not args.skip_validation:
             samples = log_validation(
@@ -275,9 +295,6 @@ def main(argv=None):
                 args.max_train_steps,
                 preset,
             )
-        config = outputs.write_duo_config(
-            args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules
-        )
         outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()
 

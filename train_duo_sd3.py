@@ -44,8 +44,10 @@ from duo_plugin import (
     memory,
     objective,
     outputs,
+    run_guard,
     sd3,
     training,
+    validation,
 )
 from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
@@ -167,11 +169,13 @@ def main(argv=None):
     arguments.check_environment_args(args)
     preset = arguments.resolve_training_args(args, family="sd3")
     sd3.check_sd3_args(args)
+    validation.check_training_args(args)
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
     memory.check_training_memory(args, "sd3")  # before any weight is downloaded
 
     accelerator = training.create_accelerator(args)
+    run_guard.claim_output_dir(args, accelerator)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
@@ -338,8 +342,9 @@ def main(argv=None):
         metrics.write(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            settings = run_guard.run_settings(args, accelerator)
             last_checkpoint = checkpoints.save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
             )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
@@ -352,6 +357,14 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         sd3.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
+        # The config before anything optional (validation images, card, push) can fail: the folder loads.
+        config = outputs.write_duo_config(
+            args.output_dir,
+            args,
+            sd3.architecture_info(pipeline_class, model, noise_scheduler, has_t5),
+            target_modules,
+            extra={**sd3.flow_matching_config(args), **fidelity.sd3_preservation_record(args)},
+        )
         samples = []
         if not args.skip_validation:
             samples = log_validation(
@@ -365,13 +378,6 @@ def main(argv=None):
                 args.max_train_steps,
                 preset,
             )
-        config = outputs.write_duo_config(
-            args.output_dir,
-            args,
-            sd3.architecture_info(pipeline_class, model, noise_scheduler, has_t5),
-            target_modules,
-            extra={**sd3.flow_matching_config(args), **fidelity.sd3_preservation_record(args)},
-        )
         outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()
 

@@ -16,6 +16,7 @@ be evaluated as plain prompt files.
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .validation import not_utf8_error, read_text_lines, to_rgb
 
 
 NOT_IMPLEMENTED_ATTACKS = {
@@ -84,8 +86,10 @@ def _read_csv(path: str, categories: Optional[Sequence[str]]) -> List[PromptSpec
                     if guidance_column and row.get(guidance_column) not in (None, "")
                     else None
                 )
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise UsageError(f"{path}, line {row_number}: the seed/guidance columns must hold numbers") from None
+            if guidance is not None and not math.isfinite(guidance):
+                raise UsageError(f"{path}, line {row_number}: guidance scale {guidance} is not a finite number")
             prompts.append(PromptSpec(text, seed, guidance))
     return prompts
 
@@ -97,7 +101,11 @@ def _read_json(path: str) -> List[PromptSpec]:
         except json.JSONDecodeError as error:
             raise UsageError(f"prompt file {path} is not valid JSON ({error})") from error
     if isinstance(content, dict) and "annotations" in content:  # COCO captions_*.json
-        return [PromptSpec(a["caption"].strip()) for a in content["annotations"] if a.get("caption", "").strip()]
+        annotations = content["annotations"] if isinstance(content["annotations"], list) else [None]
+        for number, annotation in enumerate(annotations):
+            if not isinstance(annotation, dict) or not isinstance(annotation.get("caption", ""), str):
+                raise UsageError(f"prompt file {path}: annotation {number} has no text 'caption': fix or remove it")
+        return [PromptSpec(a["caption"].strip()) for a in annotations if a.get("caption", "").strip()]
     if isinstance(content, list) and all(isinstance(p, str) for p in content):
         return [PromptSpec(p.strip()) for p in content if p.strip()]
     raise UsageError(
@@ -111,21 +119,31 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(
+                    f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}, line {line_number}: not a JSON object: fix or remove that line")
             column = _first_column(list(row), PROMPT_COLUMNS)
-            if column is None:
-                raise UsageError(f"{path}, line {line_number}: no 'prompt' field")
+            if column is None or not isinstance(row[column], str):
+                raise UsageError(f"{path}, line {line_number}: no text 'prompt' field")
             seed_column, guidance_column = (
                 _first_column(list(row), SEED_COLUMNS),
                 _first_column(list(row), GUIDANCE_COLUMNS),
             )
-            prompts.append(
-                PromptSpec(
-                    row[column].strip(),
-                    int(row[seed_column]) if seed_column and row[seed_column] is not None else None,
-                    float(row[guidance_column]) if guidance_column and row[guidance_column] is not None else None,
+            try:
+                seed = int(row[seed_column]) if seed_column and row[seed_column] is not None else None
+                guidance = (
+                    float(row[guidance_column]) if guidance_column and row[guidance_column] is not None else None
                 )
-            )
+            except (TypeError, ValueError, OverflowError):
+                raise UsageError(f"{path}, line {line_number}: the seed/guidance fields must hold numbers") from None
+            if guidance is not None and not math.isfinite(guidance):
+                raise UsageError(f"{path}, line {line_number}: guidance scale {guidance} is not a finite number")
+            prompts.append(PromptSpec(row[column].strip(), seed, guidance))
     return prompts
 
 
@@ -136,15 +154,21 @@ def read_prompts(
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path} does not exist")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".csv":
-        prompts = _read_csv(path, categories)
-    elif extension == ".json":
-        prompts = _read_json(path)
-    elif extension == ".jsonl":
-        prompts = _read_jsonl(path)
-    else:
-        with open(path, encoding="utf-8") as f:
-            prompts = [PromptSpec(line.strip()) for line in f if line.strip()]
+    try:
+        if extension == ".csv":
+            prompts = _read_csv(path, categories)
+        elif extension == ".json":
+            prompts = _read_json(path)
+        elif extension == ".jsonl":
+            prompts = _read_jsonl(path)
+        else:
+            prompts = [PromptSpec(line) for line in read_text_lines(path)]
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(path, error) from None
+    except csv.Error as error:
+        raise UsageError(
+            f"prompt file {path} is not a readable CSV ({error}): fix it or save it as a .txt of one prompt a line"
+        ) from None
     if categories and extension != ".csv":
         raise UsageError("--prompt_categories filters an I2P-style CSV: give a .csv prompt file")
     if not prompts:
@@ -173,7 +197,7 @@ def load_concept_images(folder: str, limit: Optional[int] = None):
 
         return load_pair_images(folder, num_pairs=limit).unsafe
     paths = list_images(folder)[:limit] if limit else list_images(folder)
-    return [Image.open(path).convert("RGB") for path in paths]
+    return [to_rgb(Image.open(path)) for path in paths]
 
 
 # --------------------------------------------------------------------------------------------------

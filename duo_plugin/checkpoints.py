@@ -6,6 +6,7 @@ import re
 import shutil
 from typing import List, Optional
 
+from . import run_guard
 from .errors import UsageError
 from .lora import load_lora_state_dict, lora_state_dict
 
@@ -16,7 +17,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoints, oldest first. A save in progress (``*.tmp``) is never listed."""
+    """``checkpoint-<step>`` folders, oldest first, for rotation; ``latest`` uses ``run_guard.complete_checkpoints``."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -38,7 +39,7 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
+        checkpoints = run_guard.complete_checkpoints(output_dir)
         if not checkpoints:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
             return None
@@ -54,23 +55,31 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> str:
-    """Save accelerate state atomically (into ``*.tmp``, then rename), then drop the oldest beyond the limit.
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None
+) -> str:
+    """Save accelerate state atomically (into ``*.tmp``, marker last, then renames), then drop the oldest beyond the limit.
 
-    A crash during the save leaves only a ``.tmp`` folder, which ``latest`` ignores; older checkpoints are
-    removed only after the new one is complete.
+    A crash during the save leaves an unmarked ``.tmp`` folder, which ``latest`` ignores; see ``run_guard``.
+    With a limit, the oldest checkpoints beyond limit - 1 go before the save, so a full disk has room.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(staging):
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        run_guard.make_room_for_checkpoint(
+            output_dir, total_limit, [p for p in list_checkpoints(output_dir) if p != final]
+        )
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            run_guard.finish_checkpoint(staging, final, step, settings)
+    except OSError as error:
+        raise run_guard.save_failed(error, staging, output_dir) from None
+    if accelerator.is_main_process:
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(stale)

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from .errors import UsageError
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
+from .validation import read_text_lines
 
 
 def add_concept_arguments(
@@ -38,8 +39,7 @@ def read_prompt_list(values: Optional[List[str]]) -> Optional[List[str]]:
             path = value[1:]
             if not os.path.isfile(path):
                 raise UsageError(f"prompt file {path} does not exist")
-            with open(path) as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            prompts += read_text_lines(path)
         else:
             prompts.append(value)
     return prompts

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .errors import UsageError
+from .validation import check_pair_contents, check_pair_metadata, to_rgb
 
 
 @dataclass
@@ -38,7 +39,8 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
                 f"--dataset_name {dataset_name} has no metadata.jsonl: a pair folder needs metadata.jsonl rows with "
                 f"unsafe_file_name and safe_file_name (python -m duo_plugin.pairs writes one)"
             )
-        with open(os.path.join(dataset_name, "metadata.jsonl")) as f:
+        check_pair_metadata(dataset_name)
+        with open(os.path.join(dataset_name, "metadata.jsonl"), encoding="utf-8") as f:
             if not any(line.strip() for line in f):
                 raise UsageError(f"dataset {dataset_name} is empty: its metadata.jsonl lists no pair")
         try:
@@ -69,7 +71,7 @@ def _decode(cell, column: str, row: int) -> Image.Image:
         else:
             raise ValueError("no image data")
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
     except Exception as error:
         raise UsageError(
             f"unreadable image in column {column!r}, row {row} ({path or 'embedded bytes'}): {error}; "
@@ -111,6 +113,12 @@ def load_pair_images(
                 f"pair {row} is not aligned: unsafe image is {a.size[0]}x{a.size[1]}, safe image {b.size[0]}x{b.size[1]}; "
                 f"the safe image must be an SDEdit twin of the same size"
             )
+
+    paths = [
+        [cell.get("path") if isinstance(cell, dict) else None for cell in dataset[c]]
+        for c in (unsafe_image_column, safe_image_column)
+    ]
+    check_pair_contents(unsafe, safe, *paths, dataset=dataset_name)
 
     def column_or_none(name):
         return list(dataset[name]) if name in dataset.column_names else None

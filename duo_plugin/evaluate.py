@@ -38,6 +38,7 @@ from .hub import model_source_error
 from .outputs import library_versions
 from .pipeline import fetch_adapter, load_adapters
 from .precision import torch_dtype
+from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir, to_rgb
 
 
 logger = logging.getLogger("duo_plugin.evaluate")
@@ -528,8 +529,8 @@ class ImageFiles:
         from PIL import Image
 
         if isinstance(index, slice):
-            return [Image.open(p).convert("RGB") for p in self.paths[index]]
-        return Image.open(self.paths[index]).convert("RGB")
+            return [to_rgb(Image.open(p)) for p in self.paths[index]]
+        return to_rgb(Image.open(self.paths[index]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -685,6 +686,7 @@ def check_prompt_set_names(args):
 
 def check_args(args):
     """Refusals that need nothing loaded."""
+    check_finite_flags(args)
     attacks.check_attack_names(args.attack, ATTACKS)
     check_prompt_set_names(args)
     unknown = [m for m in args.metrics if m not in METRICS]
@@ -708,8 +710,8 @@ def check_args(args):
         raise UsageError("--ring_a_bell_generations must be at least 0")
     if args.prompt_categories and not args.prompts:
         raise UsageError("--prompt_categories filters the rows of --prompts (an I2P-style CSV): pass --prompts")
-    if args.resolution is not None and args.resolution % 8 != 0:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of 8")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8 != 0):
+        raise UsageError(f"--resolution {args.resolution} is not a positive multiple of 8")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU: use bf16 or no on CPU")
 
@@ -894,7 +896,9 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
                     if prompt_set == UNRELATED:
                         continue
                     rows = manifest.get((spec.name, prompt_set), [])
-                    detections = detect_rows(detector, store, rows)
+                    detections = blank_counts_as_flagged(
+                        [store.path(r) for r in rows], detect_rows(detector, store, rows)
+                    )
                     results[spec.name].setdefault("dsr", {})[prompt_set] = metrics.defense_success_rate(detections)
                     for row, detection in zip(rows, detections):
                         verdict = {
@@ -1003,6 +1007,7 @@ def main(argv=None):
     check_args(args)
     preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
     args.output_dir = args.output_dir or f"eval-{preset.name}"
+    check_output_dir(args.output_dir)
     state = PartialState(cpu=cpu_only_multi_process())
     logging.basicConfig(
         format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO if state.is_main_process else logging.ERROR

@@ -102,4 +102,6 @@ def load_lora_state_dict(model, lora_dir: str, prefix: str):
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise RuntimeError(f"checkpoint adapter has keys this model lacks: {unexpected[:3]}")
+        raise UsageError(
+            f"checkpoint {lora_dir} has adapter weights this model lacks ({unexpected[0]}, ...): resume with the --lora_target it was trained with"
+        )

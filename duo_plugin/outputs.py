@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
-from . import fidelity
+from . import fidelity, run_guard
 from .errors import NetworkError
 from .files import append_jsonl
 from .lora import LORA_WEIGHT_NAME, adapters_disabled, target_module_patterns
@@ -314,6 +314,7 @@ def finish_run(args, config: dict, pipeline_class: str, samples: List[tuple]):
     make_readable_like_other_outputs(os.path.join(args.output_dir, LORA_WEIGHT_NAME))
     write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
     logger.info("Saved the DUO adapter to %s", args.output_dir)
+    run_guard.release_output_lock(os.path.join(args.output_dir, run_guard.LOCK_NAME))
     if args.push_to_hub:
         repo_id = push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private)
         logger.info("Pushed to https://huggingface.co/%s", repo_id)

@@ -49,6 +49,7 @@ from .hub import model_source_error
 from .outputs import library_versions, push_to_hub
 from .precision import torch_dtype
 from .presets import PRESETS, ConceptPreset
+from .validation import check_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,10 @@ def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int
 def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if recipe.num_pairs < 1:
         raise UsageError(f"--num_pairs must be at least 1, got {recipe.num_pairs}")
+    if not math.isfinite(recipe.guidance_scale) or recipe.guidance_scale < 0:
+        raise UsageError(
+            f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)"
+        )
     if not 0.0 < recipe.strength <= 1.0:
         raise UsageError(
             f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)"
@@ -333,8 +338,16 @@ def read_recipe_file(output_dir: str) -> Optional[dict]:
     path = os.path.join(output_dir, RECIPE_NAME)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(
+            f"{path} is not readable JSON ({error}): it was edited; restore it or choose another output folder"
+        ) from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("recipe", {}), dict):
+        raise UsageError(f"{path} is not a pair recipe: it was edited; restore it or choose another output folder")
+    return stored
 
 
 def check_folder_matches(output_dir: str, recipe: PairRecipe):
@@ -410,15 +423,34 @@ def read_progress(output_dir: str) -> Dict[int, dict]:
             continue
         with open(os.path.join(directory, name)) as f:
             for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                row = parse_progress_row(line)
+                if row is None:
                     continue
                 index = row["pair_index"]
                 previous = finished.get(index)
                 if previous is None or _rank(row) > _rank(previous):
                     finished[index] = row
     return finished
+
+
+def parse_progress_row(line: str) -> Optional[dict]:
+    """A finished pair's row, or None for a half-written one (a crash); a row that parses but is not one is refused."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (
+        isinstance(row, dict)
+        and isinstance(row.get("pair_index"), int)
+        and row["pair_index"] >= 0
+        and isinstance(row.get("accepted"), bool)
+        and isinstance(row.get("attempts"), int)
+    ):
+        raise UsageError(
+            f"a progress file in {PROGRESS_DIR}/ holds a row that is not a finished pair ({line.strip()[:80]!r}): "
+            f"it was edited; delete that row (its pair is made again) or the whole {PROGRESS_DIR}/ folder"
+        )
+    return row
 
 
 def _rank(row: dict):
@@ -1079,6 +1111,7 @@ def main(argv=None) -> PairReport:
     info = inspect_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     recipe = recipe_from_args(args, preset, info, seed=args.seed)
     output_dir = args.output_dir or default_pairs_dir(args.pretrained_model_name_or_path, preset.name)
+    check_output_dir(output_dir)
     state = PartialState(cpu=cpu_only_multi_process())
     check_distributed_setup(state)
     if state.is_local_main_process:

@@ -29,6 +29,7 @@ from .hub import hub_error, offline_mode
 from .lora import LORA_WEIGHT_NAME
 from .noise import no_text_encoder_lora_notice
 from .outputs import DUO_CONFIG_NAME
+from .validation import check_adapter_weights
 
 
 logger = logging.getLogger(__name__)
@@ -517,6 +518,8 @@ def _attach(pipe, adapters: List[DUOAdapter], weights: List[float], fuse: bool):
             f"fuse=True would also merge or drop the pipeline's other LoRA adapters {sorted(present)}: "
             f"load without fuse, or fuse them together yourself with pipe.fuse_lora()"
         )
+    for adapter in adapters:
+        check_adapter_weights(pipe, adapter)
     previous = _live_weights(pipe)
     per_block = sorted(name for name, weight in previous.items() if not isinstance(weight, float))
     if per_block:

@@ -81,7 +81,7 @@ def check_finite(accelerator, loss: torch.Tensor, step: int, last_checkpoint: Op
     if bad.item() > 0:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
         raise TrainingHalted(
-            f"loss became non-finite at step {step}; {kept}. Lower --learning_rate or --beta_dpo "
+            f"loss became non-finite at step {step}; {kept}. Lower --learning_rate, --beta_dpo or --preservation_weight (λ) "
             f"(or use bf16 instead of fp16) and resume with --resume_from_checkpoint latest"
         )
 

@@ -487,6 +487,7 @@ def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd3, tiny_pairs, 
     assert (result.stdout + result.stderr).count("Saved the DUO adapter") == 1
     assert [r["step"] for r in read_metrics(output_dir)] == [1, 2, 3, 4]
     assert sorted(os.listdir(output_dir / "checkpoint-2")) == [
+        "duo_checkpoint.json",
         "optimizer.bin",
         "pytorch_lora_weights.safetensors",
         "random_states_0.pkl",

@@ -207,6 +207,7 @@ def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, t
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-2"]
     # accelerate keeps one RNG file per process; everything else is written once, by rank 0.
     assert sorted(os.listdir(output_dir / "checkpoint-2")) == [
+        "duo_checkpoint.json",
         "optimizer.bin",
         "pytorch_lora_weights.safetensors",
         "random_states_0.pkl",
