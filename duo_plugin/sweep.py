@@ -21,7 +21,7 @@ killed run from its latest checkpoint) and evaluates only images that are missin
 """
 
 import argparse
-import dataclasses
+import glob
 import json
 import math
 import os
@@ -30,7 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import saturation
@@ -48,6 +48,7 @@ PRESERVATION_AXES = {
     "prior_preservation": "prior preservation (1 − LPIPS)",
     "pixel_preservation": "pixel preservation (1 − mean |Δ pixel|)",
 }
+SETTING_KEYS = ("beta_dpo", "preservation_weight", "preservation_weight_spec", "t_max", "max_train_steps")
 SATURATION_KEYS = ("margin", "saturated_share", "unsafe_error_change", "delta_safe", "delta_unsafe")
 
 
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     model.add_argument("--dataset_name", type=str, default=None, help="pair data for every training run (default: the training script's)")
 
     grid = parser.add_argument_group("grid (every combination is one setting)")
-    grid.add_argument("--beta_dpo", type=float, nargs="+", required=True)
+    grid.add_argument("--beta_dpo", type=float, nargs="+", default=None, help="β values (required unless --report_only)")
     grid.add_argument(
         "--preservation_weight", type=str, nargs="+", default=["recipe"],
         help="λ values: numbers, 'recipe' (1e6·β/100) or 'recipe*F' (F times the recipe's); default: the recipe's",
@@ -88,16 +89,22 @@ def parse_args(argv=None):
 
     report = parser.add_argument_group("report")
     report.add_argument("--preservation_axis", type=str, default="prior_preservation", choices=sorted(PRESERVATION_AXES))
+    report.add_argument(
+        "--report_only", action="store_true",
+        help="train nothing: write the curve from every run of --output_dir evaluated so far (e.g. grids of different shapes, or while a sweep runs)",
+    )
     args = parser.parse_args(argv)
     check_args(args)
     return args
 
 
 def check_args(args):
+    if args.beta_dpo is None and not args.report_only:
+        raise UsageError("--beta_dpo: give the β values of the grid (or --report_only to plot the runs already evaluated)")
     for name in ("train_num_processes", "eval_num_processes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
-    for beta in args.beta_dpo:
+    for beta in args.beta_dpo or []:
         if not beta > 0:
             raise UsageError(f"--beta_dpo {beta:g}: β must be positive")
     for value in args.preservation_weight:
@@ -189,7 +196,7 @@ class Run:
 
 def make_grid(args) -> List[Run]:
     settings = []
-    for beta in args.beta_dpo:
+    for beta in args.beta_dpo or []:
         for spec in args.preservation_weight:
             for t_max in args.t_max or [None]:
                 for steps in args.max_train_steps or [None]:
@@ -344,11 +351,19 @@ def format_record(record: dict, axis: str) -> str:
 def run_sweep(args, runner: Callable[[Command, str], None] = run_in_subprocess) -> dict:
     """Train and evaluate every missing run, then the baselines; returns the curve."""
     check_sweep_settings(args)
+    results_path = os.path.join(args.output_dir, EVAL_DIR, "results.json")
+    if args.report_only:
+        records = {}
+        for path in sorted(glob.glob(os.path.join(args.output_dir, "runs", "*", RUN_RESULT_NAME))):
+            record = read_json(path)
+            records.setdefault(record["setting"], []).append(record)
+        if not records:
+            raise UsageError(f"--report_only: no evaluated run in {args.output_dir}/runs yet")
+        return write_curve(args, records, evaluate_baselines(args, runner, results_path))
     runs = make_grid(args)
     logs = os.path.join(args.output_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, EVAL_DIR), exist_ok=True)
-    results_path = os.path.join(args.output_dir, EVAL_DIR, "results.json")
     print(f"Sweep of {len(runs)} runs ({len({r.setting for r in runs})} settings × {len(set(args.train_seeds))} seeds) in {args.output_dir}", flush=True)
     for index, run in enumerate(runs, start=1):
         prefix = f"[{index}/{len(runs)}] {run.name}"
@@ -380,8 +395,14 @@ def run_sweep(args, runner: Callable[[Command, str], None] = run_in_subprocess) 
         write_json(record_path, record)
         print(f"{prefix}: evaluated in {time.time() - started:.0f} s: {format_record(record, args.preservation_axis)}", flush=True)
 
-    baselines = evaluate_baselines(args, runner, results_path)
-    curve = make_curve(args, runs, baselines)
+    records = {}
+    for run in runs:
+        records.setdefault(run.setting.name, []).append(read_json(os.path.join(args.output_dir, "runs", run.name, RUN_RESULT_NAME)))
+    return write_curve(args, records, evaluate_baselines(args, runner, results_path))
+
+
+def write_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict]) -> dict:
+    curve = make_curve(args, records, baselines)
     write_json(os.path.join(args.output_dir, CURVE_NAME), curve)
     plot_curve(curve, os.path.join(args.output_dir, PLOT_NAME))
     print(f"Curve: {os.path.join(args.output_dir, CURVE_NAME)} and {os.path.join(args.output_dir, PLOT_NAME)}", flush=True)
@@ -439,14 +460,12 @@ def pareto_front(points: Sequence[tuple]) -> List[bool]:
     return on_front
 
 
-def make_curve(args, runs: List[Run], baselines: Dict[str, dict]) -> dict:
-    records = {}
-    for run in runs:
-        records.setdefault(run.setting, []).append(read_json(os.path.join(args.output_dir, "runs", run.name, RUN_RESULT_NAME)))
+def make_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict]) -> dict:
+    """One point per setting (its runs' records over training seeds), the base, the baselines and the fronts."""
     axis = args.preservation_axis
     points = []
-    for setting, rows in records.items():
-        point = {"name": setting.name, **setting.describe(), "seeds": [r["seed"] for r in rows], "runs": [r["run"] for r in rows]}
+    for name, rows in records.items():
+        point = {"name": name, **{key: rows[0][key] for key in SETTING_KEYS}, "seeds": [r["seed"] for r in rows], "runs": [r["run"] for r in rows]}
         point["dsr"] = {s: spread([r["dsr"][s] for r in rows]) for s in rows[0]["dsr"]}
         for measure in PRESERVATION_AXES:
             if all(measure in r for r in rows):

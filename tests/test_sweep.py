@@ -149,6 +149,14 @@ def test_rerun_skips_finished_work_and_adds_only_new_runs(swept, tiny_sd, tiny_p
     values = [json.loads((output_dir / "runs" / run / "evaluation.json").read_text())["prior_preservation"] for run in point["runs"]]
     assert point["prior_preservation"]["mean"] == pytest.approx(np.mean(values))
     assert point["prior_preservation"]["std"] == pytest.approx(np.std(values, ddof=1))
+    # --report_only: the curve of every run evaluated in the folder, whatever grids made them; nothing runs.
+    report = sweep_args(tiny_sd, tiny_pairs, prompt_files, output_dir, "--report_only")
+    del report[report.index("--beta_dpo") : report.index("--beta_dpo") + 3]
+    again = RecordingRunner()
+    everything = sweep.main(report, runner=again)
+    assert again.commands == []
+    assert sorted(p["name"] for p in everything["points"]) == sorted(NAMES)
+    assert {p["name"]: p["dsr"]["direct"]["n"] for p in everything["points"]}["beta1_lambda0_steps2"] == 2
 
 
 def test_other_flags_in_the_same_folder_are_refused(swept, capsys):
