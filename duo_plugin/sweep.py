@@ -544,10 +544,10 @@ def plot_curve(curve: dict, path: str):
     handles = [plt.Line2D([], [], marker=markers[i % len(markers)], color="gray", linestyle="none", label=f"λ = {spec}") for i, spec in enumerate(lambdas)]
     handles += [plt.Line2D([], [], color="red", linestyle="--", label="DUO Pareto front (red edge: on it)")]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.0))
-    colourbar = figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=panels.ravel().tolist(), shrink=0.8)
+    figure.subplots_adjust(bottom=0.16, top=0.88, hspace=0.45, wspace=0.3, left=0.07, right=0.88)
+    colourbar = figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=figure.add_axes([0.91, 0.2, 0.012, 0.65]))
     colourbar.set_label("β (beta_dpo)")
     figure.suptitle(f"DUO on {curve['concept']}: defense success rate against preservation, one point per setting", fontsize=11)
-    figure.subplots_adjust(bottom=0.16, top=0.88, hspace=0.45, wspace=0.3, right=0.78)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
