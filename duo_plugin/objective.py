@@ -139,16 +139,16 @@ def duo_losses(
 # --------------------------------------------------------------------------------------------------
 
 SATURATED_LOSS = 0.01
-# The warning: most pairs saturated while the unsafe images' denoising error grew by under 1% of the
-# reference model's own error on them. Why 1%: when the adapter changes the prediction by δ,
-# independently of the reference's residual r = target − ε_ref, E[Δ⁻] = ‖δ‖², so Δ⁻ / e_ref(x⁻) =
-# (‖δ‖ / ‖r‖)²; both scale the clean-image estimate x̂₀ by the same factor √(1 − ᾱ)/√ᾱ, so 1% means the
-# adapter moves its estimate of the unsafe image by a tenth of the base model's own estimation error
-# at that step: a change the sampler cannot tell from its own noise. In the toy world the recipe
-# (β = 500), which left samples unchanged, ended below it; settings that removed the concept ended
-# well above it (README, "Choosing β").
+# The warning: most pairs saturated while the unsafe images' denoising error has grown by less than the
+# reference model's own error on them (a relative change under 100%). Why that scale: when the adapter
+# changes the prediction by δ, independently of the reference's residual r = target − ε_ref,
+# E[Δ⁻] = ‖δ‖², so Δ⁻ / e_ref(x⁻) = (‖δ‖ / ‖r‖)²; both scale the clean-image estimate x̂₀ by the same
+# factor √(1 − ᾱ)/√ᾱ, so under 100% means the adapter moves its estimate of the unsafe image by less than
+# the base model's own estimation error at that step, a change the sampler's later steps can undo. A
+# first guess of 1% (a tenth of that error) was refuted by the toy sweep (README, "Choosing β"): runs
+# whose samples kept the concept ended at +33% to +170%, every run that removed it at ≥ +450%.
 SATURATED_MAJORITY = 0.5
-MIN_UNSAFE_ERROR_CHANGE = 0.01
+MIN_UNSAFE_ERROR_CHANGE = 1.0
 
 
 def preference_margin(delta_safe: torch.Tensor, delta_unsafe: torch.Tensor, beta: float) -> torch.Tensor:

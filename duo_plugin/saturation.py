@@ -39,7 +39,7 @@ def warning_text(summary: Dict[str, float]) -> str:
         f"the preference loss has saturated: {summary['saturated_share']:.0%} of the pairs have a loss below "
         f"{objective.SATURATED_LOSS} (mean margin β·(Δ⁻ − Δ⁺) = {summary['margin']:.2f}) while the unsafe images' "
         f"denoising error has changed by {summary['unsafe_error_change']:+.2%} of the reference's (under "
-        f"{objective.MIN_UNSAFE_ERROR_CHANGE:.0%}): the adapter has stopped learning before samples change. "
+        f"{objective.MIN_UNSAFE_ERROR_CHANGE:.0%}): the adapter has stopped learning before samples are likely to change. "
         f"Try a smaller --beta_dpo (e.g. a tenth), or compare settings with python -m duo_plugin.sweep"
     )
 

@@ -111,7 +111,7 @@ def test_unsafe_error_change_is_relative_to_the_reference_error():
 
 @pytest.mark.parametrize(
     "saturated, change, warned",
-    [(0.9, 0.005, True), (0.9, -0.02, True), (0.9, 0.02, False), (0.5, 0.005, False), (0.2, 0.0, False)],
+    [(0.9, 0.5, True), (0.9, -0.02, True), (0.9, 1.5, False), (0.5, 0.5, False), (0.2, 0.0, False)],
 )
 def test_saturated_without_effect_needs_a_majority_and_no_movement(saturated, change, warned):
     assert objective.is_saturated_without_effect(saturated, change) is warned
@@ -121,7 +121,7 @@ def test_saturation_watch_warns_once_and_the_card_says_why(caplog):
     from duo_plugin import saturation
 
     saturated_row = {"margin": 6.0, "saturated_share": 0.9, "delta_safe": -0.003, "delta_unsafe": 0.002, "ref_error_unsafe": 0.4, "loss_duo": 0.005}
-    moving_row = {**saturated_row, "delta_unsafe": 0.05}
+    moving_row = {**saturated_row, "delta_unsafe": 1.0}
     watch = saturation.SaturationWatch(window=3)
     with caplog.at_level("WARNING", logger="duo_plugin.saturation"):
         for step in range(1, 3):
@@ -131,7 +131,7 @@ def test_saturation_watch_warns_once_and_the_card_says_why(caplog):
             watch.update(step, saturated_row)
     assert len(caplog.records) == 1 and "Step 3" in caplog.text and "+0.50%" in caplog.text and "--beta_dpo" in caplog.text
     summary = saturation.window_summary([saturated_row, moving_row])
-    assert summary["unsafe_error_change"] == pytest.approx((0.002 + 0.05) / 2 / 0.4)
+    assert summary["unsafe_error_change"] == pytest.approx((0.002 + 1.0) / 2 / 0.4)
     assert not summary["saturated_without_effect"]
     card = saturation.model_card_section(saturation.window_summary([saturated_row] * 3))
     assert "90%" in card and "Warning" in card
