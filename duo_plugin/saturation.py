@@ -5,13 +5,13 @@ rule for the warning) lives in ``duo_plugin.objective``; this module averages th
 window and turns them into a warning and a model-card paragraph.
 """
 
-import json
 import logging
 import os
 from collections import deque
 from typing import Dict, List, Optional
 
 from . import objective
+from .files import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def summary_from_metrics(path: str, window: int = WINDOW) -> Optional[Dict[str, 
     """The last ``window`` steps of a run's ``metrics.jsonl``; None when the file is missing or has no such columns."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return window_summary(rows[-window:])
+    return window_summary(read_jsonl(path)[-window:])
 
 
 def model_card_section(summary: Optional[Dict[str, float]]) -> str:

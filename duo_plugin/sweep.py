@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import saturation
 from .errors import UsageError, exit_on_usage_error
+from .files import atomic_write_text
 from .presets import preservation_weight_for_beta
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,9 +285,7 @@ def run_in_subprocess(command: Command, log_path: str):
 
 def write_json(path: str, value):
     """Written aside and renamed, so a killed sweep never leaves half a file that a rerun would trust."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def read_json(path: str):

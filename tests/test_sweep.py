@@ -2,13 +2,12 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import train_in_process
 from duo_plugin import sweep
 from test_evaluate import is_red  # importing it registers the "red-stub" detector
 
@@ -17,11 +16,11 @@ def run_in_process(command, log_path):
     """The sweep's commands, run in this process (the test's detector stays registered; no start-up cost)."""
     if command.program == ["-m", "duo_plugin.evaluate"]:
         from duo_plugin.evaluate import main
+
+        main(command.args)
     else:
         assert os.path.basename(command.program[0]) == "train_duo.py"
-        sys.path.insert(0, REPO_ROOT)
-        from train_duo import main
-    main(command.args)
+        train_in_process("train_duo.py", command.args)
 
 
 class RecordingRunner:
