@@ -121,7 +121,9 @@ def pixel_preservation(base_images, unlearned_images, batch_size: int = 64) -> d
         a = images_to_tensor(base_images[start : start + batch_size])
         b = images_to_tensor(unlearned_images[start : start + batch_size])
         if a.shape != b.shape:
-            raise UsageError("images of different sizes cannot be compared pixel by pixel: generate both models at one size with --resolution")
+            raise UsageError(
+                "images of different sizes cannot be compared pixel by pixel: generate both models at one size with --resolution"
+            )
         differences.append((a - b).abs().flatten(1).mean(dim=1))
     differences = torch.cat(differences)
     return {

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from . import objective
 from .files import read_jsonl
 
+
 logger = logging.getLogger(__name__)
 
 # Steps averaged before judging: one step's pairs have random timesteps, whose errors differ by orders
@@ -27,10 +28,14 @@ def window_summary(rows: List[dict]) -> Optional[Dict[str, float]]:
     if not rows:
         return None
     summary = {key: sum(row[key] for row in rows) / len(rows) for key in SUMMARY_KEYS}
-    summary["unsafe_error_change"] = summary["delta_unsafe"] / summary["ref_error_unsafe"] if summary["ref_error_unsafe"] > 0 else 0.0
+    summary["unsafe_error_change"] = (
+        summary["delta_unsafe"] / summary["ref_error_unsafe"] if summary["ref_error_unsafe"] > 0 else 0.0
+    )
     summary["num_steps"] = len(rows)
     summary["last_step"] = rows[-1].get("step")
-    summary["saturated_without_effect"] = objective.is_saturated_without_effect(summary["saturated_share"], summary["unsafe_error_change"])
+    summary["saturated_without_effect"] = objective.is_saturated_without_effect(
+        summary["saturated_share"], summary["unsafe_error_change"]
+    )
     return summary
 
 

@@ -38,6 +38,7 @@ from .errors import UsageError, exit_on_usage_error
 from .files import atomic_write_text
 from .presets import preservation_weight_for_beta
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CURVE_NAME = "curve.json"
 PLOT_NAME = "curve.png"
@@ -63,35 +64,82 @@ def parse_args(argv=None):
     model.add_argument("--concept", type=str, required=True)
     model.add_argument("--unsafe_prompt", action="append", default=None, help="custom concept (repeatable, or @file)")
     model.add_argument("--safe_prompt", action="append", default=None, help="custom concept (repeatable, or @file)")
-    model.add_argument("--dataset_name", type=str, default=None, help="pair data for every training run (default: the training script's)")
+    model.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="pair data for every training run (default: the training script's)",
+    )
 
     grid = parser.add_argument_group("grid (every combination is one setting)")
-    grid.add_argument("--beta_dpo", type=float, nargs="+", default=None, help="β values (required unless --report_only)")
     grid.add_argument(
-        "--preservation_weight", type=str, nargs="+", default=["recipe"],
+        "--beta_dpo", type=float, nargs="+", default=None, help="β values (required unless --report_only)"
+    )
+    grid.add_argument(
+        "--preservation_weight",
+        type=str,
+        nargs="+",
+        default=["recipe"],
         help="λ values: numbers, 'recipe' (1e6·β/100) or 'recipe*F' (F times the recipe's); default: the recipe's",
     )
     grid.add_argument("--t_max", type=int, nargs="+", default=None, help="default: the training script's")
     grid.add_argument("--max_train_steps", type=int, nargs="+", default=None, help="default: the training script's")
-    grid.add_argument("--train_seeds", type=int, nargs="+", default=[42], help="training seeds per setting; several give mean ± spread")
+    grid.add_argument(
+        "--train_seeds",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="training seeds per setting; several give mean ± spread",
+    )
 
     runs = parser.add_argument_group("running")
     runs.add_argument("--output_dir", type=str, required=True)
-    runs.add_argument("--training_script", type=str, default=os.path.join(REPO_ROOT, "train_duo.py"), help="train_duo.py or train_duo_sd3.py")
-    runs.add_argument("--train_args", type=str, default="", help='extra training flags as one string, e.g. "--learning_rate 1e-3 --mixed_precision fp16"')
-    runs.add_argument("--eval_args", type=str, default="", help="extra duo_plugin.evaluate flags as one string (prompt sets, attacks, metrics, seeds)")
-    runs.add_argument("--train_num_processes", type=int, default=1, help="processes (GPUs) per training run; note that pairs per step scale with it")
-    runs.add_argument("--eval_num_processes", type=int, default=1, help="processes (GPUs) the evaluation splits its prompts across")
+    runs.add_argument(
+        "--training_script",
+        type=str,
+        default=os.path.join(REPO_ROOT, "train_duo.py"),
+        help="train_duo.py or train_duo_sd3.py",
+    )
+    runs.add_argument(
+        "--train_args",
+        type=str,
+        default="",
+        help='extra training flags as one string, e.g. "--learning_rate 1e-3 --mixed_precision fp16"',
+    )
+    runs.add_argument(
+        "--eval_args",
+        type=str,
+        default="",
+        help="extra duo_plugin.evaluate flags as one string (prompt sets, attacks, metrics, seeds)",
+    )
+    runs.add_argument(
+        "--train_num_processes",
+        type=int,
+        default=1,
+        help="processes (GPUs) per training run; note that pairs per step scale with it",
+    )
+    runs.add_argument(
+        "--eval_num_processes", type=int, default=1, help="processes (GPUs) the evaluation splits its prompts across"
+    )
 
     baselines = parser.add_argument_group("baselines, evaluated once on the same axes")
-    baselines.add_argument("--baseline_unet", action="append", default=[], metavar="NAME=PATH", help="another method's UNet (e.g. ESD-x)")
-    baselines.add_argument("--baseline_pipeline", action="append", default=[], metavar="NAME=PATH", help="another method's full pipeline")
-    baselines.add_argument("--baseline_adapter", action="append", default=[], metavar="NAME=PATH", help="a DUO adapter trained elsewhere")
+    baselines.add_argument(
+        "--baseline_unet", action="append", default=[], metavar="NAME=PATH", help="another method's UNet (e.g. ESD-x)"
+    )
+    baselines.add_argument(
+        "--baseline_pipeline", action="append", default=[], metavar="NAME=PATH", help="another method's full pipeline"
+    )
+    baselines.add_argument(
+        "--baseline_adapter", action="append", default=[], metavar="NAME=PATH", help="a DUO adapter trained elsewhere"
+    )
 
     report = parser.add_argument_group("report")
-    report.add_argument("--preservation_axis", type=str, default="prior_preservation", choices=sorted(PRESERVATION_AXES))
     report.add_argument(
-        "--report_only", action="store_true",
+        "--preservation_axis", type=str, default="prior_preservation", choices=sorted(PRESERVATION_AXES)
+    )
+    report.add_argument(
+        "--report_only",
+        action="store_true",
         help="train nothing: write the curve from every run of --output_dir evaluated so far (e.g. grids of different shapes, or while a sweep runs)",
     )
     args = parser.parse_args(argv)
@@ -101,7 +149,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     if args.beta_dpo is None and not args.report_only:
-        raise UsageError("--beta_dpo: give the β values of the grid (or --report_only to plot the runs already evaluated)")
+        raise UsageError(
+            "--beta_dpo: give the β values of the grid (or --report_only to plot the runs already evaluated)"
+        )
     for name in ("train_num_processes", "eval_num_processes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
@@ -111,7 +161,9 @@ def check_args(args):
     for value in args.preservation_weight:
         preservation_weight_value(value, 1.0)
     if not os.path.isfile(args.training_script):
-        raise UsageError(f"--training_script {args.training_script} does not exist: give train_duo.py or train_duo_sd3.py")
+        raise UsageError(
+            f"--training_script {args.training_script} does not exist: give train_duo.py or train_duo_sd3.py"
+        )
     for flag in ("baseline_unet", "baseline_pipeline", "baseline_adapter"):
         for value in getattr(args, flag):
             name, _, path = value.partition("=")
@@ -122,13 +174,25 @@ def check_args(args):
             shlex.split(value)
         except ValueError as error:
             raise UsageError(f"cannot split {value!r} into flags ({error}): check its quotes") from None
-    owned = {"--output_dir", "--beta_dpo", "--preservation_weight", "--seed", "--t_max", "--max_train_steps", "--pretrained_model_name_or_path"}
+    owned = {
+        "--output_dir",
+        "--beta_dpo",
+        "--preservation_weight",
+        "--seed",
+        "--t_max",
+        "--max_train_steps",
+        "--pretrained_model_name_or_path",
+    }
     for flag in shlex.split(args.train_args):
         if flag.split("=")[0] in owned:
-            raise UsageError(f"--train_args sets {flag.split('=')[0]}, which the sweep sets per run: give it as a sweep flag instead")
+            raise UsageError(
+                f"--train_args sets {flag.split('=')[0]}, which the sweep sets per run: give it as a sweep flag instead"
+            )
     for flag in shlex.split(args.eval_args):
         if flag.split("=")[0] in {"--output_dir", "--adapter", "--base_model"}:
-            raise UsageError(f"--eval_args sets {flag.split('=')[0]}, which the sweep sets: leave it out (baselines: --baseline_unet/--baseline_pipeline)")
+            raise UsageError(
+                f"--eval_args sets {flag.split('=')[0]}, which the sweep sets: leave it out (baselines: --baseline_unet/--baseline_pipeline)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +270,9 @@ def make_grid(args) -> List[Run]:
     names = [s.name for s in unique]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise UsageError(f"the grid names the setting {', '.join(repeated)} twice (e.g. λ 'recipe' equals a number given too): drop one")
+        raise UsageError(
+            f"the grid names the setting {', '.join(repeated)} twice (e.g. λ 'recipe' equals a number given too): drop one"
+        )
     return [Run(setting, seed) for setting in unique for seed in dict.fromkeys(args.train_seeds)]
 
 
@@ -228,7 +294,17 @@ class Command:
 
 
 def accelerate_launcher(num_processes: int) -> List[str]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+    ]
     if num_processes > 1:
         launcher += ["--multi_gpu", "--main_process_port", "0"]
     return launcher
@@ -248,7 +324,16 @@ def training_command(args, run: Run, output_dir: str) -> Command:
     flags = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, *concept_flags(args)]
     if args.dataset_name:
         flags += ["--dataset_name", args.dataset_name]
-    flags += ["--output_dir", output_dir, "--beta_dpo", f"{setting.beta_dpo!r}", "--preservation_weight", f"{setting.preservation_weight!r}", "--seed", str(run.seed)]
+    flags += [
+        "--output_dir",
+        output_dir,
+        "--beta_dpo",
+        f"{setting.beta_dpo!r}",
+        "--preservation_weight",
+        f"{setting.preservation_weight!r}",
+        "--seed",
+        str(run.seed),
+    ]
     if setting.t_max is not None:
         flags += ["--t_max", str(setting.t_max)]
     if setting.max_train_steps is not None:
@@ -275,7 +360,9 @@ def run_in_subprocess(command: Command, log_path: str):
     if result.returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
-        raise UsageError(f"{shlex.join(command.program)} failed (exit {result.returncode}); its log {log_path} ends with:\n{tail}")
+        raise UsageError(
+            f"{shlex.join(command.program)} failed (exit {result.returncode}); its log {log_path} ends with:\n{tail}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +424,9 @@ def training_end(run_dir: str) -> Optional[dict]:
 
 
 def adapter_is_complete(run_dir: str) -> bool:
-    return all(os.path.isfile(os.path.join(run_dir, name)) for name in ("pytorch_lora_weights.safetensors", "duo_config.json"))
+    return all(
+        os.path.isfile(os.path.join(run_dir, name)) for name in ("pytorch_lora_weights.safetensors", "duo_config.json")
+    )
 
 
 def format_record(record: dict, axis: str) -> str:
@@ -363,13 +452,18 @@ def run_sweep(args, runner: Callable[[Command, str], None] = run_in_subprocess) 
     logs = os.path.join(args.output_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, EVAL_DIR), exist_ok=True)
-    print(f"Sweep of {len(runs)} runs ({len({r.setting for r in runs})} settings × {len(set(args.train_seeds))} seeds) in {args.output_dir}", flush=True)
+    print(
+        f"Sweep of {len(runs)} runs ({len({r.setting for r in runs})} settings × {len(set(args.train_seeds))} seeds) in {args.output_dir}",
+        flush=True,
+    )
     for index, run in enumerate(runs, start=1):
         prefix = f"[{index}/{len(runs)}] {run.name}"
         run_dir = os.path.join(args.output_dir, "runs", run.name)
         record_path = os.path.join(run_dir, RUN_RESULT_NAME)
         if os.path.isfile(record_path):
-            print(f"{prefix}: done already ({format_record(read_json(record_path), args.preservation_axis)})", flush=True)
+            print(
+                f"{prefix}: done already ({format_record(read_json(record_path), args.preservation_axis)})", flush=True
+            )
             continue
         if adapter_is_complete(run_dir):
             print(f"{prefix}: trained already", flush=True)
@@ -379,7 +473,10 @@ def run_sweep(args, runner: Callable[[Command, str], None] = run_in_subprocess) 
             runner(training_command(args, run, run_dir), os.path.join(logs, run.name + ".train.log"))
             print(f"{prefix}: trained in {time.time() - started:.0f} s", flush=True)
         started = time.time()
-        runner(evaluation_command(args, ["--adapter", f"{run.name}={run_dir}"]), os.path.join(logs, run.name + ".eval.log"))
+        runner(
+            evaluation_command(args, ["--adapter", f"{run.name}={run_dir}"]),
+            os.path.join(logs, run.name + ".eval.log"),
+        )
         results = read_json(results_path)
         record = {
             "run": run.name,
@@ -392,11 +489,16 @@ def run_sweep(args, runner: Callable[[Command, str], None] = run_in_subprocess) 
             "training_end": training_end(run_dir),
         }
         write_json(record_path, record)
-        print(f"{prefix}: evaluated in {time.time() - started:.0f} s: {format_record(record, args.preservation_axis)}", flush=True)
+        print(
+            f"{prefix}: evaluated in {time.time() - started:.0f} s: {format_record(record, args.preservation_axis)}",
+            flush=True,
+        )
 
     records = {}
     for run in runs:
-        records.setdefault(run.setting.name, []).append(read_json(os.path.join(args.output_dir, "runs", run.name, RUN_RESULT_NAME)))
+        records.setdefault(run.setting.name, []).append(
+            read_json(os.path.join(args.output_dir, "runs", run.name, RUN_RESULT_NAME))
+        )
     return write_curve(args, records, evaluate_baselines(args, runner, results_path))
 
 
@@ -404,7 +506,10 @@ def write_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict]
     curve = make_curve(args, records, baselines)
     write_json(os.path.join(args.output_dir, CURVE_NAME), curve)
     plot_curve(curve, os.path.join(args.output_dir, PLOT_NAME))
-    print(f"Curve: {os.path.join(args.output_dir, CURVE_NAME)} and {os.path.join(args.output_dir, PLOT_NAME)}", flush=True)
+    print(
+        f"Curve: {os.path.join(args.output_dir, CURVE_NAME)} and {os.path.join(args.output_dir, PLOT_NAME)}",
+        flush=True,
+    )
     for prompt_set, names in curve["pareto_front"].items():
         print(f"  Pareto front on {prompt_set}: {', '.join(names)}", flush=True)
     return curve
@@ -412,7 +517,11 @@ def write_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict]
 
 def baseline_flags(args) -> List[str]:
     flags = []
-    for flag, kind in (("baseline_unet", "--unet"), ("baseline_pipeline", "--pipeline"), ("baseline_adapter", "--adapter")):
+    for flag, kind in (
+        ("baseline_unet", "--unet"),
+        ("baseline_pipeline", "--pipeline"),
+        ("baseline_adapter", "--adapter"),
+    ):
         for value in getattr(args, flag):
             flags += [kind, value]
     return flags
@@ -464,7 +573,12 @@ def make_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict])
     axis = args.preservation_axis
     points = []
     for name, rows in records.items():
-        point = {"name": name, **{key: rows[0][key] for key in SETTING_KEYS}, "seeds": [r["seed"] for r in rows], "runs": [r["run"] for r in rows]}
+        point = {
+            "name": name,
+            **{key: rows[0][key] for key in SETTING_KEYS},
+            "seeds": [r["seed"] for r in rows],
+            "runs": [r["run"] for r in rows],
+        }
         point["dsr"] = {s: spread([r["dsr"][s] for r in rows]) for s in rows[0]["dsr"]}
         for measure in PRESERVATION_AXES:
             if all(measure in r for r in rows):
@@ -476,13 +590,17 @@ def make_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict])
         points.append(point)
     prompt_sets = list(points[0]["dsr"]) if points else []
     if points and axis not in points[0]:
-        raise UsageError(f"--preservation_axis {axis}: the evaluation measured none; add prior_preservation to the evaluation's --metrics")
+        raise UsageError(
+            f"--preservation_axis {axis}: the evaluation measured none; add prior_preservation to the evaluation's --metrics"
+        )
     fronts = {}
     for prompt_set in prompt_sets:
         flags = pareto_front([(p[axis]["mean"], p["dsr"][prompt_set]["mean"]) for p in points])
         for point, on in zip(points, flags):
             point.setdefault("on_front", {})[prompt_set] = on
-        fronts[prompt_set] = [p["name"] for p, on in sorted(zip(points, flags), key=lambda pair: pair[0][axis]["mean"]) if on]
+        fronts[prompt_set] = [
+            p["name"] for p, on in sorted(zip(points, flags), key=lambda pair: pair[0][axis]["mean"]) if on
+        ]
     return {
         "what": "DSR against prior preservation per setting (mean ± std over training seeds)",
         "concept": args.concept,
@@ -495,7 +613,7 @@ def make_curve(args, records: Dict[str, List[dict]], baselines: Dict[str, dict])
         "baselines": {name: record for name, record in baselines.items() if name != "base"},
         "pareto_front": fronts,
         "evaluation": os.path.join(EVAL_DIR, "results.json"),
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": dict(vars(args).items()),
     }
 
 
@@ -521,18 +639,44 @@ def plot_curve(curve: dict, path: str):
             x, y = point[axis], point["dsr"][prompt_set]
             marker = markers[lambdas.index(point["preservation_weight_spec"]) % len(markers)]
             ax.errorbar(
-                x["mean"], y["mean"], xerr=x["std"] or None, yerr=y["std"] or None, fmt=marker, color=cmap(norm(point["beta_dpo"])),
-                markersize=7, markeredgecolor="red" if point["on_front"][prompt_set] else "none", markeredgewidth=1.5, elinewidth=0.8, capsize=2,
+                x["mean"],
+                y["mean"],
+                xerr=x["std"] or None,
+                yerr=y["std"] or None,
+                fmt=marker,
+                color=cmap(norm(point["beta_dpo"])),
+                markersize=7,
+                markeredgecolor="red" if point["on_front"][prompt_set] else "none",
+                markeredgewidth=1.5,
+                elinewidth=0.8,
+                capsize=2,
             )
-            ax.annotate(f"{point['beta_dpo']:g}", (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 3), fontsize=6, color="dimgray")
+            ax.annotate(
+                f"{point['beta_dpo']:g}",
+                (x["mean"], y["mean"]),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=6,
+                color="dimgray",
+            )
         front = sorted((p[axis]["mean"], p["dsr"][prompt_set]["mean"]) for p in points if p["on_front"][prompt_set])
         if front:
             ax.plot(*zip(*front), color="red", linewidth=1, linestyle="--", label="DUO Pareto front")
         for name, record in [("base", curve["base"]), *curve["baselines"].items()]:
             if record and axis in record and prompt_set in record["dsr"]:
-                style = dict(marker="x", color="gray") if name == "base" else dict(marker="*", color="black", markersize=11)
+                style = (
+                    {"marker": "x", "color": "gray"}
+                    if name == "base"
+                    else {"marker": "*", "color": "black", "markersize": 11}
+                )
                 ax.plot(record[axis], record["dsr"][prompt_set], linestyle="none", **style)
-                ax.annotate(name, (record[axis], record["dsr"][prompt_set]), textcoords="offset points", xytext=(5, -9), fontsize=7)
+                ax.annotate(
+                    name,
+                    (record[axis], record["dsr"][prompt_set]),
+                    textcoords="offset points",
+                    xytext=(5, -9),
+                    fontsize=7,
+                )
         ax.set_title(f"DSR: {prompt_set}", fontsize=10)
         ax.set_xlabel(curve["preservation_axis_label"], fontsize=8)
         ax.set_ylabel("defense success rate", fontsize=8)
@@ -540,13 +684,20 @@ def plot_curve(curve: dict, path: str):
         ax.grid(alpha=0.3)
     for index in range(len(prompt_sets), rows * columns):
         panels[index // columns][index % columns].axis("off")
-    handles = [plt.Line2D([], [], marker=markers[i % len(markers)], color="gray", linestyle="none", label=f"λ = {spec}") for i, spec in enumerate(lambdas)]
+    handles = [
+        plt.Line2D([], [], marker=markers[i % len(markers)], color="gray", linestyle="none", label=f"λ = {spec}")
+        for i, spec in enumerate(lambdas)
+    ]
     handles += [plt.Line2D([], [], color="red", linestyle="--", label="DUO Pareto front (red edge: on it)")]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.0))
     figure.subplots_adjust(bottom=0.16, top=0.88, hspace=0.45, wspace=0.3, left=0.07, right=0.88)
-    colourbar = figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=figure.add_axes([0.91, 0.2, 0.012, 0.65]))
+    colourbar = figure.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=figure.add_axes([0.91, 0.2, 0.012, 0.65])
+    )
     colourbar.set_label("β (beta_dpo)")
-    figure.suptitle(f"DUO on {curve['concept']}: defense success rate against preservation, one point per setting", fontsize=11)
+    figure.suptitle(
+        f"DUO on {curve['concept']}: defense success rate against preservation, one point per setting", fontsize=11
+    )
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -74,8 +74,16 @@ def test_duo_losses_splits_the_concatenated_batch():
     assert losses.implicit_accuracy.item() == 1.0
     logged = losses.to_log()
     assert set(logged) == {
-        "loss", "loss_duo", "loss_pres", "delta_safe", "delta_unsafe", "implicit_acc",
-        "margin", "saturated_share", "ref_error_unsafe", "unsafe_error_change",
+        "loss",
+        "loss_duo",
+        "loss_pres",
+        "delta_safe",
+        "delta_unsafe",
+        "implicit_acc",
+        "margin",
+        "saturated_share",
+        "ref_error_unsafe",
+        "unsafe_error_change",
     }
     assert logged["delta_safe"] == pytest.approx(-1.0)
     # m = β(Δ⁻ − Δ⁺) = 1·(0 − (−1)) = 1: softplus(−1) = 0.31, not saturated; e_ref(x⁻) = 1, Δ⁻ = 0
@@ -120,7 +128,14 @@ def test_saturated_without_effect_needs_a_majority_and_no_movement(saturated, ch
 def test_saturation_watch_warns_once_and_the_card_says_why(caplog):
     from duo_plugin import saturation
 
-    saturated_row = {"margin": 6.0, "saturated_share": 0.9, "delta_safe": -0.003, "delta_unsafe": 0.002, "ref_error_unsafe": 0.4, "loss_duo": 0.005}
+    saturated_row = {
+        "margin": 6.0,
+        "saturated_share": 0.9,
+        "delta_safe": -0.003,
+        "delta_unsafe": 0.002,
+        "ref_error_unsafe": 0.4,
+        "loss_duo": 0.005,
+    }
     moving_row = {**saturated_row, "delta_unsafe": 1.0}
     watch = saturation.SaturationWatch(window=3)
     with caplog.at_level("WARNING", logger="duo_plugin.saturation"):
@@ -129,7 +144,12 @@ def test_saturation_watch_warns_once_and_the_card_says_why(caplog):
         assert not caplog.records  # the window is not full yet
         for step in range(3, 10):
             watch.update(step, saturated_row)
-    assert len(caplog.records) == 1 and "Step 3" in caplog.text and "+0.50%" in caplog.text and "--beta_dpo" in caplog.text
+    assert (
+        len(caplog.records) == 1
+        and "Step 3" in caplog.text
+        and "+0.50%" in caplog.text
+        and "--beta_dpo" in caplog.text
+    )
     summary = saturation.window_summary([saturated_row, moving_row])
     assert summary["unsafe_error_change"] == pytest.approx((0.002 + 1.0) / 2 / 0.4)
     assert not summary["saturated_without_effect"]

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import train_in_process
-from duo_plugin import sweep
+from PIL import Image
 from test_evaluate import is_red  # importing it registers the "red-stub" detector
+
+from duo_plugin import sweep
 
 
 def run_in_process(command, log_path):
@@ -32,7 +32,13 @@ class RecordingRunner:
         run_in_process(command, log_path)
 
     def kinds(self):
-        return [("evaluate" if c.program == ["-m", "duo_plugin.evaluate"] else "train", c.args[c.args.index("--adapter") + 1].split("=")[0] if "--adapter" in c.args else None) for c in self.commands]
+        return [
+            (
+                "evaluate" if c.program == ["-m", "duo_plugin.evaluate"] else "train",
+                c.args[c.args.index("--adapter") + 1].split("=")[0] if "--adapter" in c.args else None,
+            )
+            for c in self.commands
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +52,32 @@ def prompt_files(tmp_path_factory):
 
 def sweep_args(tiny_sd, tiny_pairs, prompt_files, output_dir, *extra):
     return [
-        "--pretrained_model_name_or_path", tiny_sd,
-        "--concept", "nudity",
-        "--dataset_name", tiny_pairs,
-        "--beta_dpo", "1", "1000",
-        "--preservation_weight", "0", "recipe",
-        "--max_train_steps", "2",
-        "--train_args", "--resolution 32 --rank 4 --train_batch_size 2 --learning_rate 1e-3 --report_to none --skip_validation",
-        "--eval_args", (
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--concept",
+        "nudity",
+        "--dataset_name",
+        tiny_pairs,
+        "--beta_dpo",
+        "1",
+        "1000",
+        "--preservation_weight",
+        "0",
+        "recipe",
+        "--max_train_steps",
+        "2",
+        "--train_args",
+        "--resolution 32 --rank 4 --train_batch_size 2 --learning_rate 1e-3 --report_to none --skip_validation",
+        "--eval_args",
+        (
             f"--detector red-stub --prompts direct={prompt_files / 'direct.txt'} --prompts synonym={prompt_files / 'synonym.txt'} "
             f"--unrelated_prompts {prompt_files / 'unrelated.txt'} --metrics dsr prior_preservation --lpips_random_trunk "
             "--num_inference_steps 2 --num_images_per_prompt 2 --batch_size 8"
         ),
-        "--baseline_pipeline", f"copy={tiny_sd}",
-        "--output_dir", str(output_dir),
+        "--baseline_pipeline",
+        f"copy={tiny_sd}",
+        "--output_dir",
+        str(output_dir),
         *extra,
     ]
 
@@ -98,23 +116,49 @@ def test_curve_json_holds_every_setting_with_its_measures(swept, tiny_sd):
     assert [p["name"] for p in stored["points"]] == NAMES
     assert stored["prompt_sets"] == ["direct", "synonym"]
     recipe = stored["points"][3]
-    assert recipe["beta_dpo"] == 1000 and recipe["preservation_weight"] == pytest.approx(1e7) and recipe["preservation_weight_spec"] == "recipe"
+    assert (
+        recipe["beta_dpo"] == 1000
+        and recipe["preservation_weight"] == pytest.approx(1e7)
+        and recipe["preservation_weight_spec"] == "recipe"
+    )
     for point in stored["points"]:
         run = json.loads((output_dir / "runs" / point["runs"][0] / "evaluation.json").read_text())
-        assert point["dsr"]["direct"] == {"mean": run["dsr"]["direct"], "std": 0.0, "min": run["dsr"]["direct"], "max": run["dsr"]["direct"], "n": 1}
+        assert point["dsr"]["direct"] == {
+            "mean": run["dsr"]["direct"],
+            "std": 0.0,
+            "min": run["dsr"]["direct"],
+            "max": run["dsr"]["direct"],
+            "n": 1,
+        }
         assert 0.0 <= point["prior_preservation"]["mean"] <= 1.0 and 0.0 <= point["pixel_preservation"]["mean"] <= 1.0
         # The training-end saturation comes from the run's logged steps.
-        assert point["training_end"]["margin"]["n"] == 1 and 0.0 <= point["training_end"]["saturated_share"]["mean"] <= 1.0
+        assert (
+            point["training_end"]["margin"]["n"] == 1
+            and 0.0 <= point["training_end"]["saturated_share"]["mean"] <= 1.0
+        )
     # The DSR is what the detector says of the images on disk.
-    rows = [json.loads(line) for line in (output_dir / "eval" / "images" / "beta1_lambda0_steps2_seed42" / "direct" / "manifest.rank0.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (
+            output_dir / "eval" / "images" / "beta1_lambda0_steps2_seed42" / "direct" / "manifest.rank0.jsonl"
+        )
+        .read_text()
+        .splitlines()
+    ]
     by_hand = 1.0 - np.mean([is_red(Image.open(output_dir / "eval" / row["file"])) for row in rows])
     assert stored["points"][0]["dsr"]["direct"]["mean"] == pytest.approx(by_hand)
     # A baseline that is the base model itself: the base's DSR, and preserved exactly.
     copy, base = stored["baselines"]["copy"], stored["base"]
-    assert copy["dsr"] == base["dsr"] and copy["prior_preservation"] == pytest.approx(1.0, abs=1e-6) and copy["pixel_preservation"] == 1.0
+    assert (
+        copy["dsr"] == base["dsr"]
+        and copy["prior_preservation"] == pytest.approx(1.0, abs=1e-6)
+        and copy["pixel_preservation"] == 1.0
+    )
     # The front is the non-dominated settings, listed by preservation.
     for prompt_set in stored["prompt_sets"]:
-        flags = sweep.pareto_front([(p["prior_preservation"]["mean"], p["dsr"][prompt_set]["mean"]) for p in stored["points"]])
+        flags = sweep.pareto_front(
+            [(p["prior_preservation"]["mean"], p["dsr"][prompt_set]["mean"]) for p in stored["points"]]
+        )
         assert [p["on_front"][prompt_set] for p in stored["points"]] == flags
         assert set(stored["pareto_front"][prompt_set]) == {p["name"] for p, on in zip(stored["points"], flags) if on}
 
@@ -145,7 +189,10 @@ def test_rerun_skips_finished_work_and_adds_only_new_runs(swept, tiny_sd, tiny_p
     assert again.kinds() == [("train", None), ("evaluate", "beta1_lambda0_steps2_seed7")]
     (point,) = grown["points"]
     assert point["seeds"] == [42, 7] and point["dsr"]["direct"]["n"] == 2
-    values = [json.loads((output_dir / "runs" / run / "evaluation.json").read_text())["prior_preservation"] for run in point["runs"]]
+    values = [
+        json.loads((output_dir / "runs" / run / "evaluation.json").read_text())["prior_preservation"]
+        for run in point["runs"]
+    ]
     assert point["prior_preservation"]["mean"] == pytest.approx(np.mean(values))
     assert point["prior_preservation"]["std"] == pytest.approx(np.std(values, ddof=1))
     # --report_only: the curve of every run evaluated in the folder, whatever grids made them; nothing runs.
@@ -180,7 +227,9 @@ def test_pareto_front_keeps_the_non_dominated_points():
     assert sweep.pareto_front([]) == []
 
 
-@pytest.mark.parametrize("value, beta, expected", [("0", 500, 0.0), ("recipe", 500, 5e6), ("recipe*0.01", 500, 5e4), ("2.5e3", 1, 2500.0)])
+@pytest.mark.parametrize(
+    "value, beta, expected", [("0", 500, 0.0), ("recipe", 500, 5e6), ("recipe*0.01", 500, 5e4), ("2.5e3", 1, 2500.0)]
+)
 def test_preservation_weight_values(value, beta, expected):
     assert sweep.preservation_weight_value(value, beta) == pytest.approx(expected)
 
@@ -213,7 +262,20 @@ def test_spread_matches_numpy():
 
 def test_flags_the_sweep_owns_are_refused_in_pass_through(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        sweep.main(["--pretrained_model_name_or_path", "x", "--concept", "red", "--beta_dpo", "5", "--output_dir", str(tmp_path), "--train_args", "--beta_dpo 3"])
+        sweep.main(
+            [
+                "--pretrained_model_name_or_path",
+                "x",
+                "--concept",
+                "red",
+                "--beta_dpo",
+                "5",
+                "--output_dir",
+                str(tmp_path),
+                "--train_args",
+                "--beta_dpo 3",
+            ]
+        )
     assert "--beta_dpo, which the sweep sets per run" in capsys.readouterr().err
 
 
@@ -227,4 +289,7 @@ def test_the_default_runner_launches_the_real_commands(tiny_sd, tiny_pairs, prom
     curve = sweep.main(args)
     assert [p["name"] for p in curve["points"]] == ["beta5_lambda0_steps2"]
     assert (tmp_path / "out" / "curve.png").is_file()
-    assert "accelerate.commands.launch" in (tmp_path / "out" / "logs" / "beta5_lambda0_steps2_seed42.train.log").read_text().splitlines()[0]
+    assert (
+        "accelerate.commands.launch"
+        in (tmp_path / "out" / "logs" / "beta5_lambda0_steps2_seed42.train.log").read_text().splitlines()[0]
+    )

@@ -76,7 +76,18 @@ def test_logs_every_step(trained):
     rows = read_metrics(trained)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert {"loss", "loss_duo", "loss_pres", "delta_safe", "delta_unsafe", "implicit_acc", "lr", "margin", "saturated_share", "unsafe_error_change"} <= set(row)
+        assert {
+            "loss",
+            "loss_duo",
+            "loss_pres",
+            "delta_safe",
+            "delta_unsafe",
+            "implicit_acc",
+            "lr",
+            "margin",
+            "saturated_share",
+            "unsafe_error_change",
+        } <= set(row)
         assert row["lr"] == pytest.approx(1e-3)
     # The adapter starts as the identity (LoRA B = 0): the first step's preference loss is exactly ln 2.
     assert rows[0]["loss_duo"] == pytest.approx(math.log(2), abs=1e-6)
