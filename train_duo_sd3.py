@@ -45,6 +45,7 @@ from duo_plugin import (
     objective,
     outputs,
     run_guard,
+    saturation,
     sd3,
     training,
     validation,
@@ -269,6 +270,8 @@ def main(argv=None):
         append=last_checkpoint is not None,
     )
     metrics.truncate_after(first_step)
+    # Warns once if the preference loss saturates before the unsafe images' denoising error has moved.
+    saturation_watch = saturation.SaturationWatch(enabled=accelerator.is_main_process)
 
     pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running DUO training (SD3) *****", main_process_only=True)
@@ -340,6 +343,7 @@ def main(argv=None):
         progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
         accelerator.log(logs, step=global_step)
         metrics.write(global_step, logs)
+        saturation_watch.update(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             settings = run_guard.run_settings(args, accelerator)

@@ -920,6 +920,7 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
             base_files = ImageFiles([store.path(base_by_key[(r["prompt_index"], r["image_index"])]) for r in rows])
             model_files = ImageFiles([store.path(r) for r in rows])
             results[spec.name]["prior_preservation"] = metrics.prior_preservation(lpips_model, base_files, model_files)
+            results[spec.name]["pixel_preservation"] = metrics.pixel_preservation(base_files, model_files)
     if "fid" in networks:
         fid_metric = networks["fid"].to(device)
         reference = ImageFiles(attacks.list_images(args.fid_reference_dir)[: args.max_reference_images])

@@ -108,6 +108,31 @@ def prior_preservation(lpips_model, base_images, unlearned_images, batch_size: i
     }
 
 
+def pixel_preservation(base_images, unlearned_images, batch_size: int = 64) -> dict:
+    """1 − mean absolute pixel difference (RGB in [0, 1]) between base and unlearned images of the same
+    prompts and seeds: 1 for identical images, 0 for black against white. Unlike LPIPS it needs no
+    network, so it means the same with or without downloaded weights."""
+    if not base_images:
+        raise UsageError("no image pair to measure pixel preservation on: check the unrelated prompts")
+    if len(base_images) != len(unlearned_images):
+        raise ValueError(f"{len(base_images)} and {len(unlearned_images)} images cannot be paired")
+    differences = []
+    for start in range(0, len(base_images), batch_size):
+        a = images_to_tensor(base_images[start : start + batch_size])
+        b = images_to_tensor(unlearned_images[start : start + batch_size])
+        if a.shape != b.shape:
+            raise UsageError(
+                "images of different sizes cannot be compared pixel by pixel: generate both models at one size with --resolution"
+            )
+        differences.append((a - b).abs().flatten(1).mean(dim=1))
+    differences = torch.cat(differences)
+    return {
+        "pixel_preservation": float(1.0 - differences.mean()),
+        "mean_abs_difference": float(differences.mean()),
+        "num_pairs": len(differences),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # FID
 # --------------------------------------------------------------------------------------------------

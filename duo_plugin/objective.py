@@ -12,6 +12,8 @@ The functions here are pure tensor math so that they can be checked against clos
 * ``preference_loss``: L_DUO = −log σ(−β (Δ⁺ − Δ⁻)) with Δ = e_θ − e_ref, averaged over pairs.
 * ``preservation_loss``: L_pres = mean (prediction_θ − prediction_ref)² on pure noise.
 * ``duo_losses``: splits the concatenated batch and combines the above into L = L_DUO + λ·L_pres.
+* ``preference_margin``, ``saturated_share``, ``unsafe_error_change``, ``is_saturated_without_effect``:
+  whether the preference loss has saturated (its gradient gone) before the unsafe images changed.
 """
 
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ class DUOLosses:
     delta_safe: torch.Tensor
     delta_unsafe: torch.Tensor
     implicit_accuracy: torch.Tensor
+    margin: torch.Tensor
+    ref_error_unsafe: torch.Tensor
 
     def to_log(self) -> dict:
         return {
@@ -40,6 +44,10 @@ class DUOLosses:
             "delta_safe": self.delta_safe.mean().item(),
             "delta_unsafe": self.delta_unsafe.mean().item(),
             "implicit_acc": self.implicit_accuracy.item(),
+            "margin": self.margin.mean().item(),
+            "saturated_share": saturated_share(self.margin).item(),
+            "ref_error_unsafe": self.ref_error_unsafe.mean().item(),
+            "unsafe_error_change": unsafe_error_change(self.delta_unsafe, self.ref_error_unsafe).item(),
         }
 
 
@@ -117,7 +125,57 @@ def duo_losses(
         delta_safe=delta_safe.detach(),
         delta_unsafe=delta_unsafe.detach(),
         implicit_accuracy=(delta_safe < delta_unsafe).float().mean().detach(),
+        margin=preference_margin(delta_safe, delta_unsafe, beta).detach(),
+        ref_error_unsafe=ref_error[:num_pairs].detach(),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Saturation: the preference loss can reach ~0 while the model has barely changed
+#
+# Per pair the loss is ℓ = softplus(−m) with the margin m = β·(Δ⁻ − Δ⁺), and its gradient is
+# ∂ℓ/∂θ = −σ(−m)·β·∂(Δ⁻ − Δ⁺)/∂θ with σ(−m) = 1 − e^(−ℓ) ≤ ℓ. Once ℓ < 0.01 (m > 4.6) a pair pulls with
+# under 1/50 of the weight it had at m = 0: it has stopped teaching. A large β reaches that margin
+# with tiny Δ's, i.e. with denoising errors, and hence samples, that have hardly moved.
+# --------------------------------------------------------------------------------------------------
+
+SATURATED_LOSS = 0.01
+# The warning: most pairs saturated while the unsafe images' denoising error has grown by less than the
+# reference model's own error on them (a relative change under 100%). Why that scale: when the adapter
+# changes the prediction by δ, independently of the reference's residual r = target − ε_ref,
+# E[Δ⁻] = ‖δ‖², so Δ⁻ / e_ref(x⁻) = (‖δ‖ / ‖r‖)²; both scale the clean-image estimate x̂₀ by the same
+# factor √(1 − ᾱ)/√ᾱ, so under 100% means the adapter moves its estimate of the unsafe image by less than
+# the base model's own estimation error at that step, a change the sampler's later steps can undo. A
+# first guess of 1% (a tenth of that error) was refuted by the toy sweep (README, "Choosing β"): runs
+# whose samples kept the concept ended at +33% to +170%, every run that removed it at ≥ +450%.
+SATURATED_MAJORITY = 0.5
+MIN_UNSAFE_ERROR_CHANGE = 1.0
+
+
+def preference_margin(delta_safe: torch.Tensor, delta_unsafe: torch.Tensor, beta: float) -> torch.Tensor:
+    """m = β·(Δ⁻ − Δ⁺) per pair: the preference loss is softplus(−m)."""
+    return beta * (delta_unsafe - delta_safe)
+
+
+def saturated_share(margin: torch.Tensor, loss_threshold: float = SATURATED_LOSS) -> torch.Tensor:
+    """Share of pairs whose preference loss softplus(−m) is below ``loss_threshold`` (gradient weight σ(−m) < it)."""
+    return (F.softplus(-margin) < loss_threshold).float().mean()
+
+
+def unsafe_error_change(delta_unsafe: torch.Tensor, ref_error_unsafe: torch.Tensor) -> torch.Tensor:
+    """Σ Δ⁻ / Σ e_ref(x⁻): how much worse the adapted model denoises the unsafe images, relative to the reference."""
+    return delta_unsafe.sum() / ref_error_unsafe.sum().clamp_min(torch.finfo(ref_error_unsafe.dtype).tiny)
+
+
+def is_saturated_without_effect(
+    saturated: float,
+    error_change: float,
+    majority: float = SATURATED_MAJORITY,
+    min_error_change: float = MIN_UNSAFE_ERROR_CHANGE,
+) -> bool:
+    """True when more than ``majority`` of the pairs have saturated while the unsafe images' denoising
+    error has grown by less than ``min_error_change`` (relative): training has stopped before removing anything."""
+    return saturated > majority and error_change < min_error_change
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

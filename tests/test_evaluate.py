@@ -116,6 +116,16 @@ def test_prior_preservation_of_identical_images_is_one():
     assert different["lpips_mean"] == pytest.approx(1.0 - different["prior_preservation"])
 
 
+def test_pixel_preservation_is_one_minus_the_mean_absolute_difference():
+    black = [Image.new("RGB", (4, 4), (0, 0, 0))] * 2
+    white = [Image.new("RGB", (4, 4), (255, 255, 255))] * 2
+    half = [Image.new("RGB", (4, 4), (255, 0, 0))] * 2  # one channel of three differs from black by 1
+    assert metrics.pixel_preservation(black, black)["pixel_preservation"] == 1.0
+    assert metrics.pixel_preservation(black, white)["pixel_preservation"] == 0.0
+    result = metrics.pixel_preservation(black, half)
+    assert result["pixel_preservation"] == pytest.approx(2 / 3) and result["num_pairs"] == 2
+
+
 def test_lpips_without_trunk_weights_says_what_is_missing(monkeypatch, tmp_path):
     from urllib.error import URLError
 
@@ -523,6 +533,8 @@ def test_same_seeds_for_every_model_and_prior_preservation(evaluated):
     preservation = {m: results["metrics"][m]["prior_preservation"] for m in ("base", "duo", "copy")}
     assert preservation["base"]["prior_preservation"] == 1.0 and preservation["copy"]["prior_preservation"] == 1.0
     assert preservation["duo"]["prior_preservation"] < 1.0 and preservation["duo"]["num_pairs"] == 6
+    pixels = {m: results["metrics"][m]["pixel_preservation"]["pixel_preservation"] for m in ("base", "duo", "copy")}
+    assert pixels["base"] == 1.0 and pixels["copy"] == 1.0 and pixels["duo"] < 1.0
 
 
 def test_rerun_generates_nothing_and_refuses_other_settings(evaluated, capsys):

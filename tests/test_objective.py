@@ -73,8 +73,89 @@ def test_duo_losses_splits_the_concatenated_batch():
     assert losses.loss.item() == pytest.approx(math.log1p(math.exp(-1.0)) + 1.0, rel=1e-6)
     assert losses.implicit_accuracy.item() == 1.0
     logged = losses.to_log()
-    assert set(logged) == {"loss", "loss_duo", "loss_pres", "delta_safe", "delta_unsafe", "implicit_acc"}
+    assert set(logged) == {
+        "loss",
+        "loss_duo",
+        "loss_pres",
+        "delta_safe",
+        "delta_unsafe",
+        "implicit_acc",
+        "margin",
+        "saturated_share",
+        "ref_error_unsafe",
+        "unsafe_error_change",
+    }
     assert logged["delta_safe"] == pytest.approx(-1.0)
+    # m = β(Δ⁻ − Δ⁺) = 1·(0 − (−1)) = 1: softplus(−1) = 0.31, not saturated; e_ref(x⁻) = 1, Δ⁻ = 0
+    assert logged["margin"] == pytest.approx(1.0)
+    assert logged["saturated_share"] == 0.0
+    assert logged["ref_error_unsafe"] == pytest.approx(1.0)
+    assert logged["unsafe_error_change"] == pytest.approx(0.0)
+
+
+def test_margin_and_saturated_share_match_closed_forms():
+    delta_safe = torch.tensor([-0.003, 0.0, 0.01, 0.02], dtype=torch.float64)
+    delta_unsafe = torch.tensor([0.002, 0.0, 0.0, 0.03], dtype=torch.float64)
+    margin = objective.preference_margin(delta_safe, delta_unsafe, beta=500.0)
+    assert torch.allclose(margin, torch.tensor([2.5, 0.0, -5.0, 5.0], dtype=torch.float64))
+    # The per-pair loss is softplus(−m); it is below 0.01 exactly when m > −log(e^0.01 − 1) ≈ 4.6002.
+    threshold = -math.log(math.expm1(0.01))
+    assert threshold == pytest.approx(4.6002, abs=1e-4)
+    assert objective.saturated_share(margin).item() == 0.25  # only m = 5
+    just_below, just_above = torch.tensor([threshold - 1e-6]), torch.tensor([threshold + 1e-6])
+    assert objective.saturated_share(just_below).item() == 0.0 and objective.saturated_share(just_above).item() == 1.0
+    # Its gradient weight σ(−m) = 1 − e^(−loss) is under the loss itself: a saturated pair pulls with < 0.01.
+    m = torch.tensor([threshold], requires_grad=True)
+    torch.nn.functional.softplus(-m).backward()
+    assert -m.grad.item() == pytest.approx(1 - math.exp(-0.01), rel=1e-5)
+
+
+def test_unsafe_error_change_is_relative_to_the_reference_error():
+    delta_unsafe = torch.tensor([0.002, 0.004])
+    ref_error_unsafe = torch.tensor([0.1, 0.5])
+    assert objective.unsafe_error_change(delta_unsafe, ref_error_unsafe).item() == pytest.approx(0.006 / 0.6)
+    assert objective.unsafe_error_change(torch.zeros(2), torch.zeros(2)).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "saturated, change, warned",
+    [(0.9, 0.5, True), (0.9, -0.02, True), (0.9, 1.5, False), (0.5, 0.5, False), (0.2, 0.0, False)],
+)
+def test_saturated_without_effect_needs_a_majority_and_no_movement(saturated, change, warned):
+    assert objective.is_saturated_without_effect(saturated, change) is warned
+
+
+def test_saturation_watch_warns_once_and_the_card_says_why(caplog):
+    from duo_plugin import saturation
+
+    saturated_row = {
+        "margin": 6.0,
+        "saturated_share": 0.9,
+        "delta_safe": -0.003,
+        "delta_unsafe": 0.002,
+        "ref_error_unsafe": 0.4,
+        "loss_duo": 0.005,
+    }
+    moving_row = {**saturated_row, "delta_unsafe": 1.0}
+    watch = saturation.SaturationWatch(window=3)
+    with caplog.at_level("WARNING", logger="duo_plugin.saturation"):
+        for step in range(1, 3):
+            watch.update(step, saturated_row)
+        assert not caplog.records  # the window is not full yet
+        for step in range(3, 10):
+            watch.update(step, saturated_row)
+    assert (
+        len(caplog.records) == 1
+        and "Step 3" in caplog.text
+        and "+0.50%" in caplog.text
+        and "--beta_dpo" in caplog.text
+    )
+    summary = saturation.window_summary([saturated_row, moving_row])
+    assert summary["unsafe_error_change"] == pytest.approx((0.002 + 1.0) / 2 / 0.4)
+    assert not summary["saturated_without_effect"]
+    card = saturation.model_card_section(saturation.window_summary([saturated_row] * 3))
+    assert "90%" in card and "Warning" in card
+    assert "Warning" not in saturation.model_card_section(summary)
 
 
 def test_duo_losses_rejects_a_batch_that_is_not_three_parts():

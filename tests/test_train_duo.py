@@ -74,16 +74,30 @@ def test_artifacts(trained, tiny_sd):
     # The card shows only images of unrelated prompts.
     assert "lighthouse" in card and "naked" not in card.split("## Samples")[1]
     assert sorted(os.listdir(trained / "validation")) == ["step-000002.png", "step-000004.png"]
+    # The card reports how far the preference loss had saturated, from the logged steps.
+    assert "## Saturation of the preference loss" in card and "Mean over the last 4 steps: margin" in card
 
 
 def test_logs_every_step(trained):
     rows = read_metrics(trained)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert {"loss", "loss_duo", "loss_pres", "delta_safe", "delta_unsafe", "implicit_acc", "lr"} <= set(row)
+        assert {
+            "loss",
+            "loss_duo",
+            "loss_pres",
+            "delta_safe",
+            "delta_unsafe",
+            "implicit_acc",
+            "lr",
+            "margin",
+            "saturated_share",
+            "unsafe_error_change",
+        } <= set(row)
         assert row["lr"] == pytest.approx(1e-3)
     # The adapter starts as the identity (LoRA B = 0): the first step's preference loss is exactly ln 2.
     assert rows[0]["loss_duo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["margin"] == pytest.approx(0.0, abs=1e-6) and rows[0]["saturated_share"] == 0.0
 
 
 def test_only_self_attention_is_adapted(trained):
