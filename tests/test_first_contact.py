@@ -307,7 +307,7 @@ def test_help_states_the_defaults(script, capsys, monkeypatch):
         ("--pretrained_model_name_or_path PRETRAINED_MODEL_NAME_OR_PATH", module.DEFAULT_MODEL),
     ):
         assert re.search(re.escape(flag) + r" .{0,80}default: " + re.escape(default), text), flag
-    resolution = "512" if script == "train_duo.py" else "1024"
+    resolution = "512"  # both families: SD3 defaults to the official run's 512 px
     assert re.search(r"--resolution RESOLUTION .{0,40}default: " + resolution, text)
     assert "default: None" not in text and "default: False" not in text
 
