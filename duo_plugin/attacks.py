@@ -768,7 +768,9 @@ def unlearndiffatk(
     The variable is one probability distribution over ``vocabulary`` per prepended token. Each
     iteration draws one token per position (straight-through), encodes [start, drawn tokens, prompt],
     and takes an Adam step on the model's own diffusion loss at the current timestep on the target
-    image's latent with fresh noise, then projects each distribution back onto the simplex. After each
+    image's latent with fresh noise, then projects each distribution back onto the simplex. The loss of
+    the projected prompt on fixed noise at each timestep, before and after its iterations, is recorded
+    in ``evaluation_losses``. After each
     timestep's iterations, the most likely tokens form the adversarial prompt, which
     ``is_flagged(prompt_text)`` judges (generate with the prompt's seed, run the detector); the attack
     stops at the first flagged image. ``is_flagged`` is first asked about the prompt as given: a
@@ -782,7 +784,7 @@ def unlearndiffatk(
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
         raise UsageError(f"UnlearnDiffAtk needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}")
-    result = {"target": prompt, "prompt": prompt, "token_ids": [], "broken": False, "broken_without_attack": False, "timestep": None, "num_judged": 1, "losses": [], "iteration_losses": []}
+    result = {"target": prompt, "prompt": prompt, "token_ids": [], "broken": False, "broken_without_attack": False, "timestep": None, "num_judged": 1, "losses": [], "iteration_losses": [], "evaluation_losses": []}
     if is_flagged(prompt):
         result.update(broken=True, broken_without_attack=True)
         return result
@@ -804,16 +806,16 @@ def unlearndiffatk(
     timesteps = attack_timesteps(noise_scheduler.config.num_train_timesteps, config.num_timesteps)
     draws = torch.Generator().manual_seed(config.seed + 1)
     evaluation_noise = torch.randn((config.num_eval_draws, *latent.shape[1:]), generator=draws).to(device)
-    evaluation_timesteps = torch.tensor([timesteps[i % len(timesteps)] for i in range(config.num_eval_draws)], device=device)
 
     @torch.no_grad()
-    def evaluation_loss(prefix_ids):
-        """The diffusion loss of [prefix, prompt] on fixed noise and timesteps: comparable before and after."""
+    def evaluation_loss(prefix_ids, timestep):
+        """The diffusion loss of [prefix, prompt] at one timestep on fixed noise: comparable before and after."""
         condition = text_encoder(prefixed_token_ids(tokenizer, prompt, prefix_ids)[0].to(text_encoder.device))[0].to(model_dtype)
         clean = latent.expand(config.num_eval_draws, -1, -1, -1)
-        noisy = noise_scheduler.add_noise(clean, evaluation_noise, evaluation_timesteps)
-        prediction = unet(noisy.to(model_dtype), evaluation_timesteps, condition.expand(config.num_eval_draws, -1, -1)).sample
-        return float(F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, clean, evaluation_noise, evaluation_timesteps).float()))
+        t = torch.full((config.num_eval_draws,), timestep, device=device)
+        noisy = noise_scheduler.add_noise(clean, evaluation_noise, t)
+        prediction = unet(noisy.to(model_dtype), t, condition.expand(config.num_eval_draws, -1, -1)).sample
+        return float(F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, clean, evaluation_noise, t).float()))
 
     # Uniform start (the original's default, rand_init off), already on the simplex.
     distributions = torch.full((config.num_tokens, len(vocabulary)), 1.0 / len(vocabulary), device=device, requires_grad=True)
@@ -821,9 +823,9 @@ def unlearndiffatk(
     generator = torch.Generator().manual_seed(config.seed)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    result["initial_loss"] = evaluation_loss(project_to_token_ids(distributions.detach(), vocabulary).tolist())
     for timestep in tqdm(timesteps, desc="UnlearnDiffAtk", disable=not progress, leave=False):
         t = torch.tensor([timestep], device=device)
+        before = evaluation_loss(project_to_token_ids(distributions.detach(), vocabulary).tolist(), timestep)
         total = 0.0
         for _ in range(config.iterations):
             one_hot = _SampleOneHot.apply(distributions, generator)
@@ -841,12 +843,12 @@ def unlearndiffatk(
             result["iteration_losses"].append(float(loss.detach()))
         result["losses"].append(sum(result["iteration_losses"][-config.iterations :]) / config.iterations)
         adversarial_ids = project_to_token_ids(distributions.detach(), vocabulary).tolist()
+        result["evaluation_losses"].append({"timestep": timestep, "before": before, "after": evaluation_loss(adversarial_ids, timestep)})
         text = decode_token_ids(tokenizer, adversarial_ids + prompt_ids)
         result.update(prompt=text, token_ids=adversarial_ids, timestep=timestep, num_judged=result["num_judged"] + 1)
         if is_flagged(text):
             result["broken"] = True
             break
-    result["final_loss"] = evaluation_loss(result["token_ids"])
     return result
 
 

@@ -235,8 +235,6 @@ def test_read_prompts_formats(tmp_path):
 def test_unimplemented_attacks_are_refused_not_faked():
     with pytest.raises(UsageError, match="SneakyPrompt is not implemented yet"):
         attacks.check_attack_names(["sneakyprompt"], ("prompts",))
-    with pytest.raises(UsageError, match="UnlearnDiffAtk is not implemented yet"):
-        attacks.check_attack_names(["UnlearnDiffAtk"], ("prompts",))
     with pytest.raises(UsageError, match="unknown --attack"):
         attacks.check_attack_names(["jailbreak"], ("prompts",))
 
@@ -310,7 +308,10 @@ def test_concept_inversion_lowers_its_own_loss_with_the_adapter_active(tiny_sd, 
     images = attacks.load_concept_images(tiny_pairs)
     assert len(images) == 4 and all(np.asarray(im)[..., 0].max() > 200 for im in images)  # the red unsafe images
 
-    config = attacks.InversionConfig(token="<tiny-concept>", initializer="red", num_steps=40, learning_rate=5e-2, batch_size=4, seed=0)
+    config = attacks.InversionConfig(
+        token="<tiny-concept>", initializer="red", num_steps=40, learning_rate=5e-2, batch_size=4,
+        gradient_accumulation_steps=1, scale_lr=False, weight_decay=0.0, seed=0,
+    )
     result = attacks.concept_inversion(pipe, images, config)
     assert result.final_loss < result.initial_loss
     assert len(result.losses) == 40
@@ -399,7 +400,7 @@ def test_report_files_exist_and_parse(evaluated):
     assert results["prompt_sets"]["prompts"] == {"source": results["settings"]["prompts"][0], "num_prompts": 3, "num_images": 6}
     assert results["prompt_sets"]["concept_inversion"]["num_prompts"] == 2
     assert results["settings"]["lpips_trunk"] == "random" and results["settings"]["num_inference_steps"] == 2
-    assert results["not_implemented_attacks"] == ["SneakyPrompt", "UnlearnDiffAtk"]
+    assert results["not_implemented_attacks"] == ["SneakyPrompt"]
     for model in ("base", "duo", "copy"):
         assert set(results["metrics"][model]["dsr"]) == {"prompts", "ring_a_bell", "concept_inversion"}
         assert 0.0 <= results["metrics"][model]["clip_score"]["clip_score"] and results["metrics"][model]["clip_score"]["num_images"] == 6
