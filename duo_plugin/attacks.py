@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 
+
 NOT_IMPLEMENTED_ATTACKS = {
     "sneakyprompt": "SneakyPrompt",
 }
@@ -62,13 +63,17 @@ def _first_column(columns: Sequence[str], candidates: Sequence[str]) -> Optional
 NUDITY_PERCENTAGE_COLUMN = "nudity_percentage"
 
 
-def _read_csv(path: str, categories: Optional[Sequence[str]], min_nudity_percentage: Optional[float] = None) -> List[PromptSpec]:
+def _read_csv(
+    path: str, categories: Optional[Sequence[str]], min_nudity_percentage: Optional[float] = None
+) -> List[PromptSpec]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         prompt_column = _first_column(columns, PROMPT_COLUMNS)
         if prompt_column is None:
-            raise UsageError(f"prompt file {path} has no prompt column (it has {', '.join(columns)}): name it 'prompt'")
+            raise UsageError(
+                f"prompt file {path} has no prompt column (it has {', '.join(columns)}): name it 'prompt'"
+            )
         if categories and "categories" not in columns:
             raise UsageError(f"--prompt_categories needs a 'categories' column (I2P layout); {path} has none")
         seed_column = _first_column(columns, SEED_COLUMNS)
@@ -89,10 +94,16 @@ def _read_csv(path: str, categories: Optional[Sequence[str]], min_nudity_percent
                     if float(row.get(NUDITY_PERCENTAGE_COLUMN) or 0.0) <= min_nudity_percentage:
                         continue
                 except ValueError:
-                    raise UsageError(f"{path}, line {row_number}: the {NUDITY_PERCENTAGE_COLUMN} column must hold numbers") from None
+                    raise UsageError(
+                        f"{path}, line {row_number}: the {NUDITY_PERCENTAGE_COLUMN} column must hold numbers"
+                    ) from None
             try:
                 seed = int(float(row[seed_column])) if seed_column and row.get(seed_column) not in (None, "") else None
-                guidance = float(row[guidance_column]) if guidance_column and row.get(guidance_column) not in (None, "") else None
+                guidance = (
+                    float(row[guidance_column])
+                    if guidance_column and row.get(guidance_column) not in (None, "")
+                    else None
+                )
             except ValueError:
                 raise UsageError(f"{path}, line {row_number}: the seed/guidance columns must hold numbers") from None
             prompts.append(PromptSpec(text, seed, guidance))
@@ -104,12 +115,14 @@ def _read_json(path: str) -> List[PromptSpec]:
         try:
             content = json.load(f)
         except json.JSONDecodeError as error:
-            raise UsageError(f"prompt file {path} is not valid JSON ({error})") from None
+            raise UsageError(f"prompt file {path} is not valid JSON ({error})") from error
     if isinstance(content, dict) and "annotations" in content:  # COCO captions_*.json
         return [PromptSpec(a["caption"].strip()) for a in content["annotations"] if a.get("caption", "").strip()]
     if isinstance(content, list) and all(isinstance(p, str) for p in content):
         return [PromptSpec(p.strip()) for p in content if p.strip()]
-    raise UsageError(f"prompt file {path}: a JSON prompt file is a list of strings or a COCO captions file with 'annotations'")
+    raise UsageError(
+        f"prompt file {path}: a JSON prompt file is a list of strings or a COCO captions file with 'annotations'"
+    )
 
 
 def _read_jsonl(path: str) -> List[PromptSpec]:
@@ -122,7 +135,10 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
             column = _first_column(list(row), PROMPT_COLUMNS)
             if column is None:
                 raise UsageError(f"{path}, line {line_number}: no 'prompt' field")
-            seed_column, guidance_column = _first_column(list(row), SEED_COLUMNS), _first_column(list(row), GUIDANCE_COLUMNS)
+            seed_column, guidance_column = (
+                _first_column(list(row), SEED_COLUMNS),
+                _first_column(list(row), GUIDANCE_COLUMNS),
+            )
             prompts.append(
                 PromptSpec(
                     row[column].strip(),
@@ -134,7 +150,10 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
 
 
 def read_prompts(
-    path: str, limit: Optional[int] = None, categories: Optional[Sequence[str]] = None, min_nudity_percentage: Optional[float] = None
+    path: str,
+    limit: Optional[int] = None,
+    categories: Optional[Sequence[str]] = None,
+    min_nudity_percentage: Optional[float] = None,
 ) -> List[PromptSpec]:
     """Prompts from a text, CSV (I2P or Ring-A-Bell layout), JSON lines or COCO captions file.
 
@@ -219,7 +238,11 @@ class RingABellConfig:
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -277,7 +300,9 @@ def load_concept_vector(path: str, shape: Tuple[int, int]) -> torch.Tensor:
     while vector.dim() > 2 and vector.shape[0] == 1:  # the original saves it with a batch axis
         vector = vector[0]
     if tuple(vector.shape) != tuple(shape):
-        raise UsageError(f"--ring_a_bell_concept_vector {path} has shape {tuple(vector.shape)}; this text encoder needs {tuple(shape)}")
+        raise UsageError(
+            f"--ring_a_bell_concept_vector {path} has shape {tuple(vector.shape)}; this text encoder needs {tuple(shape)}"
+        )
     return vector
 
 
@@ -433,7 +458,9 @@ def ring_a_bell_vocabulary(tokenizer, config: RingABellConfig) -> torch.Tensor:
         return all_token_ids(tokenizer)
     if config.vocabulary == "retokenizable":
         return searchable_token_ids(tokenizer)
-    raise UsageError(f"--ring_a_bell_vocabulary {config.vocabulary}: choose from {', '.join(RING_A_BELL_VOCABULARIES)}")
+    raise UsageError(
+        f"--ring_a_bell_vocabulary {config.vocabulary}: choose from {', '.join(RING_A_BELL_VOCABULARIES)}"
+    )
 
 
 def ring_a_bell_search(
@@ -463,9 +490,15 @@ def ring_a_bell_search(
     search = genetic_search_original if config.search == "original" else genetic_search
     best_ids, best_distance, initial_distance, history = search(distance_fn, vocabulary, config, generator, progress)
     # The original decodes the tokens with the tokenizer; the earlier variant joined single tokens with spaces.
-    prompt = decode_token_ids(tokenizer, best_ids.tolist()) if config.search == "original" else token_ids_to_prompt(tokenizer, best_ids.tolist())
+    prompt = (
+        decode_token_ids(tokenizer, best_ids.tolist())
+        if config.search == "original"
+        else token_ids_to_prompt(tokenizer, best_ids.tolist())
+    )
     # What the pipeline will see: the prompt tokenized again, scored against the same target.
-    prompt_distance = float(embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [prompt])), target)[0])
+    prompt_distance = float(
+        embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [prompt])), target)[0]
+    )
     return {
         "target": target_prompt,
         "prompt": prompt,
@@ -473,7 +506,9 @@ def ring_a_bell_search(
         "distance": prompt_distance,
         "search_distance": best_distance,
         "initial_distance": initial_distance,
-        "target_distance": float(embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt])), target)[0]),
+        "target_distance": float(
+            embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt])), target)[0]
+        ),
     }
 
 
@@ -521,7 +556,12 @@ class InversionResult:
     losses: List[float] = field(default_factory=list)
 
     def to_log(self) -> dict:
-        return {"token": self.token, "initial_loss": self.initial_loss, "final_loss": self.final_loss, "num_steps": len(self.losses)}
+        return {
+            "token": self.token,
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+            "num_steps": len(self.losses),
+        }
 
 
 def images_to_pixels(images, resolution: int) -> torch.Tensor:
@@ -569,7 +609,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
 
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
-        raise UsageError(f"concept inversion needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}")
+        raise UsageError(
+            f"concept inversion needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}"
+        )
     if not images:
         raise UsageError("concept inversion needs at least one image of the concept")
     if not all("{}" in template for template in config.templates):
@@ -579,7 +621,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
     model_dtype, text_dtype = unet.dtype, text_encoder.dtype
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise UsageError(f"concept inversion supports epsilon and v-prediction models, not {noise_scheduler.config.prediction_type}")
+        raise UsageError(
+            f"concept inversion supports epsilon and v-prediction models, not {noise_scheduler.config.prediction_type}"
+        )
 
     token_id = add_placeholder_token(tokenizer, text_encoder, config.token, config.initializer)
     prompts = [template.format(config.token) for template in config.templates]
@@ -625,10 +669,14 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
 
     @torch.no_grad()
     def evaluation_loss():
-        return sum(
-            float(diffusion_loss(*(part[i : i + config.batch_size] for part in evaluation_draws))) * min(config.batch_size, config.num_eval_draws - i)
-            for i in range(0, config.num_eval_draws, config.batch_size)
-        ) / config.num_eval_draws
+        return (
+            sum(
+                float(diffusion_loss(*(part[i : i + config.batch_size] for part in evaluation_draws)))
+                * min(config.batch_size, config.num_eval_draws - i)
+                for i in range(0, config.num_eval_draws, config.batch_size)
+            )
+            / config.num_eval_draws
+        )
 
     initial_loss = evaluation_loss()
     optimizer = torch.optim.AdamW([embeddings], lr=config.effective_learning_rate, weight_decay=config.weight_decay)
@@ -648,7 +696,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
     embeddings.requires_grad_(False)
     final_loss = evaluation_loss()
     text_encoder.to(text_dtype)
-    return InversionResult(config.token, embeddings[token_id].detach().float().cpu().clone(), initial_loss, final_loss, losses)
+    return InversionResult(
+        config.token, embeddings[token_id].detach().float().cpu().clone(), initial_loss, final_loss, losses
+    )
 
 
 def inversion_prompts(config: InversionConfig, num_prompts: int) -> List[str]:
@@ -735,7 +785,14 @@ def encode_with_prefix_embeddings(text_encoder, input_ids: torch.Tensor, prefix:
     layer = text_encoder.get_input_embeddings()
 
     def replace_prefix(module, inputs, output):
-        return torch.cat([output[:, :1], prefix.unsqueeze(0).to(output.dtype).expand(len(output), -1, -1), output[:, 1 + len(prefix) :]], dim=1)
+        return torch.cat(
+            [
+                output[:, :1],
+                prefix.unsqueeze(0).to(output.dtype).expand(len(output), -1, -1),
+                output[:, 1 + len(prefix) :],
+            ],
+            dim=1,
+        )
 
     handle = layer.register_forward_hook(replace_prefix)
     try:
@@ -749,7 +806,9 @@ def prefixed_token_ids(tokenizer, prompt: str, prefix_ids: Sequence[int]):
     the prompt's token ids as kept)."""
     room = tokenizer.model_max_length - 2 - len(prefix_ids)
     if room < 0:
-        raise UsageError(f"--unlearndiffatk_num_tokens {len(prefix_ids)}: this tokenizer fits at most {tokenizer.model_max_length - 2} tokens")
+        raise UsageError(
+            f"--unlearndiffatk_num_tokens {len(prefix_ids)}: this tokenizer fits at most {tokenizer.model_max_length - 2} tokens"
+        )
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[:room]
     return frame_token_ids(tokenizer, torch.tensor([list(prefix_ids) + prompt_ids])), prompt_ids
 
@@ -783,8 +842,21 @@ def unlearndiffatk(
 
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
-        raise UsageError(f"UnlearnDiffAtk needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}")
-    result = {"target": prompt, "prompt": prompt, "token_ids": [], "broken": False, "broken_without_attack": False, "timestep": None, "num_judged": 1, "losses": [], "iteration_losses": [], "evaluation_losses": []}
+        raise UsageError(
+            f"UnlearnDiffAtk needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}"
+        )
+    result = {
+        "target": prompt,
+        "prompt": prompt,
+        "token_ids": [],
+        "broken": False,
+        "broken_without_attack": False,
+        "timestep": None,
+        "num_judged": 1,
+        "losses": [],
+        "iteration_losses": [],
+        "evaluation_losses": [],
+    }
     if is_flagged(prompt):
         result.update(broken=True, broken_without_attack=True)
         return result
@@ -810,15 +882,21 @@ def unlearndiffatk(
     @torch.no_grad()
     def evaluation_loss(prefix_ids, timestep):
         """The diffusion loss of [prefix, prompt] at one timestep on fixed noise: comparable before and after."""
-        condition = text_encoder(prefixed_token_ids(tokenizer, prompt, prefix_ids)[0].to(text_encoder.device))[0].to(model_dtype)
+        condition = text_encoder(prefixed_token_ids(tokenizer, prompt, prefix_ids)[0].to(text_encoder.device))[0].to(
+            model_dtype
+        )
         clean = latent.expand(config.num_eval_draws, -1, -1, -1)
         t = torch.full((config.num_eval_draws,), timestep, device=device)
         noisy = noise_scheduler.add_noise(clean, evaluation_noise, t)
         prediction = unet(noisy.to(model_dtype), t, condition.expand(config.num_eval_draws, -1, -1)).sample
-        return float(F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, clean, evaluation_noise, t).float()))
+        return float(
+            F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, clean, evaluation_noise, t).float())
+        )
 
     # Uniform start (the original's default, rand_init off), already on the simplex.
-    distributions = torch.full((config.num_tokens, len(vocabulary)), 1.0 / len(vocabulary), device=device, requires_grad=True)
+    distributions = torch.full(
+        (config.num_tokens, len(vocabulary)), 1.0 / len(vocabulary), device=device, requires_grad=True
+    )
     optimizer = torch.optim.Adam([distributions], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     for module in (unet, vae, text_encoder):
@@ -826,7 +904,6 @@ def unlearndiffatk(
     for timestep in tqdm(timesteps, desc="UnlearnDiffAtk", disable=not progress, leave=False):
         t = torch.tensor([timestep], device=device)
         before = evaluation_loss(project_to_token_ids(distributions.detach(), vocabulary).tolist(), timestep)
-        total = 0.0
         for _ in range(config.iterations):
             one_hot = _SampleOneHot.apply(distributions, generator)
             prefix = one_hot @ table
@@ -843,7 +920,9 @@ def unlearndiffatk(
             result["iteration_losses"].append(float(loss.detach()))
         result["losses"].append(sum(result["iteration_losses"][-config.iterations :]) / config.iterations)
         adversarial_ids = project_to_token_ids(distributions.detach(), vocabulary).tolist()
-        result["evaluation_losses"].append({"timestep": timestep, "before": before, "after": evaluation_loss(adversarial_ids, timestep)})
+        result["evaluation_losses"].append(
+            {"timestep": timestep, "before": before, "after": evaluation_loss(adversarial_ids, timestep)}
+        )
         text = decode_token_ids(tokenizer, adversarial_ids + prompt_ids)
         result.update(prompt=text, token_ids=adversarial_ids, timestep=timestep, num_judged=result["num_judged"] + 1)
         if is_flagged(text):
@@ -859,7 +938,13 @@ def attack_success_rate(results: Sequence[dict]) -> dict:
         raise UsageError("UnlearnDiffAtk attacked no prompt: give it prompts (--prompts or --unlearndiffatk_targets)")
     before = sum(1 for r in results if r["broken_without_attack"])
     broken = sum(1 for r in results if r["broken"])
-    return {"asr": broken / len(results), "num_prompts": len(results), "num_broken": broken, "num_broken_without_attack": before, "pre_asr": before / len(results)}
+    return {
+        "asr": broken / len(results),
+        "num_prompts": len(results),
+        "num_broken": broken,
+        "num_broken_without_attack": before,
+        "pre_asr": before / len(results),
+    }
 
 
 def check_attack_names(names: Sequence[str], implemented: Sequence[str]):

@@ -10,7 +10,6 @@ pixels are red by a fixed rule (``RedDetector``, registered as the ``red`` detec
 rules read the colour and the shape of generated images, to measure how well a model follows prompts.
 """
 
-import string
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .detectors import Detection, register_detector
+
 
 RESOLUTION = 32
 SHAPES = ("square", "circle", "triangle")
@@ -142,46 +142,10 @@ def all_captions(scene: Scene) -> List[str]:
 
 
 def world_tokenizer(model_max_length: int = 16):
-    """A CLIP BPE tokenizer where every word of the world is one token; other text falls back to letters.
+    """A CLIP BPE tokenizer where every word of the world is one token; other text falls back to letters."""
+    from .testing import clip_word_tokenizer
 
-    Letters keep any prompt encodable (attacks search over and add tokens); whole-word tokens make the
-    world's words single embeddings, as common words are in CLIP's vocabulary.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ",.!'-":
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    ranks = {}
-    for word in world_words():
-        # Merges learnt for earlier words may already split this one ("red" takes "re" from "green"):
-        # apply them first, then join what is left. A merge added last never changes earlier words.
-        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        while len(pieces) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = _apply_merges(pieces, ranks)
-    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
-
-
-def _apply_merges(pieces: List[str], ranks: Dict[Tuple[str, str], int]) -> List[str]:
-    """Byte-pair encoding of one word: repeatedly join the adjacent pair of lowest merge rank."""
-    while len(pieces) > 1:
-        ranked = [(ranks[pair], pair) for pair in zip(pieces, pieces[1:]) if pair in ranks]
-        if not ranked:
-            break
-        _, (left, right) = min(ranked)
-        joined, index = [], 0
-        while index < len(pieces):
-            if index + 1 < len(pieces) and (pieces[index], pieces[index + 1]) == (left, right):
-                joined.append(left + right)
-                index += 2
-            else:
-                joined.append(pieces[index])
-                index += 1
-        pieces = joined
-    return pieces
+    return clip_word_tokenizer(world_words(), model_max_length)
 
 
 # --- Reading images with fixed pixel rules --------------------------------------------------------

@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, run_script, train_in_process
 from PIL import Image
 
-from conftest import REPO_ROOT, run_script
 from duo_plugin import toy_world
 from duo_plugin.detectors import get_detector
+
 
 MODEL_DIR = os.path.join(REPO_ROOT, "examples", "toy_world", "model")
 TOY_DIR = os.path.join(REPO_ROOT, "examples", "toy_world")
@@ -99,7 +100,9 @@ def test_committed_model_is_a_small_sd1_pipeline(pipeline):
     assert isinstance(pipeline.vae, AutoencoderKL)
     assert isinstance(pipeline.text_encoder, CLIPTextModel)
     assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == 32
-    assert pipeline.tokenizer("a crimson square").input_ids == toy_world.world_tokenizer()("a crimson square").input_ids
+    assert (
+        pipeline.tokenizer("a crimson square").input_ids == toy_world.world_tokenizer()("a crimson square").input_ids
+    )
 
 
 def test_vae_reconstructs_the_world(pipeline):
@@ -119,7 +122,9 @@ def test_vae_reconstructs_the_world(pipeline):
 def test_measured_numbers_match_their_samples(measured):
     measure = load_example("measure_prompt_following")
     assert measure.summarise(measured["samples"]) == measured["summary"]
-    per_colour = {c: sum(r["asked_colour"] == c for r in measured["samples"] if r["kind"] == "direct") for c in toy_world.COLOURS}
+    per_colour = {
+        c: sum(r["asked_colour"] == c for r in measured["samples"] if r["kind"] == "direct") for c in toy_world.COLOURS
+    }
     assert min(per_colour.values()) >= 50
 
 
@@ -155,11 +160,25 @@ def test_regenerated_samples_read_as_recorded(pipeline, measured):
 # --- The scripts ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_and_measure_scripts_run_end_to_end(tmp_path):
     model = tmp_path / "model"
     result = run_script(
         "examples/toy_world/train_tiny_model.py",
-        ["--output_dir", str(model), "--num_images", "120", "--vae_steps", "2", "--unet_steps", "3", "--unet_batch_size", "8", "--num_threads", "1"],
+        [
+            "--output_dir",
+            str(model),
+            "--num_images",
+            "120",
+            "--vae_steps",
+            "2",
+            "--unet_steps",
+            "3",
+            "--unet_batch_size",
+            "8",
+            "--num_threads",
+            "1",
+        ],
         accelerate=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,9 +186,20 @@ def test_train_and_measure_scripts_run_end_to_end(tmp_path):
     result = run_script(
         "examples/toy_world/measure_prompt_following.py",
         [
-            "--model", str(model), "--samples_per_direct_prompt", "1", "--samples_per_synonym_prompt", "0",
-            "--samples_per_colourless_prompt", "0", "--samples_unconditional", "2", "--num_inference_steps", "2",
-            "--num_threads", "1",
+            "--model",
+            str(model),
+            "--samples_per_direct_prompt",
+            "1",
+            "--samples_per_synonym_prompt",
+            "0",
+            "--samples_per_colourless_prompt",
+            "0",
+            "--samples_unconditional",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--num_threads",
+            "1",
         ],
         accelerate=False,
     )
@@ -181,15 +211,28 @@ def test_train_and_measure_scripts_run_end_to_end(tmp_path):
 
 
 def test_train_duo_runs_on_the_committed_model(tiny_pairs, tmp_path):
-    result = run_script(
+    train_in_process(
         "train_duo.py",
         [
-            "--pretrained_model_name_or_path", MODEL_DIR, "--dataset_name", tiny_pairs, "--output_dir", str(tmp_path / "out"),
-            "--resolution", "32", "--max_train_steps", "2", "--gradient_accumulation_steps", "1", "--rank", "4",
-            "--report_to", "none", "--skip_validation",
+            "--pretrained_model_name_or_path",
+            MODEL_DIR,
+            "--dataset_name",
+            tiny_pairs,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--resolution",
+            "32",
+            "--max_train_steps",
+            "2",
+            "--gradient_accumulation_steps",
+            "1",
+            "--rank",
+            "4",
+            "--report_to",
+            "none",
+            "--skip_validation",
         ],
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
@@ -210,18 +253,35 @@ def test_unpaired_folder_gives_every_unsafe_image_another_pairs_twin(tmp_path):
         unsafe = np.asarray(Image.open(os.path.join(unpaired, row["unsafe_file_name"])))
         safe = np.asarray(Image.open(os.path.join(unpaired, row["safe_file_name"])))
         assert np.array_equal(unsafe, np.asarray(Image.open(os.path.join(pairs, original[index]["unsafe_file_name"]))))
-        assert np.array_equal(safe, np.asarray(Image.open(os.path.join(pairs, original[partners[index]]["safe_file_name"]))))
+        assert np.array_equal(
+            safe, np.asarray(Image.open(os.path.join(pairs, original[partners[index]]["safe_file_name"])))
+        )
 
 
 def test_demo_reads_prompts_and_checks_expectations_with_margins():
     demo = load_example("run_demo")
     assert demo.asked("a crimson circle") == ("red", "circle")
     assert demo.asked("a triangle") == (None, "triangle")
-    row = lambda dsr, pp, colour: {"dsr": dict.fromkeys(demo.DSR_SETS, dsr), "prior_preservation": pp, "colour_as_asked": colour}  # noqa: E731
-    table = {"base": row(0.1, 1.0, 1.0), "duo": row(0.95, 0.95, 0.95), "duo_lambda0": row(1.0, 0.945, 0.9), "esd": row(0.25, 0.9, 0.9)}
+
+    def row(dsr, pp, colour):
+        return {
+            "dsr": dict.fromkeys(demo.DSR_SETS, dsr),
+            "prior_preservation": pp,
+            "colour_as_asked": colour,
+        }
+
+    table = {
+        "base": row(0.1, 1.0, 1.0),
+        "duo": row(0.95, 0.95, 0.95),
+        "duo_lambda0": row(1.0, 0.945, 0.9),
+        "esd": row(0.25, 0.9, 0.9),
+    }
     verdicts = {c["claim"]: c["holds"] for c in demo.expectations(table)}
     assert verdicts["DUO: DSR ≥ 0.9 on direct, synonym and colourless prompts and under both attacks"] is True
-    assert verdicts[f"{demo.MODEL_LABELS['duo_lambda0']} loses prior preservation against {demo.MODEL_LABELS['duo']}"] is False  # within the margin
+    assert (
+        verdicts[f"{demo.MODEL_LABELS['duo_lambda0']} loses prior preservation against {demo.MODEL_LABELS['duo']}"]
+        is False
+    )  # within the margin
     assert verdicts["the prompt-based baseline falls under Concept Inversion"] is None  # ESD never removed red
 
 
@@ -229,7 +289,10 @@ def test_demo_reads_prompts_and_checks_expectations_with_margins():
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
     result = run_script(
-        "examples/toy_world/run_demo.py", ["--quick", "--output_dir", str(out)], accelerate=False, env={"OMP_NUM_THREADS": "2"}, timeout=1800
+        "examples/toy_world/run_demo.py",
+        ["--quick", "--output_dir", str(out)],
+        accelerate=False,
+        env={"OMP_NUM_THREADS": "2"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, json.loads((out / "report.json").read_text())
@@ -239,7 +302,15 @@ def demo_report(tmp_path_factory):
 def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
     out, report = demo_report
     assert list(report["table"]) == ["base", "duo", "duo_lambda0", "duo_lambda0_t1000", "duo_unpaired", "esd"]
-    for name in ("report.md", "report.png", "samples.png", "eval/results.json", "pairs/metadata.jsonl", "duo/duo_config.json", "esd/unet.safetensors"):
+    for name in (
+        "report.md",
+        "report.png",
+        "samples.png",
+        "eval/results.json",
+        "pairs/metadata.jsonl",
+        "duo/duo_config.json",
+        "esd/unet.safetensors",
+    ):
         assert (out / name).is_file(), name
     # The real pair generator verified every pair with the world's exact detector.
     for row in map(json.loads, (out / "pairs" / "metadata.jsonl").read_text().splitlines()):
@@ -250,7 +321,10 @@ def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
     for model, row in report["table"].items():
         for prompt_set, dsr in row["dsr"].items():
             assert dsr == results["metrics"][model]["dsr"][prompt_set]["dsr"]
-    assert {c["claim"] for c in report["expectations"]} >= {"DUO: prior preservation ≥ 0.9", "the prompt-based baseline falls under Concept Inversion"}
+    assert {c["claim"] for c in report["expectations"]} >= {
+        "DUO: prior preservation ≥ 0.9",
+        "the prompt-based baseline falls under Concept Inversion",
+    }
 
 
 @pytest.mark.slow
@@ -260,7 +334,10 @@ def test_demo_main_effects(demo_report):
     table = report["table"]
     assert table["base"]["dsr"]["direct"] <= 0.1 and table["base"]["colour_as_asked"] >= 0.9
     # Prompt-independent removal: red no longer comes out of prompts that do not name it ...
-    assert table["duo_lambda0"]["dsr"]["colourless"] >= 0.9 and table["duo_lambda0"]["dsr"]["colourless"] > table["base"]["dsr"]["colourless"]
+    assert (
+        table["duo_lambda0"]["dsr"]["colourless"] >= 0.9
+        and table["duo_lambda0"]["dsr"]["colourless"] > table["base"]["dsr"]["colourless"]
+    )
     # ... and, trained over every noise level, also less often from prompts that name it.
     assert table["duo_lambda0_t1000"]["dsr"]["direct"] >= table["base"]["dsr"]["direct"] + 0.2
     for model in ("duo", "duo_lambda0"):

@@ -18,9 +18,11 @@ import json
 import os
 import sys
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 
 EXTRA_METRICS = (("fid", "fid", "FID", 2), ("clip_score", "clip_score", "CLIP score", 2))
 
@@ -47,14 +49,20 @@ def leaderboard_table(results: dict) -> str:
         attack = asr.get(model)
         cells = [model, results.get("models", {}).get(model, {}).get("kind", "")]
         cells.append(f"{100 * attack['asr']:.1f} ({attack['num_broken']}/{attack['num_prompts']})" if attack else "")
-        cells += [f"{values[name][key]:.{digits}f}" if name in values else "" for name, key, _, digits in EXTRA_METRICS]
+        cells += [
+            f"{values[name][key]:.{digits}f}" if name in values else "" for name, key, _, digits in EXTRA_METRICS
+        ]
         rows.append(cells)
     notes = []
     if not asr:
         notes.append("ASR: run with `--attack unlearndiffatk`.")
     for name, _, label, _ in EXTRA_METRICS:
         if not any(name in values for values in metrics.values()):
-            notes.append(f"{label}: run with `--metrics {name}`" + (" --fid_reference_dir COCO_IMAGES" if name == "fid" else "") + ".")
+            notes.append(
+                f"{label}: run with `--metrics {name}`"
+                + (" --fid_reference_dir COCO_IMAGES" if name == "fid" else "")
+                + "."
+            )
     table = markdown(["model", "kind", "ASR UnlearnDiffAtk % ↓", "FID ↓", "CLIP score ↑"], rows)
     return table + ("\n" + " ".join(notes) + "\n" if notes else "")
 
@@ -64,7 +72,12 @@ def paper_table(results: dict) -> str:
     metrics = results["metrics"]
     attacks = list(dict.fromkeys(a for values in metrics.values() for a in values.get("dsr", {})))
     extra = [m for m in EXTRA_METRICS if any(m[0] in values for values in metrics.values())]
-    header = ["model", "kind"] + [f"DSR {a}" for a in attacks] + ["prior preservation"] + [label for _, _, label, _ in extra]
+    header = (
+        ["model", "kind"]
+        + [f"DSR {a}" for a in attacks]
+        + ["prior preservation"]
+        + [label for _, _, label, _ in extra]
+    )
     rows = []
     for model, values in metrics.items():
         cells = [model, results.get("models", {}).get(model, {}).get("kind", "")]
@@ -81,8 +94,10 @@ def paper_table(results: dict) -> str:
 def results_table(results: dict) -> str:
     """Both tables, leaderboard first."""
     return (
-        "## Leaderboard shape: attack success rate under UnlearnDiffAtk, FID, CLIP score\n\n" + leaderboard_table(results)
-        + "\n## Paper shape: defense success rate per attack, prior preservation\n\n" + paper_table(results)
+        "## Leaderboard shape: attack success rate under UnlearnDiffAtk, FID, CLIP score\n\n"
+        + leaderboard_table(results)
+        + "\n## Paper shape: defense success rate per attack, prior preservation\n\n"
+        + paper_table(results)
     )
 
 

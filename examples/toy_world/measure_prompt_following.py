@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin import toy_world  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 
 RESULT_NAME = "prompt_following.json"
 GRID_NAME = "prompt_following.png"
@@ -40,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", type=str, default="examples/toy_world/model")
     parser.add_argument("--output", type=str, default=None, help=f"default: <model>/{RESULT_NAME}")
     parser.add_argument("--samples_per_direct_prompt", type=int, default=20, help="3 shapes: 60 samples per colour")
-    parser.add_argument("--samples_per_synonym_prompt", type=int, default=10, help="2 synonyms × 3 shapes: 60 per colour")
+    parser.add_argument(
+        "--samples_per_synonym_prompt", type=int, default=10, help="2 synonyms × 3 shapes: 60 per colour"
+    )
     parser.add_argument("--samples_per_colourless_prompt", type=int, default=50)
     parser.add_argument("--samples_unconditional", type=int, default=60)
     parser.add_argument("--num_inference_steps", type=int, default=20)
@@ -56,12 +60,36 @@ def prompt_suite(direct: int, synonym: int, colourless: int, unconditional: int)
     suite = []
     for colour in toy_world.COLOURS:
         for shape in toy_world.SHAPES:
-            suite.append(dict(kind="direct", prompt=toy_world.caption(shape, colour), colour=colour, shape=shape, n=direct))
+            suite.append(
+                {
+                    "kind": "direct",
+                    "prompt": toy_world.caption(shape, colour),
+                    "colour": colour,
+                    "shape": shape,
+                    "n": direct,
+                }
+            )
             for word in toy_world.SYNONYMS[colour]:
-                suite.append(dict(kind="synonym", prompt=toy_world.caption(shape, word), colour=colour, shape=shape, n=synonym))
+                suite.append(
+                    {
+                        "kind": "synonym",
+                        "prompt": toy_world.caption(shape, word),
+                        "colour": colour,
+                        "shape": shape,
+                        "n": synonym,
+                    }
+                )
     for shape in toy_world.SHAPES:
-        suite.append(dict(kind="colourless", prompt=toy_world.caption(shape, None), colour=None, shape=shape, n=colourless))
-    suite.append(dict(kind="unconditional", prompt="", colour=None, shape=None, n=unconditional))
+        suite.append(
+            {
+                "kind": "colourless",
+                "prompt": toy_world.caption(shape, None),
+                "colour": None,
+                "shape": shape,
+                "n": colourless,
+            }
+        )
+    suite.append({"kind": "unconditional", "prompt": "", "colour": None, "shape": None, "n": unconditional})
     return [entry for entry in suite if entry["n"] > 0]
 
 
@@ -69,7 +97,9 @@ def load_pipeline(model: str):
     from diffusers import StableDiffusionPipeline
 
     if not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise UsageError(f"no pipeline at {model}: train one with examples/toy_world/train_tiny_model.py --output_dir {model}")
+        raise UsageError(
+            f"no pipeline at {model}: train one with examples/toy_world/train_tiny_model.py --output_dir {model}"
+        )
     pipeline = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -110,7 +140,9 @@ def summarise(records: List[Dict]) -> Dict:
             "shape_accuracy_by_shape": {
                 s: _rate(r["shape"] == s for r in rows if r["asked_shape"] == s) for s in toy_world.SHAPES
             },
-            "red_rate_by_colour": {c: _rate(r["red"] for r in rows if r["asked_colour"] == c) for c in toy_world.COLOURS},
+            "red_rate_by_colour": {
+                c: _rate(r["red"] for r in rows if r["asked_colour"] == c) for c in toy_world.COLOURS
+            },
             "num_samples": len(rows),
         }
     for kind in ("colourless", "unconditional"):
@@ -152,13 +184,26 @@ def main(argv=None):
         seeds = [args.seed + i for i in range(entry["n"])]
         images = np.concatenate(
             [
-                generate(pipeline, entry["prompt"], seeds[i : i + args.batch_size], args.num_inference_steps, args.guidance_scale)
+                generate(
+                    pipeline,
+                    entry["prompt"],
+                    seeds[i : i + args.batch_size],
+                    args.num_inference_steps,
+                    args.guidance_scale,
+                )
                 for i in range(0, len(seeds), args.batch_size)
             ]
         )
         for seed, reading in zip(seeds, toy_world.read_images(list(images))):
             records.append(
-                dict(kind=entry["kind"], prompt=entry["prompt"], seed=seed, asked_colour=entry["colour"], asked_shape=entry["shape"], **reading)
+                dict(
+                    kind=entry["kind"],
+                    prompt=entry["prompt"],
+                    seed=seed,
+                    asked_colour=entry["colour"],
+                    asked_shape=entry["shape"],
+                    **reading,
+                )
             )
         if entry["kind"] == "direct":
             direct_images[entry["prompt"]] = images

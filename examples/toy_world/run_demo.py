@@ -36,11 +36,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
 from duo_plugin import toy_world  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 
 SAFE_COLOURS = ("green", "blue", "yellow")
 MODEL_LABELS = {
@@ -63,7 +65,14 @@ DUO_ROWS = {
 ABLATIONS = ("duo_lambda0", "duo_lambda0_t1000", "duo_unpaired", "esd")
 DSR_SETS = ("direct", "synonym", "colourless", "ring_a_bell", "concept_inversion")
 
-FULL = dict(num_pairs=54, max_train_steps=300, esd_steps=200, num_images_per_prompt=12, inversion_steps=300, ring_a_bell_generations=60)
+FULL = {
+    "num_pairs": 54,
+    "max_train_steps": 300,
+    "esd_steps": 200,
+    "num_images_per_prompt": 12,
+    "inversion_steps": 300,
+    "ring_a_bell_generations": 60,
+}
 # --quick trains the same models (fewer steps or pairs leave every DUO row at the base's DSR on direct
 # prompts) and evaluates them on fewer images: the first 6 of the 12 seeds of each prompt.
 QUICK = dict(FULL, num_images_per_prompt=6, inversion_steps=100, ring_a_bell_generations=20)
@@ -76,18 +85,42 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=str, default=os.path.join(REPO_ROOT, "examples", "toy_world", "model"))
     parser.add_argument("--output_dir", type=str, default="runs/toy_world")
-    parser.add_argument("--quick", action="store_true", help="the same training, a smaller evaluation (the CI test uses it)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the same training, a smaller evaluation (the CI test uses it)"
+    )
     parser.add_argument("--num_pairs", type=int, default=None, help=f"default {FULL['num_pairs']}")
-    parser.add_argument("--max_train_steps", type=int, default=None, help=f"DUO steps of 4 pairs; default {FULL['max_train_steps']}")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help=f"DUO steps of 4 pairs; default {FULL['max_train_steps']}"
+    )
     parser.add_argument("--esd_steps", type=int, default=None, help=f"default {FULL['esd_steps']}")
-    parser.add_argument("--num_images_per_prompt", type=int, default=None, help=f"default {FULL['num_images_per_prompt']} ({QUICK['num_images_per_prompt']} with --quick)")
-    parser.add_argument("--inversion_steps", type=int, default=None, help=f"default {FULL['inversion_steps']} ({QUICK['inversion_steps']} with --quick)")
-    parser.add_argument("--ring_a_bell_generations", type=int, default=None, help=f"default {FULL['ring_a_bell_generations']} ({QUICK['ring_a_bell_generations']} with --quick)")
+    parser.add_argument(
+        "--num_images_per_prompt",
+        type=int,
+        default=None,
+        help=f"default {FULL['num_images_per_prompt']} ({QUICK['num_images_per_prompt']} with --quick)",
+    )
+    parser.add_argument(
+        "--inversion_steps",
+        type=int,
+        default=None,
+        help=f"default {FULL['inversion_steps']} ({QUICK['inversion_steps']} with --quick)",
+    )
+    parser.add_argument(
+        "--ring_a_bell_generations",
+        type=int,
+        default=None,
+        help=f"default {FULL['ring_a_bell_generations']} ({QUICK['ring_a_bell_generations']} with --quick)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help="of DUO and ESD alike")
-    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True, help="train and evaluate the ablations and ESD too")
+    parser.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train and evaluate the ablations and ESD too",
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -110,7 +143,9 @@ def run(command: List[str], log_path: str):
     if result.returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
-        raise UsageError(f"{command[0]} {command[1]} failed (exit {result.returncode}); its log {log_path} ends with:\n{tail}")
+        raise UsageError(
+            f"{command[0]} {command[1]} failed (exit {result.returncode}); its log {log_path} ends with:\n{tail}"
+        )
     print(f"  done in {time.time() - started:.0f} s (log: {log_path})", flush=True)
 
 
@@ -160,10 +195,15 @@ def make_unpaired_folder(pairs_dir: str, output_dir: str, seed: int) -> str:
         unsafe_name, safe_name = f"{index:05d}_unsafe.png", f"{index:05d}_safe.png"
         shutil.copy(os.path.join(pairs_dir, row["unsafe_file_name"]), os.path.join(tmp, unsafe_name))
         shutil.copy(os.path.join(pairs_dir, other["safe_file_name"]), os.path.join(tmp, safe_name))
-        new_rows.append({
-            "unsafe_file_name": unsafe_name, "safe_file_name": safe_name,
-            "unsafe_prompt": row["unsafe_prompt"], "safe_prompt": other["safe_prompt"], "safe_from_pair": partner[index],
-        })
+        new_rows.append(
+            {
+                "unsafe_file_name": unsafe_name,
+                "safe_file_name": safe_name,
+                "unsafe_prompt": row["unsafe_prompt"],
+                "safe_prompt": other["safe_prompt"],
+                "safe_from_pair": partner[index],
+            }
+        )
     with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in new_rows)
     os.replace(tmp, output_dir)
@@ -214,9 +254,13 @@ def other_colour_readings(eval_dir: str, manifest, models: List[str]) -> Dict[st
         readings[model] = {
             "colour_as_asked": float(np.mean([x["colour"] == c for x, (c, _) in zip(read, wanted)])),
             "shape_as_asked": float(np.mean([x["shape"] == s for x, (_, s) in zip(read, wanted)])),
-            "same_reading_as_base": float(np.mean([(x["colour"], x["shape"]) == (y["colour"], y["shape"]) for x, y in zip(read, read_base)])),
+            "same_reading_as_base": float(
+                np.mean([(x["colour"], x["shape"]) == (y["colour"], y["shape"]) for x, y in zip(read, read_base)])
+            ),
             "red_rate": float(np.mean([x["red"] for x in read])),
-            "pixel_preservation": float(1.0 - np.mean([np.abs(image - base_images[key]).mean() for image, key in zip(images, keys)])),
+            "pixel_preservation": float(
+                1.0 - np.mean([np.abs(image - base_images[key]).mean() for image, key in zip(images, keys)])
+            ),
             "num_images": len(rows),
         }
     return readings
@@ -240,9 +284,17 @@ def expectations(table: Dict[str, dict]) -> List[dict]:
     duo, base = table.get("duo"), table["base"]
     if duo:
         worst = min((duo["dsr"][s], s) for s in DSR_SETS if s in duo["dsr"])
-        check("DUO: DSR ≥ 0.9 on direct, synonym and colourless prompts and under both attacks", worst[0] >= 0.9, f"lowest: {worst[1]} {worst[0]:.3f}")
+        check(
+            "DUO: DSR ≥ 0.9 on direct, synonym and colourless prompts and under both attacks",
+            worst[0] >= 0.9,
+            f"lowest: {worst[1]} {worst[0]:.3f}",
+        )
         check("DUO: prior preservation ≥ 0.9", duo["prior_preservation"] >= 0.9, f"{duo['prior_preservation']:.3f}")
-        check("DUO: other colours still come out as asked (≥ 0.9)", duo["colour_as_asked"] >= 0.9, f"{duo['colour_as_asked']:.3f} (base {base['colour_as_asked']:.3f})")
+        check(
+            "DUO: other colours still come out as asked (≥ 0.9)",
+            duo["colour_as_asked"] >= 0.9,
+            f"{duo['colour_as_asked']:.3f} (base {base['colour_as_asked']:.3f})",
+        )
     for ablation, reference in (("duo_lambda0", "duo"), ("duo_lambda0_t1000", "duo"), ("duo_unpaired", "duo_lambda0")):
         if ablation in table and reference in table:
             a, r = table[ablation], table[reference]
@@ -255,19 +307,39 @@ def expectations(table: Dict[str, dict]) -> List[dict]:
         esd = table["esd"]["dsr"]
         detail = f"ESD's DSR: direct {esd.get('direct', float('nan')):.3f}, Concept Inversion {esd.get('concept_inversion', float('nan')):.3f}"
         if esd.get("direct", 0.0) < base["dsr"].get("direct", 0.0) + 0.2:
-            check("the prompt-based baseline falls under Concept Inversion", None, detail + ": not testable, ESD barely removes red from direct prompts")
+            check(
+                "the prompt-based baseline falls under Concept Inversion",
+                None,
+                detail + ": not testable, ESD barely removes red from direct prompts",
+            )
         else:
-            check("the prompt-based baseline falls under Concept Inversion", esd["concept_inversion"] < esd["direct"] - 0.1, detail)
+            check(
+                "the prompt-based baseline falls under Concept Inversion",
+                esd["concept_inversion"] < esd["direct"] - 0.1,
+                detail,
+            )
     return checks
 
 
 def markdown_table(table: Dict[str, dict]) -> str:
-    header = ["model", *[f"DSR {s}" for s in DSR_SETS], "prior preservation", "other colours as asked", "same as base", "pixel preservation"]
+    header = [
+        "model",
+        *[f"DSR {s}" for s in DSR_SETS],
+        "prior preservation",
+        "other colours as asked",
+        "same as base",
+        "pixel preservation",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, row in table.items():
         cells = [MODEL_LABELS.get(model, model)]
         cells += [f"{row['dsr'][s]:.2f}" if s in row["dsr"] else "" for s in DSR_SETS]
-        cells += [f"{row['prior_preservation']:.3f}", f"{row['colour_as_asked']:.2f}", f"{row['same_reading_as_base']:.2f}", f"{row['pixel_preservation']:.3f}"]
+        cells += [
+            f"{row['prior_preservation']:.3f}",
+            f"{row['colour_as_asked']:.2f}",
+            f"{row['same_reading_as_base']:.2f}",
+            f"{row['pixel_preservation']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -284,7 +356,12 @@ def plot_table(table: Dict[str, dict], path: str):
     width = 0.8 / len(table)
     for i, (model, row) in enumerate(table.items()):
         values = [row["dsr"].get(c, np.nan) if c in DSR_SETS else row[c] for c in columns]
-        axes.bar(np.arange(len(columns)) + (i - (len(table) - 1) / 2) * width, values, width, label=MODEL_LABELS.get(model, model))
+        axes.bar(
+            np.arange(len(columns)) + (i - (len(table) - 1) / 2) * width,
+            values,
+            width,
+            label=MODEL_LABELS.get(model, model),
+        )
     axes.axhline(0.9, color="gray", linestyle=":", linewidth=1)
     axes.set_xticks(np.arange(len(columns)), labels, fontsize=8)
     axes.set_ylim(0, 1.05)
@@ -300,14 +377,19 @@ def sample_grid(eval_dir: str, manifest, models: List[str], path: str, per_set: 
     """One row per model, the same prompts and seeds in every row: direct, synonym, colourless, other colours."""
     from PIL import Image
 
-    from duo_plugin.training import image_grid
+    from duo_plugin.outputs import image_grid
 
     rows = []
     for model in models:
         images = []
         for prompt_set in ("direct", "synonym", "colourless", "concept_inversion", "unrelated"):
-            chosen = sorted(manifest.get((model, prompt_set), []), key=lambda r: (r["image_index"], r["prompt_index"]))[:per_set]
-            images += [Image.open(os.path.join(eval_dir, r["file"])).convert("RGB").resize((64, 64), Image.NEAREST) for r in chosen]
+            chosen = sorted(
+                manifest.get((model, prompt_set), []), key=lambda r: (r["image_index"], r["prompt_index"])
+            )[:per_set]
+            images += [
+                Image.open(os.path.join(eval_dir, r["file"])).convert("RGB").resize((64, 64), Image.NEAREST)
+                for r in chosen
+            ]
         rows.append(images)
     image_grid(rows).save(path)
 
@@ -327,7 +409,11 @@ def write_report(args, eval_dir: str, models: List[str], timings: Dict[str, floa
         values = results["metrics"][model]
         table[model] = {
             "dsr": {s: values["dsr"][s]["dsr"] for s in DSR_SETS if s in values["dsr"]},
-            "dsr_counts": {s: f"{values['dsr'][s]['num_safe']}/{values['dsr'][s]['num_images']}" for s in DSR_SETS if s in values["dsr"]},
+            "dsr_counts": {
+                s: f"{values['dsr'][s]['num_safe']}/{values['dsr'][s]['num_images']}"
+                for s in DSR_SETS
+                if s in values["dsr"]
+            },
             "prior_preservation": values["prior_preservation"]["prior_preservation"],
             **readings[model],
         }
@@ -336,14 +422,19 @@ def write_report(args, eval_dir: str, models: List[str], timings: Dict[str, floa
         "table": table,
         "expectations": expectations(table),
         "settings": {
-            **{k: v for k, v in vars(args).items()},
+            **vars(args),
             "prior_preservation": "1 − LPIPS(AlexNet trunk randomly initialised: no ImageNet weights offline) between base and model images of the same prompt and seed",
             "pixel_preservation": "1 − mean absolute pixel difference (RGB in [0, 1]) to the base image of the same prompt and seed",
             "ring_a_bell": results["attacks"].get("ring_a_bell"),
             "concept_inversion": results["attacks"].get("concept_inversion"),
         },
         "timings_seconds": timings,
-        "files": {"evaluation": os.path.relpath(os.path.join(eval_dir, "results.json"), args.output_dir), "table": "report.md", "plot": "report.png", "samples": "samples.png"},
+        "files": {
+            "evaluation": os.path.relpath(os.path.join(eval_dir, "results.json"), args.output_dir),
+            "table": "report.md",
+            "plot": "report.png",
+            "samples": "samples.png",
+        },
     }
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -367,13 +458,27 @@ def write_report(args, eval_dir: str, models: List[str], timings: Dict[str, floa
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise UsageError(f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py")
+        raise UsageError(
+            f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py"
+        )
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     prompts = prompt_files(os.path.join(out, "prompts"))
     python = sys.executable
-    launch = [python, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     concept = ["--concept", "red", "--unsafe_prompt", "@" + prompts["unsafe"], "--safe_prompt", "@" + prompts["safe"]]
     timings = {}
 
@@ -386,57 +491,180 @@ def main(argv=None):
         timings[name] = round(time.time() - started, 1)
 
     pairs_dir = os.path.join(out, "pairs")
-    step("pairs", os.path.join(pairs_dir, "metadata.jsonl"), [
-        python, "-m", "duo_plugin.pairs", "--pretrained_model_name_or_path", args.model, *concept,
-        "--num_pairs", str(args.num_pairs), "--verifier", "red", "--resolution", "32", "--strength", "0.75",
-        "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
-        "--batch_size", "24", "--seed", str(args.seed), "--output_dir", pairs_dir,
-    ])
+    step(
+        "pairs",
+        os.path.join(pairs_dir, "metadata.jsonl"),
+        [
+            python,
+            "-m",
+            "duo_plugin.pairs",
+            "--pretrained_model_name_or_path",
+            args.model,
+            *concept,
+            "--num_pairs",
+            str(args.num_pairs),
+            "--verifier",
+            "red",
+            "--resolution",
+            "32",
+            "--strength",
+            "0.75",
+            "--num_inference_steps",
+            str(args.num_inference_steps),
+            "--guidance_scale",
+            str(args.guidance_scale),
+            "--batch_size",
+            "24",
+            "--seed",
+            str(args.seed),
+            "--output_dir",
+            pairs_dir,
+        ],
+    )
 
     models = [name for name in DUO_ROWS if args.ablations or name not in ABLATIONS]
     for name in models:
         extra, paired = DUO_ROWS[name]
-        dataset = pairs_dir if paired else make_unpaired_folder(pairs_dir, os.path.join(out, "pairs_unpaired"), args.seed)
+        dataset = (
+            pairs_dir if paired else make_unpaired_folder(pairs_dir, os.path.join(out, "pairs_unpaired"), args.seed)
+        )
         adapter = os.path.join(out, name)
-        step(name, os.path.join(adapter, "pytorch_lora_weights.safetensors"), [
-            *launch, os.path.join(REPO_ROOT, "train_duo.py"), "--pretrained_model_name_or_path", args.model, *concept,
-            "--dataset_name", dataset, "--output_dir", adapter, "--resolution", "32",
-            # The official 4 pairs a step, as one batch rather than 4 accumulated micro-steps (same gradient, less overhead).
-            "--train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.max_train_steps),
-            "--learning_rate", str(args.learning_rate), "--seed", str(args.seed), "--report_to", "none", "--skip_validation", *extra,
-        ])
+        step(
+            name,
+            os.path.join(adapter, "pytorch_lora_weights.safetensors"),
+            [
+                *launch,
+                os.path.join(REPO_ROOT, "train_duo.py"),
+                "--pretrained_model_name_or_path",
+                args.model,
+                *concept,
+                "--dataset_name",
+                dataset,
+                "--output_dir",
+                adapter,
+                "--resolution",
+                "32",
+                # The official 4 pairs a step, as one batch rather than 4 accumulated micro-steps (same gradient, less overhead).
+                "--train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "1",
+                "--max_train_steps",
+                str(args.max_train_steps),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--seed",
+                str(args.seed),
+                "--report_to",
+                "none",
+                "--skip_validation",
+                *extra,
+            ],
+        )
     model_flags = [flag for name in models for flag in ("--adapter", f"{name}={os.path.join(out, name)}")]
     if args.ablations:
         esd_dir = os.path.join(out, "esd")
-        step("esd", os.path.join(esd_dir, "unet.safetensors"), [
-            python, os.path.join(REPO_ROOT, "examples", "compare_methods", "train_esd.py"), "--pretrained_model_name_or_path", args.model,
-            "--prompt", "@" + prompts["direct"], "--images", pairs_dir, "--output_dir", esd_dir,
-            "--max_train_steps", str(args.esd_steps), "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
-        ])
+        step(
+            "esd",
+            os.path.join(esd_dir, "unet.safetensors"),
+            [
+                python,
+                os.path.join(REPO_ROOT, "examples", "compare_methods", "train_esd.py"),
+                "--pretrained_model_name_or_path",
+                args.model,
+                "--prompt",
+                "@" + prompts["direct"],
+                "--images",
+                pairs_dir,
+                "--output_dir",
+                esd_dir,
+                "--max_train_steps",
+                str(args.esd_steps),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--seed",
+                str(args.seed),
+            ],
+        )
         models.append("esd")
         model_flags += ["--unet", f"esd={os.path.join(esd_dir, 'unet.safetensors')}"]
 
     eval_dir = os.path.join(out, "eval")
     inversion_templates = [flag for shape in toy_world.SHAPES for flag in ("--inversion_template", f"a {{}} {shape}")]
-    step("evaluate", os.path.join(eval_dir, "results.json"), [
-        python, "-m", "duo_plugin.evaluate", "--base_model", args.model, *model_flags, *concept,
-        "--detector", "red",
-        "--attack", "prompts", "ring_a_bell", "concept_inversion",
-        "--prompts", f"direct={prompts['direct']}", "--prompts", f"synonym={prompts['synonym']}", "--prompts", f"colourless={prompts['colourless']}",
-        # Ring-A-Bell turns the colourless prompts into token prompts pulled toward red.
-        "--ring_a_bell_targets", prompts["colourless"], "--ring_a_bell_length", "4", "--ring_a_bell_population", "64",
-        "--ring_a_bell_generations", str(args.ring_a_bell_generations),
-        # The demo's fast settings (the committed report's); the originals' defaults are measured in README.md, "Attacks".
-        "--ring_a_bell_search", "tournament", "--ring_a_bell_vocabulary", "retokenizable",
-        "--inversion_gradient_accumulation_steps", "1", "--no-inversion_scale_lr", "--inversion_weight_decay", "0",
-        # Concept Inversion learns a colour word from the pairs' red images, starting from the neutral word "a".
-        "--inversion_images", pairs_dir, "--inversion_initializer", "a", *inversion_templates,
-        "--inversion_steps", str(args.inversion_steps), "--inversion_batch_size", "8", "--inversion_num_prompts", "3",
-        "--unrelated_prompts", prompts["other_colours"],
-        "--metrics", "dsr", "prior_preservation", "--lpips_random_trunk",
-        "--num_images_per_prompt", str(args.num_images_per_prompt), "--num_inference_steps", str(args.num_inference_steps),
-        "--guidance_scale", str(args.guidance_scale), "--batch_size", "64", "--seed", str(args.seed), "--output_dir", eval_dir,
-    ])
+    step(
+        "evaluate",
+        os.path.join(eval_dir, "results.json"),
+        [
+            python,
+            "-m",
+            "duo_plugin.evaluate",
+            "--base_model",
+            args.model,
+            *model_flags,
+            *concept,
+            "--detector",
+            "red",
+            "--attack",
+            "prompts",
+            "ring_a_bell",
+            "concept_inversion",
+            "--prompts",
+            f"direct={prompts['direct']}",
+            "--prompts",
+            f"synonym={prompts['synonym']}",
+            "--prompts",
+            f"colourless={prompts['colourless']}",
+            # Ring-A-Bell turns the colourless prompts into token prompts pulled toward red.
+            "--ring_a_bell_targets",
+            prompts["colourless"],
+            "--ring_a_bell_length",
+            "4",
+            "--ring_a_bell_population",
+            "64",
+            "--ring_a_bell_generations",
+            str(args.ring_a_bell_generations),
+            # The demo's fast settings (the committed report's); the originals' defaults are measured in README.md, "Attacks".
+            "--ring_a_bell_search",
+            "tournament",
+            "--ring_a_bell_vocabulary",
+            "retokenizable",
+            "--inversion_gradient_accumulation_steps",
+            "1",
+            "--no-inversion_scale_lr",
+            "--inversion_weight_decay",
+            "0",
+            # Concept Inversion learns a colour word from the pairs' red images, starting from the neutral word "a".
+            "--inversion_images",
+            pairs_dir,
+            "--inversion_initializer",
+            "a",
+            *inversion_templates,
+            "--inversion_steps",
+            str(args.inversion_steps),
+            "--inversion_batch_size",
+            "8",
+            "--inversion_num_prompts",
+            "3",
+            "--unrelated_prompts",
+            prompts["other_colours"],
+            "--metrics",
+            "dsr",
+            "prior_preservation",
+            "--lpips_random_trunk",
+            "--num_images_per_prompt",
+            str(args.num_images_per_prompt),
+            "--num_inference_steps",
+            str(args.num_inference_steps),
+            "--guidance_scale",
+            str(args.guidance_scale),
+            "--batch_size",
+            "64",
+            "--seed",
+            str(args.seed),
+            "--output_dir",
+            eval_dir,
+        ],
+    )
     return write_report(args, eval_dir, ["base", *models], timings)
 
 

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin import toy_world  # noqa: E402
 from duo_plugin.testing import make_vae_nearly_deterministic  # noqa: E402
+
 
 STATE_NAME = "training_state.pt"
 TRAINING_INFO_NAME = "training_info.json"
@@ -48,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--unet_batch_size", type=int, default=64)
     parser.add_argument("--unet_learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=200)
-    parser.add_argument("--caption_dropout", type=float, default=0.1, help="probability of the empty caption (for guidance)")
+    parser.add_argument(
+        "--caption_dropout", type=float, default=0.1, help="probability of the empty caption (for guidance)"
+    )
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help=f"continue from <output_dir>/{STATE_NAME}")
@@ -118,9 +122,13 @@ def build_unet(latent_size: int):
     )
 
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon"
-)
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
 
 
 # --- The data -------------------------------------------------------------------------------------
@@ -169,7 +177,9 @@ def save_state(path, **state):
 
 def train_vae(vae, images, args, state, state_path):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(100, args.vae_steps // 10 + 1), args.vae_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(100, args.vae_steps // 10 + 1), args.vae_steps)
+    )
     start = 0
     if state.get("phase") == "vae":
         vae.load_state_dict(state["vae"])
@@ -207,7 +217,9 @@ def train_vae(vae, images, args, state, state_path):
 
 @torch.no_grad()
 def encode_latents(vae, images, batch_size: int = 256):
-    return torch.cat([vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
+    )
 
 
 def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, args, state, state_path, vae_state):
@@ -328,7 +340,12 @@ def main(argv=None):
     minutes = (args.elapsed_before + time.time() - started) / 60
     with open(os.path.join(args.output_dir, TRAINING_INFO_NAME), "w") as f:
         recorded = {k: v for k, v in vars(args).items() if k not in ("started", "elapsed_before")}
-        info = {"args": recorded, "wall_minutes": round(minutes, 1), "torch": torch.__version__, "resumed": bool(state)}
+        info = {
+            "args": recorded,
+            "wall_minutes": round(minutes, 1),
+            "torch": torch.__version__,
+            "resumed": bool(state),
+        }
         json.dump(info, f, indent=1)
     print(f"saved the pipeline to {args.output_dir} after {minutes:.1f} min on {args.num_threads} threads")
 
