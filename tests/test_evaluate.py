@@ -648,8 +648,8 @@ def test_unet_of_another_method_is_swapped_into_the_base(tiny_sd, tmp_path):
     "extra, message",
     [
         (["--metrics", "fid"], "--metrics fid needs --fid_reference_dir"),
-        (["--attack", "concept_inversion"], "needs images of the concept"),
-        (["--attack", "unlearn_diff_atk"], "UnlearnDiffAtk is not implemented yet"),
+        (["--attack", "concept_inversion", "--inversion_images", "pairs"], "no adapter names a pair folder"),
+        (["--attack", "sneaky_prompt"], "SneakyPrompt is not implemented yet"),
         (["--prompts", "/no/such/prompts.txt"], "prompt file /no/such/prompts.txt does not exist"),
         (["--pipeline", "base=/somewhere"], "used twice"),
         (["--adapter", "{not_an_adapter}"], "has no duo_config.json"),
