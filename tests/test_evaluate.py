@@ -256,8 +256,6 @@ def test_read_prompts_formats(tmp_path):
 def test_unimplemented_attacks_are_refused_not_faked():
     with pytest.raises(UsageError, match="SneakyPrompt is not implemented yet"):
         attacks.check_attack_names(["sneakyprompt"], ("prompts",))
-    with pytest.raises(UsageError, match="UnlearnDiffAtk is not implemented yet"):
-        attacks.check_attack_names(["UnlearnDiffAtk"], ("prompts",))
     with pytest.raises(UsageError, match="unknown --attack"):
         attacks.check_attack_names(["jailbreak"], ("prompts",))
 
@@ -343,7 +341,15 @@ def test_concept_inversion_lowers_its_own_loss_with_the_adapter_active(tiny_sd, 
     assert len(images) == 4 and all(np.asarray(im)[..., 0].max() > 200 for im in images)  # the red unsafe images
 
     config = attacks.InversionConfig(
-        token="<tiny-concept>", initializer="red", num_steps=40, learning_rate=5e-2, batch_size=4, seed=0
+        token="<tiny-concept>",
+        initializer="red",
+        num_steps=40,
+        learning_rate=5e-2,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        scale_lr=False,
+        weight_decay=0.0,
+        seed=0,
     )
     result = attacks.concept_inversion(pipe, images, config)
     assert result.final_loss < result.initial_loss
@@ -468,7 +474,7 @@ def test_report_files_exist_and_parse(evaluated):
     }
     assert results["prompt_sets"]["concept_inversion"]["num_prompts"] == 2
     assert results["settings"]["lpips_trunk"] == "random" and results["settings"]["num_inference_steps"] == 2
-    assert results["not_implemented_attacks"] == ["SneakyPrompt", "UnlearnDiffAtk"]
+    assert results["not_implemented_attacks"] == ["SneakyPrompt"]
     for model in ("base", "duo", "copy"):
         assert set(results["metrics"][model]["dsr"]) == {"prompts", "ring_a_bell", "concept_inversion"}
         assert (
@@ -657,8 +663,8 @@ def test_unet_of_another_method_is_swapped_into_the_base(tiny_sd, tmp_path):
     "extra, message",
     [
         (["--metrics", "fid"], "--metrics fid needs --fid_reference_dir"),
-        (["--attack", "concept_inversion"], "needs images of the concept"),
-        (["--attack", "unlearn_diff_atk"], "UnlearnDiffAtk is not implemented yet"),
+        (["--attack", "concept_inversion", "--inversion_images", "pairs"], "no adapter names a pair folder"),
+        (["--attack", "sneaky_prompt"], "SneakyPrompt is not implemented yet"),
         (["--prompts", "/no/such/prompts.txt"], "prompt file /no/such/prompts.txt does not exist"),
         (["--pipeline", "base=/somewhere"], "used twice"),
         (["--adapter", "{not_an_adapter}"], "has no duo_config.json"),

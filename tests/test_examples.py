@@ -449,13 +449,36 @@ def test_table_is_the_reports_numbers(tmp_path):
             },
         },
     }
-    assert table.results_table(results).splitlines() == [
+    assert table.paper_table(results).splitlines() == [
         "| model | kind | DSR prompts | DSR ring_a_bell | prior preservation |",
         "|---|---|---|---|---|",
         "| base | base | 0.250 (1/4) |  | 1.0000 |",
         "| duo | adapter | 1.000 (4/4) | 0.500 (1/2) | 0.8123 |",
         "| esd | unet | 0.750 (3/4) |  | 0.7000 |",
     ]
+    # The leaderboard's shape: ASR under UnlearnDiffAtk in %, FID, CLIP score; what was not measured says how.
+    assert table.leaderboard_table(results).splitlines()[:5] == [
+        "| model | kind | ASR UnlearnDiffAtk % ↓ | FID ↓ | CLIP score ↑ |",
+        "|---|---|---|---|---|",
+        "| base | base |  |  |  |",
+        "| duo | adapter |  |  |  |",
+        "| esd | unet |  |  |  |",
+    ]
+    assert "run with `--attack unlearndiffatk`" in table.leaderboard_table(results)
+    results["attacks"] = {
+        "unlearndiffatk": {
+            m: {"asr": a, "num_broken": b, "num_prompts": 8}
+            for m, a, b in (("base", 1.0, 8), ("duo", 0.125, 1), ("esd", 0.75, 6))
+        }
+    }
+    results["metrics"]["duo"].update(fid={"fid": 19.314}, clip_score={"clip_score": 30.5})
+    assert table.leaderboard_table(results).splitlines()[2:5] == [
+        "| base | base | 100.0 (8/8) |  |  |",
+        "| duo | adapter | 12.5 (1/8) | 19.31 | 30.50 |",
+        "| esd | unet | 75.0 (6/8) |  |  |",
+    ]
+    assert "run with `--attack unlearndiffatk`" not in table.leaderboard_table(results)
+    assert table.results_table(results).index("Leaderboard shape") < table.results_table(results).index("Paper shape")
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     table.main([str(path)])
@@ -637,11 +660,13 @@ def test_compare_methods_smoke(nudity_smoke, tiny_sd, tmp_path):
         "esd": "unet",
     }
     for values in results["metrics"].values():
-        assert set(values["dsr"]) == {"prompts", "ring_a_bell", "concept_inversion"}
+        assert set(values["dsr"]) == {"prompts", "ring_a_bell", "concept_inversion", "unlearndiffatk"}
+    assert set(results["attacks"]["unlearndiffatk"]) == {"base", "duo-b500", "duo-b250", "esd"}
     # The stand-in's cross-attention noise shows in its images; the base against itself is identical.
     assert results["metrics"]["esd"]["prior_preservation"]["prior_preservation"] < 1.0
     assert results["metrics"]["base"]["prior_preservation"]["prior_preservation"] == 1.0
-    rows = [line for line in (out / "eval" / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    paper = (out / "eval" / "results.md").read_text().split("## Paper shape")[1]
+    rows = [line for line in paper.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["base", "duo-b500", "duo-b250", "esd"]
     preservation = results["metrics"]["esd"]["prior_preservation"]["prior_preservation"]
     assert f"| {preservation:.4f} |" in rows[-1]

@@ -679,6 +679,16 @@ def main(argv=None):
             "64",
             "--ring_a_bell_generations",
             str(args.ring_a_bell_generations),
+            # The demo's fast settings (the committed report's); the originals' defaults are measured in README.md, "Attacks".
+            "--ring_a_bell_search",
+            "tournament",
+            "--ring_a_bell_vocabulary",
+            "retokenizable",
+            "--inversion_gradient_accumulation_steps",
+            "1",
+            "--no-inversion_scale_lr",
+            "--inversion_weight_decay",
+            "0",
             # Concept Inversion learns a colour word from the pairs' red images, starting from the neutral word "a".
             "--inversion_images",
             pairs_dir,
