@@ -13,7 +13,7 @@ import os
 
 import torch
 from accelerate.logging import get_logger
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import free_memory, offload_models
 from tqdm.auto import tqdm
 
 from duo_plugin import (
@@ -89,14 +89,11 @@ def log_validation(
     accelerator only meanwhile. Returns the model card samples."""
     device = accelerator.device
     model = accelerator.unwrap_model(unet)
-    vae.to(device)
-    text_encoder.to(device)
-    pipeline = make_validation_pipeline(args, model, vae, text_encoder, tokenizer, noise_scheduler)
-    generate = image_generator(args, pipeline, weight_dtype, device)
-    outputs.validation_grid(args, accelerator, model, generate, step)
-    samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
-    vae.to("cpu")
-    text_encoder.to("cpu")
+    with offload_models(vae, text_encoder, device=device):
+        pipeline = make_validation_pipeline(args, model, vae, text_encoder, tokenizer, noise_scheduler)
+        generate = image_generator(args, pipeline, weight_dtype, device)
+        outputs.validation_grid(args, accelerator, model, generate, step)
+        samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
     return samples
 
 

@@ -31,7 +31,7 @@ import os
 
 import torch
 from accelerate.logging import get_logger
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import free_memory, offload_models
 from tqdm.auto import tqdm
 
 from duo_plugin import (
@@ -152,13 +152,12 @@ def log_validation(args, accelerator, transformer, vae, noise_scheduler, embeddi
 
     device = accelerator.device
     model = accelerator.unwrap_model(transformer)
-    vae.to(device)
-    pipeline = make_validation_pipeline(model, vae, noise_scheduler)
-    generate = image_generator(args, pipeline, embeddings, weight_dtype, device)
-    outputs.validation_grid(args, accelerator, model, generate, step)
-    samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
-    del pipeline, generate
-    vae.to("cpu")
+    with offload_models(vae, device=device):
+        pipeline = make_validation_pipeline(model, vae, noise_scheduler)
+        generate = image_generator(args, pipeline, embeddings, weight_dtype, device)
+        outputs.validation_grid(args, accelerator, model, generate, step)
+        samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
+        del pipeline, generate
     free_memory()
     return samples
 

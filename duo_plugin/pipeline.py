@@ -20,7 +20,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import DUOError, UsageError
@@ -157,10 +156,9 @@ def _fetch_local_adapter(folder: str) -> DUOAdapter:
 
 def _snapshot_commit(path: str, revision: Optional[str]) -> Optional[str]:
     """The commit a cached file belongs to: the Hub cache keeps files under ``snapshots/<commit>/``."""
-    snapshot = Path(path).parent
-    if snapshot.parent.name == "snapshots":
-        return snapshot.name
-    return revision
+    from diffusers.utils import extract_commit_hash
+
+    return extract_commit_hash(path) or revision
 
 
 def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: str, offline: bool) -> DUOError:
