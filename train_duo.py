@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, objective, timing, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -151,7 +151,6 @@ def main(argv=None):
     preset = training.resolve_concept(args, architecture="sd", base_learning_rate=3e-4)
     args.lora_target = args.lora_target or "self_attn"
     args.t_min = 0 if args.t_min is None else args.t_min
-    args.t_max = 750 if args.t_max is None else args.t_max
     pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     training.require_family(pipeline_class, "sd", "train_duo.py")
 
@@ -159,6 +158,7 @@ def main(argv=None):
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=750)  # auto: measured where the concept is decided
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -30,7 +30,7 @@ from typing import Dict, List
 import torch
 from accelerate.logging import get_logger
 
-from duo_plugin import data, objective, training
+from duo_plugin import data, objective, timing, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
@@ -337,6 +337,7 @@ def main(argv=None):
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=DEFAULT_T_MAX)  # auto: measured where the concept is decided
     if args.condition_on_prompts and pairs.unsafe_prompts is None:
         raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
 

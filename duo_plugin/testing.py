@@ -20,25 +20,53 @@ TINY_WORDS = (
 ).split()
 
 
-def tiny_clip_tokenizer(model_max_length: int = 16):
-    """A CLIP BPE tokenizer over letters plus a few whole words, built in memory."""
+def word_clip_tokenizer(words, model_max_length: int = 16):
+    """A CLIP BPE tokenizer in which every word of ``words`` is one token and any other text falls back to letters.
+
+    Letters keep any prompt encodable (attacks search over and add tokens); whole-word tokens make the
+    given words single embeddings, as common words are in CLIP's vocabulary. The toy world builds its
+    tokenizer with this too.
+    """
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in string.ascii_lowercase + string.digits + ",.!'-":
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
-    merges = []
-    # Whole-word tokens through explicit merges, so common words are single tokens.
-    for word in sorted(set(TINY_WORDS)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    ranks = {}
+    for word in dict.fromkeys(words):
+        # Merges learnt for earlier words may already split this one ("red" takes "re" from "green"):
+        # apply them first, then join what is left. A merge added last never changes earlier words.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged] + pieces[2:]
-    merges = list(dict.fromkeys(merges))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _apply_merges(pieces, ranks)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
+
+
+def _apply_merges(pieces, ranks):
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair of lowest merge rank."""
+    while len(pieces) > 1:
+        ranked = [(ranks[pair], pair) for pair in zip(pieces, pieces[1:]) if pair in ranks]
+        if not ranked:
+            break
+        _, (left, right) = min(ranked)
+        joined, index = [], 0
+        while index < len(pieces):
+            if index + 1 < len(pieces) and (pieces[index], pieces[index + 1]) == (left, right):
+                joined.append(left + right)
+                index += 2
+            else:
+                joined.append(pieces[index])
+                index += 1
+        pieces = joined
+    return pieces
+
+
+def tiny_clip_tokenizer(model_max_length: int = 16):
+    """A CLIP BPE tokenizer over letters plus a few whole words, built in memory."""
+    return word_clip_tokenizer(sorted(set(TINY_WORDS)), model_max_length)
 
 
 def tiny_t5_tokenizer(model_max_length: int = 16):

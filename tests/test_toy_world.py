@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, run_script
-from duo_plugin import toy_world
 from duo_plugin.detectors import get_detector
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples", "toy_world"))
+import toy_world  # noqa: E402
 
 MODEL_DIR = os.path.join(REPO_ROOT, "examples", "toy_world", "model")
 TOY_DIR = os.path.join(REPO_ROOT, "examples", "toy_world")
@@ -44,38 +47,78 @@ def measured():
 
 
 def test_pixel_rules_read_every_rendered_image_exactly():
-    for seed in range(40):
+    for seed in range(20):
         for shape in toy_world.SHAPES:
             for colour in toy_world.COLOURS:
-                image = toy_world.render(shape, colour, seed)
-                assert image.size == (32, 32)
-                assert toy_world.classify_colour(image) == colour
-                assert toy_world.classify_shape(image) == shape
-                assert toy_world.RedDetector().detect_one(image).flagged == (colour == "red")
+                for marked in (False, True):
+                    image = toy_world.render(shape, colour, seed, marked=marked)
+                    assert image.size == (32, 32)
+                    reading = toy_world.read_images([image])[0]
+                    assert reading == {"colour": colour, "shape": shape, "red": colour == "red", "spots": marked}, (seed, shape, colour, marked)
 
 
-def test_red_detector_is_registered_and_its_threshold_is_a_pixel_fraction():
-    detector = get_detector("red")
+def test_spots_are_whole_dark_pixels_on_the_latent_grid_inside_the_shape():
+    scene = toy_world.sample_scene(np.random.default_rng(3), "circle", "blue", marked=True)
+    pixels = toy_world.to_array(toy_world.render_scene(scene))
+    cells = toy_world.spot_cells(scene)
+    assert len(cells) >= toy_world.MIN_SPOTS
+    expected = np.zeros((32, 32), dtype=bool)
+    for row, column in cells:
+        expected[row * 4 + 1 : row * 4 + 3, column * 4 + 1 : column * 4 + 3] = True
+    # The dark pixels are exactly the spots, and every spot has shape around it.
+    assert np.array_equal(toy_world.dark_mask(pixels), expected)
+    assert toy_world.shape_coverage(scene)[np.nonzero(expected)].min() == 1.0
+    unmarked = toy_world.to_array(toy_world.render_scene(toy_world.Scene(**{**scene.__dict__, "marked": False})))
+    assert not toy_world.dark_mask(unmarked).any()
+    assert np.array_equal(pixels[~expected], unmarked[~expected])  # spots change nothing else
+
+
+def test_detectors_load_through_module_factory_and_thresholds_are_pixel_fractions():
+    detector = get_detector("toy_world:RedDetector")
     assert isinstance(detector, toy_world.RedDetector)
     grey = np.full((32, 32, 3), 0.8, dtype=np.float32)
     with_red = grey.copy()
     with_red[:4, :4] = (0.9, 0.1, 0.1)  # 16 of 1024 pixels
     assert toy_world.red_fraction(with_red) == pytest.approx(16 / 1024)
     assert detector([grey])[0].flagged is False
-    assert get_detector("red", threshold=0.01)([with_red])[0].flagged is True
-    assert get_detector("red", threshold=0.02)([with_red])[0].flagged is False
+    assert get_detector("toy_world:RedDetector", threshold=0.01)([with_red])[0].flagged is True
+    assert get_detector("toy_world:RedDetector", threshold=0.02)([with_red])[0].flagged is False
     # Bright orange-ish pink and yellow are not red: red must exceed both other channels by 0.3.
     assert not toy_world.red_mask(np.array([[[0.9, 0.65, 0.1]]])).any()
     with pytest.raises(ValueError):
         toy_world.RedDetector(threshold=0.0)
+    spots = get_detector(toy_world.DETECTOR_SPECS["spots"])
+    assert isinstance(spots, toy_world.SpotsDetector)
+    one_spot, three_pixels = grey.copy(), grey.copy()
+    one_spot[5:7, 9:11] = 0.1
+    three_pixels[5, 9:12] = 0.1
+    assert spots([one_spot])[0].flagged is True and spots([one_spot])[0].score == pytest.approx(4 / 1024)
+    assert spots([three_pixels])[0].flagged is False
+    # A dark pixel has every channel ≤ 0.4: the darkest world colour (green, 0.62 at least) is not dark.
+    assert not toy_world.dark_mask(np.array([[[0.02, 0.62, 0.07]]])).any()
 
 
 def test_captions_use_names_synonyms_and_no_colour():
     rng = np.random.default_rng(0)
-    scene = toy_world.sample_scene(rng, "circle", "red")
-    captions = [toy_world.sample_caption(rng, scene) for _ in range(400)]
-    assert set(captions) == {"a red circle", "a crimson circle", "a scarlet circle", "a circle"}
-    assert 0.5 < captions.count("a red circle") / len(captions) < 0.7
+    scene = toy_world.sample_scene(rng, "circle", "red", marked=False)
+    captions = [toy_world.sample_caption(rng, scene) for _ in range(600)]
+    assert set(captions) == {f"a {plain}{colour}circle" for plain in ("", "plain ") for colour in ("red ", "crimson ", "scarlet ", "")}
+    assert 0.5 * 0.8 < captions.count("a red circle") / len(captions) < 0.7 * 0.8
+    assert set(captions) <= set(toy_world.all_captions(scene))
+
+
+def test_marked_scenes_name_their_spots_by_word_synonym_or_not_at_all():
+    rng = np.random.default_rng(1)
+    scene = toy_world.sample_scene(rng, "square", "green", marked=True)
+    captions = [toy_world.sample_caption(rng, scene) for _ in range(1000)]
+    named = sum(c.endswith("with spots") for c in captions) / len(captions)
+    synonym = sum(c.startswith(("a dotted", "a speckled")) for c in captions) / len(captions)
+    assert abs(named - 0.45) < 0.05 and abs(synonym - 0.25) < 0.05
+    assert "a green square" in captions and "a square" in captions  # unnamed: marks come out of prompts without the word
+    assert not any("plain" in c for c in captions)
+    assert set(captions) <= set(toy_world.all_captions(scene))
+    shares = [toy_world.sample_scene(rng).marked for _ in range(2000)]
+    assert abs(np.mean(shares) - toy_world.MARKED_SHARE) < 0.03
 
 
 def test_world_words_are_single_tokens():
@@ -94,12 +137,13 @@ def test_committed_model_is_a_small_sd1_pipeline(pipeline):
     from transformers import CLIPTextModel
 
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(MODEL_DIR) for f in files)
-    assert total < 10 * 2**20
+    assert total < 15 * 2**20
     assert isinstance(pipeline.unet, UNet2DConditionModel)
     assert isinstance(pipeline.vae, AutoencoderKL)
     assert isinstance(pipeline.text_encoder, CLIPTextModel)
     assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == 32
-    assert pipeline.tokenizer("a crimson square").input_ids == toy_world.world_tokenizer()("a crimson square").input_ids
+    for prompt in ("a crimson square", "a dotted red circle", "a plain triangle with spots"):
+        assert pipeline.tokenizer(prompt).input_ids == toy_world.world_tokenizer()(prompt).input_ids
 
 
 def test_vae_reconstructs_the_world(pipeline):

@@ -39,7 +39,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
-from duo_plugin import toy_world  # noqa: E402
+import toy_world  # noqa: E402  (this folder, first on sys.path when the script runs)
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 SAFE_COLOURS = ("green", "blue", "yellow")
