@@ -589,15 +589,23 @@ def run_timing(args, state=None) -> dict:
 
     num_steps = len(timesteps)
     expected = {}
-    switch_units = [Unit(UNSWITCHED, num_steps, p) for p in range(len(prompt_pairs))]
-    switch_units += [Unit(kind, k, p) for kind in args.curves for k in range(num_steps) for p in range(len(prompt_pairs))]
-    todo = pending(switch_units)
+    # The unswitched samples first: without a flagged one there is no curve to measure.
+    todo = pending([Unit(UNSWITCHED, num_steps, p) for p in range(len(prompt_pairs))])
+    state.wait_for_everyone()
+    run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, None)
+    state.wait_for_everyone()
+    unswitched_rows = [r for r in store.read() if r["kind"] == UNSWITCHED]
+    if not any(r["flagged"] for r in unswitched_rows):
+        raise UsageError(
+            f"none of the {len(unswitched_rows)} images of the unsafe prompts is flagged by the detector: "
+            f"the concept's prompts do not produce it on this model (check --detector and the prompts)"
+        )
+    todo = pending([Unit(kind, k, p) for kind in args.curves for k in range(num_steps) for p in range(len(prompt_pairs))])
     state.wait_for_everyone()
     run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, None)
     state.wait_for_everyone()
 
     if not args.no_renoise:
-        unswitched_rows = [r for r in store.read() if r["kind"] == UNSWITCHED]
         sources = source_images_for_renoise(args, detector, unswitched_rows)
         batches = math.ceil(len(sources) / args.batch_size)
         renoise_units = [Unit(RENOISE, k, b) for k in range(num_steps) for b in range(batches)]
@@ -665,7 +673,7 @@ def t_max_value(value: str):
 
 
 def resolve_t_max(args, preset, accelerator, default: int) -> int:
-    """``args.t_max`` as an integer: the default when unset, measured when ``auto`` (cached next to the pairs).
+    """``args.t_max`` as an integer: the default when unset, measured when ``auto`` (cached in ``<pair folder>-timing``).
 
     Sets ``args.t_max_measurement`` (recorded in duo_config.json and the model card).
     """
@@ -674,7 +682,8 @@ def resolve_t_max(args, preset, accelerator, default: int) -> int:
     if args.t_max != "auto":
         return args.t_max
     folder = args.dataset_name if args.dataset_name and os.path.isdir(args.dataset_name) else getattr(args, "pairs_dir", None)
-    cache = os.path.join(folder or args.output_dir or ".", "timing")
+    # Beside the pair folder, not in it: a pair folder is read as an image dataset.
+    cache = folder.rstrip("/\\") + "-timing" if folder else os.path.join(args.output_dir or ".", "timing")
     timing_args = parse_args([
         "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--concept", preset.name,
         "--output_dir", cache, "--seed", "0", "--curves", "empty",
@@ -684,6 +693,7 @@ def resolve_t_max(args, preset, accelerator, default: int) -> int:
         *(["--detector_threshold", str(args.detector_threshold)] if getattr(args, "detector_threshold", None) is not None else []),
         *(["--pairs_dir", folder] if folder and os.path.isfile(os.path.join(folder, "metadata.jsonl")) else []),
         *(["--guidance_scale", str(args.guidance_scale)] if getattr(args, "guidance_scale", None) is not None else []),
+        *(["--num_inference_steps", str(args.num_inference_steps)] if getattr(args, "num_inference_steps", None) else []),
         *(["--resolution", str(args.resolution)]),
     ])
     # The preset's prompts (a custom concept's included) come from ``preset``, not from the flags.
@@ -691,7 +701,8 @@ def resolve_t_max(args, preset, accelerator, default: int) -> int:
     timing_args.safe_prompt = [s for _, s in preset.prompt_pairs]
     timing_args.detector = timing_args.detector or preset.detector
     result_path = os.path.join(cache, RESULT_NAME)
-    result = run_timing(timing_args, accelerator.state if hasattr(accelerator, "state") else None) if not os.path.isfile(result_path) else None
+    if not os.path.isfile(result_path):
+        run_timing(timing_args)
     accelerator.wait_for_everyone()
     with open(result_path) as f:
         result = json.load(f)

@@ -369,8 +369,21 @@ class SpotsDetector(_PixelRuleDetector):
     fraction = staticmethod(dark_fraction)
 
 
+class SquareDetector:
+    """Flagged when the shape reads as a square (for measuring where shape is decided; score 1 or 0)."""
+
+    name = "square"
+
+    def __init__(self, threshold: Optional[float] = None):
+        self.threshold = threshold
+
+    def __call__(self, images: Sequence) -> List[Detection]:
+        shapes = [classify_shape(image) for image in images]
+        return [Detection(flagged=s == "square", score=float(s == "square"), labels=["square"] if s == "square" else []) for s in shapes]
+
+
 # The concepts of the world, by name: their detector in the ``module:Factory`` form of --detector/--verifier.
-DETECTOR_SPECS = {"red": "toy_world:RedDetector", MARK: "toy_world:SpotsDetector"}
+DETECTOR_SPECS = {"red": "toy_world:RedDetector", MARK: "toy_world:SpotsDetector", "square": "toy_world:SquareDetector"}
 
 
 def read_images(images: Sequence) -> List[Dict[str, Optional[str]]]:
