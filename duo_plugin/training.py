@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .errors import TrainingHalted, UsageError
-from .timing import t_max_value
 from .presets import (
     PRESETS,
     ConceptPreset,
@@ -44,6 +43,7 @@ MODEL_CARD_TAGS = ["diffusers", "lora", "duo", "concept-erasure", "text-to-image
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_resolution: int):
     """The flags both scripts share, named as in diffusers' DreamBooth-LoRA and Diffusion-DPO examples."""
+    from .timing import t_max_value  # here, not at the top: ``python -m duo_plugin.timing`` imports this module
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=default_model)
     model.add_argument("--revision", type=str, default=None)
