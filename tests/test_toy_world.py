@@ -259,53 +259,80 @@ def test_unpaired_folder_gives_every_unsafe_image_another_pairs_twin(tmp_path):
 
 def test_demo_reads_prompts_and_checks_expectations_with_margins():
     demo = load_example("run_demo")
-    assert demo.asked("a crimson circle") == ("red", "circle")
-    assert demo.asked("a triangle") == (None, "triangle")
-    row = lambda dsr, pp, colour: {"dsr": dict.fromkeys(demo.DSR_SETS, dsr), "prior_preservation": pp, "colour_as_asked": colour}  # noqa: E731
-    table = {"base": row(0.1, 1.0, 1.0), "duo": row(0.95, 0.95, 0.95), "duo_lambda0": row(1.0, 0.945, 0.9), "esd": row(0.25, 0.9, 0.9)}
-    verdicts = {c["claim"]: c["holds"] for c in demo.expectations(table)}
-    assert verdicts["DUO: DSR ≥ 0.9 on direct, synonym and colourless prompts and under both attacks"] is True
-    assert verdicts[f"{demo.MODEL_LABELS['duo_lambda0']} loses prior preservation against {demo.MODEL_LABELS['duo']}"] is False  # within the margin
-    assert verdicts["the prompt-based baseline falls under Concept Inversion"] is None  # ESD never removed red
+    assert demo.asked("a crimson circle") == ("red", "circle", None)
+    assert demo.asked("a triangle") == (None, "triangle", None)
+    assert demo.asked("a dotted blue square") == ("blue", "square", True)
+    assert demo.asked("a plain red circle") == ("red", "circle", False)
+    spots = demo.CONCEPTS["spots"]
+
+    def row(dsr, same, pixels):
+        return {"dsr": dict.fromkeys(demo.dsr_sets(spots), dsr), "prior_preservation": 1.0, "same_reading_as_base": same, "pixel_preservation": pixels}
+
+    table = {"base": row(0.1, 1.0, 1.0), "duo": row(0.95, 0.96, 0.97), "duo_lambda0": row(1.0, 0.955, 0.965), "esd": row(0.25, 0.9, 0.9)}
+    verdicts = {c["claim"]: c["holds"] for c in demo.expectations(table, spots, {"committed_timestep": 450.0, "recommended_t_max": 650})}
+    assert verdicts["DUO: DSR ≥ 0.9 on named, synonym, unnamed prompts and under both attacks"] is True
+    assert verdicts["DUO: pixel preservation ≥ 0.95"] is True
+    assert verdicts["DUO, λ = 0 loses preservation against " + spots.rows["duo"].label] is False  # within the margin
+    assert verdicts["the prompt-based baseline falls under Concept Inversion"] is None  # ESD never removed the concept
+    assert verdicts['timing: the spots commit between t = 300 and t = 700 (prompt switch to "" crosses one half)'] is True
+
+
+def test_demo_stages_use_the_world_detectors_in_module_factory_form(tmp_path):
+    demo = load_example("run_demo")
+    args = demo.parse_args(["--quick", "--output_dir", str(tmp_path), "--seeds", "0", "3"])
+    stages, models, _, timing_dir = demo.concept_stages(args, demo.CONCEPTS["spots"], str(tmp_path / "spots"))
+    names = [name for name, _, _ in stages]
+    assert names[:2] == ["pairs", "timing"] and names[-1] == "evaluate" and "duo_seed3" in names and "esd" in names
+    assert models == ["duo", "duo_lambda0", "duo_unpaired", "duo_t1000", "duo_tauto", "duo_seed3", "esd"]
+    commands = {name: command for name, _, command in stages}
+    assert commands["pairs"][commands["pairs"].index("--verifier") + 1] == "toy_world:SpotsDetector"
+    assert commands["evaluate"][commands["evaluate"].index("--detector") + 1] == "toy_world:SpotsDetector"
+    # --t_max auto reads the measurement the timing stage writes beside the pairs.
+    assert commands["duo_tauto"][-2:] == ["--t_max", "auto"] and timing_dir == str(tmp_path / "spots" / "pairs") + "-timing"
+    assert commands["duo_seed3"][commands["duo_seed3"].index("--seed") + 1] == "3"
 
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
     result = run_script(
-        "examples/toy_world/run_demo.py", ["--quick", "--output_dir", str(out)], accelerate=False, env={"OMP_NUM_THREADS": "2"}, timeout=1800
+        "examples/toy_world/run_demo.py", ["--quick", "--output_dir", str(out)], accelerate=False, env={"OMP_NUM_THREADS": "2"}, timeout=3600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, json.loads((out / "report.json").read_text())
+    return out, {name: json.loads((out / name / "report.json").read_text()) for name in ("spots", "red")}
 
 
 @pytest.mark.slow
 def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
-    out, report = demo_report
-    assert list(report["table"]) == ["base", "duo", "duo_lambda0", "duo_lambda0_t1000", "duo_unpaired", "esd"]
-    for name in ("report.md", "report.png", "samples.png", "eval/results.json", "pairs/metadata.jsonl", "duo/duo_config.json", "esd/unet.safetensors"):
-        assert (out / name).is_file(), name
-    # The real pair generator verified every pair with the world's exact detector.
-    for row in map(json.loads, (out / "pairs" / "metadata.jsonl").read_text().splitlines()):
-        assert row["unsafe_labels"] == ["red"] and row["safe_labels"] == []
-    results = json.loads((out / "eval" / "results.json").read_text())
-    assert results["detector"]["name"] == "red"
-    # The table is the evaluation's numbers.
-    for model, row in report["table"].items():
-        for prompt_set, dsr in row["dsr"].items():
-            assert dsr == results["metrics"][model]["dsr"][prompt_set]["dsr"]
-    assert {c["claim"] for c in report["expectations"]} >= {"DUO: prior preservation ≥ 0.9", "the prompt-based baseline falls under Concept Inversion"}
+    out, reports = demo_report
+    demo = load_example("run_demo")
+    for name, report in reports.items():
+        concept = demo.CONCEPTS[name]
+        assert list(report["table"]) == ["base", *concept.rows, "esd"]
+        for path in ("report.md", "report.png", "samples.png", "timing.png", "eval/results.json", "pairs/metadata.jsonl", "duo/duo_config.json", "esd/unet.safetensors"):
+            assert (out / name / path).is_file(), (name, path)
+        # The real pair generator verified every pair with the world's exact detector.
+        for row in map(json.loads, (out / name / "pairs" / "metadata.jsonl").read_text().splitlines()):
+            assert row["unsafe_labels"] == [name] and row["safe_labels"] == []
+        results = json.loads((out / name / "eval" / "results.json").read_text())
+        assert results["detector"]["name"] == name
+        # The table is the evaluation's numbers.
+        for model, row in report["table"].items():
+            for prompt_set, dsr in row["dsr"].items():
+                assert dsr == results["metrics"][model]["dsr"][prompt_set]["dsr"]
+        assert report["timing"]["recommended_t_max"] % 50 == 0
+    tauto = json.loads((out / "spots" / "duo_tauto" / "duo_config.json").read_text())
+    assert tauto["t_max"] == reports["spots"]["timing"]["recommended_t_max"] and tauto["t_max_measurement"]["verdict"]
 
 
 @pytest.mark.slow
 def test_demo_main_effects(demo_report):
-    """The directions the demo stands on: the base makes red when asked, unlearning raises the DSR, other colours stay."""
-    _, report = demo_report
-    table = report["table"]
-    assert table["base"]["dsr"]["direct"] <= 0.1 and table["base"]["colour_as_asked"] >= 0.9
-    # Prompt-independent removal: red no longer comes out of prompts that do not name it ...
-    assert table["duo_lambda0"]["dsr"]["colourless"] >= 0.9 and table["duo_lambda0"]["dsr"]["colourless"] > table["base"]["dsr"]["colourless"]
-    # ... and, trained over every noise level, also less often from prompts that name it.
-    assert table["duo_lambda0_t1000"]["dsr"]["direct"] >= table["base"]["dsr"]["direct"] + 0.2
-    for model in ("duo", "duo_lambda0"):
-        assert table[model]["colour_as_asked"] >= 0.9, model
+    """The directions the demo stands on (measured on the committed model, see README)."""
+    _, reports = demo_report
+    spots, red = reports["spots"]["table"], reports["red"]["table"]
+    # The base makes the concept when asked; the colour is committed before the spots.
+    assert spots["base"]["dsr"]["named"] <= 0.1 and red["base"]["dsr"]["direct"] <= 0.1
+    assert reports["red"]["timing"]["recommended_t_max"] >= 900
+    assert reports["spots"]["timing"]["committed_timestep"] < reports["red"]["timing"]["committed_timestep"] or reports["red"]["timing"]["committed_timestep"] is None
+    # Trained over every noise level without preservation, DUO takes red out of prompts that name it.
+    assert red["duo_lambda0_t1000"]["dsr"]["direct"] >= red["base"]["dsr"]["direct"] + 0.2
