@@ -147,7 +147,7 @@ class Unit:
 
     kind: str  # unswitched | empty | safe | renoise
     step: int  # switch step k, or re-noise start index k (images noised to timesteps[k])
-    prompt_index: int  # the prompt pair (switch), or the batch of source images (re-noise)
+    prompt_index: int  # the batch: of (prompt pair, image) jobs (switch), or of source images (re-noise)
 
     @property
     def key(self) -> Tuple[str, int, int]:
@@ -282,7 +282,7 @@ def add_timing_arguments(parser):
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the preset's (7.5)")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call (across prompts)")
     parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--open_level", type=float, default=DEFAULT_OPEN_LEVEL, help="normalised switch level up to which the concept counts as open")
     parser.add_argument("--window", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"), help="training window drawn on the plot (default: the recipe's)")
@@ -351,6 +351,9 @@ def source_images_for_renoise(args, detector, unswitched_rows: List[dict]) -> Li
 
 
 def run_units(pipe, units: List[Unit], prompt_pairs, args, detector, store: RecordStore, state, size, timesteps, renoise_sources):
+    """Run this process's share of ``units``, appending one record per image. Switch units batch the
+    (prompt pair, image) jobs, ``args.batch_size`` at a time, across prompts."""
+    switch_jobs = [(p, j) for p in range(len(prompt_pairs)) for j in range(args.num_images_per_prompt)]
     from tqdm.auto import tqdm
 
     mine = units[state.process_index :: state.num_processes]
@@ -389,27 +392,29 @@ def run_units(pipe, units: List[Unit], prompt_pairs, args, detector, store: Reco
                     "source": os.path.relpath(path, args.output_dir), "seed": seeds[i], "flagged": bool(detection.flagged), "score": float(detection.score),
                 })
         else:
-            unsafe, safe = prompt_pairs[unit.prompt_index]
-            n = args.num_images_per_prompt
-            seeds = [image_seed(args.seed, unit.prompt_index, j) for j in range(n)]
+            jobs = switch_jobs[unit.prompt_index * args.batch_size : (unit.prompt_index + 1) * args.batch_size]
+            unsafe = [prompt_pairs[p][0] for p, _ in jobs]
+            targets_of_jobs = [("" if unit.kind == "empty" else prompt_pairs[p][1]) for p, _ in jobs]
+            seeds = [image_seed(args.seed, p, j) for p, j in jobs]
             target = None
-            if unit.kind != UNSWITCHED and unit.step < len(timesteps):
+            if unit.kind != UNSWITCHED and 0 < unit.step < len(timesteps):
                 key = (unit.kind, unit.prompt_index)
                 if key not in targets:
-                    targets[key] = prompt_embeddings(pipe, [("" if unit.kind == "empty" else safe)] * n, args.guidance_scale, size)
+                    targets[key] = prompt_embeddings(pipe, targets_of_jobs, args.guidance_scale, size)
                 target = targets[key]
             if unit.kind != UNSWITCHED and unit.step == 0:
                 # Switched before the first step: the target prompt from the start.
-                images = sample_with_switch(pipe, [("" if unit.kind == "empty" else safe)] * n, None, 0, seeds, args, size)
+                images = sample_with_switch(pipe, targets_of_jobs, None, 0, seeds, args, size)
             else:
-                images = sample_with_switch(pipe, [unsafe] * n, target, unit.step, seeds, args, size)
-            for j, (image, detection) in enumerate(zip(images, detector(images))):
+                images = sample_with_switch(pipe, unsafe, target, unit.step, seeds, args, size)
+            for (p, j), seed, image, detection in zip(jobs, seeds, images, detector(images)):
                 row = {
                     "kind": unit.kind, "step": unit.step, "timestep": timesteps[unit.step] if unit.step < len(timesteps) else 0.0,
-                    "prompt_index": unit.prompt_index, "image_index": j, "seed": seeds[j], "flagged": bool(detection.flagged), "score": float(detection.score),
+                    "batch": unit.prompt_index, "prompt_index": p, "image_index": j, "seed": seed,
+                    "flagged": bool(detection.flagged), "score": float(detection.score),
                 }
                 if unit.kind == UNSWITCHED:
-                    row["file"] = os.path.join("images", f"{unit.prompt_index:05d}_{j:02d}.png")
+                    row["file"] = os.path.join("images", f"{p:05d}_{j:02d}.png")
                     image.save(os.path.join(args.output_dir, row["file"]))
                 rows.append(row)
         store.append(state.process_index, rows)
@@ -583,14 +588,21 @@ def run_timing(args, state=None) -> dict:
     def pending(units):
         counts = {}
         for r in store.read():
-            key = (r["kind"], r["step"], r.get("prompt_index", r.get("batch")))
+            key = (r["kind"], r["step"], r["batch"])
             counts[key] = counts.get(key, 0) + 1
         return [u for u in units if counts.get(u.key, 0) < expected.get(u.key, args.num_images_per_prompt)]
 
     num_steps = len(timesteps)
     expected = {}
+    num_jobs = len(prompt_pairs) * args.num_images_per_prompt
+    switch_batches = math.ceil(num_jobs / args.batch_size)
+    for b in range(switch_batches):
+        size_of_batch = min(args.batch_size, num_jobs - b * args.batch_size)
+        for kind in (UNSWITCHED, *args.curves):
+            for k in range(num_steps + 1):
+                expected[(kind, k, b)] = size_of_batch
     # The unswitched samples first: without a flagged one there is no curve to measure.
-    todo = pending([Unit(UNSWITCHED, num_steps, p) for p in range(len(prompt_pairs))])
+    todo = pending([Unit(UNSWITCHED, num_steps, b) for b in range(switch_batches)])
     state.wait_for_everyone()
     run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, None)
     state.wait_for_everyone()
@@ -600,7 +612,7 @@ def run_timing(args, state=None) -> dict:
             f"none of the {len(unswitched_rows)} images of the unsafe prompts is flagged by the detector: "
             f"the concept's prompts do not produce it on this model (check --detector and the prompts)"
         )
-    todo = pending([Unit(kind, k, p) for kind in args.curves for k in range(num_steps) for p in range(len(prompt_pairs))])
+    todo = pending([Unit(kind, k, b) for kind in args.curves for k in range(num_steps) for b in range(switch_batches)])
     state.wait_for_everyone()
     run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, None)
     state.wait_for_everyone()
@@ -627,7 +639,7 @@ def run_timing(args, state=None) -> dict:
     # A unit interrupted after writing some of its lines is rerun in full: keep one record per image.
     unique = {}
     for r in records:
-        unique[(r["kind"], r["step"], r.get("prompt_index", r.get("batch")), r.get("image_index", r.get("source")))] = r
+        unique[(r["kind"], r["step"], r.get("prompt_index", r["batch"]), r.get("image_index", r.get("source")))] = r
     records = list(unique.values())
     result = summarise(records, timesteps, args, family, num_train_timesteps, sigma_table)
     settings["window"] = list(window)
@@ -647,7 +659,7 @@ def run_timing(args, state=None) -> dict:
         "settings": settings,
         "library_versions": library_versions(),
         "num_processes": state.num_processes,
-        "records": sorted(records, key=lambda r: (r["kind"], r["step"], str(r.get("prompt_index", r.get("batch"))), str(r.get("image_index", r.get("source"))))),
+        "records": sorted(records, key=lambda r: (r["kind"], r["step"], r.get("prompt_index", r["batch"]), str(r.get("image_index", r.get("source"))))),
         "files": {"plot": PLOT_NAME, "images": "images/"},
     }
     with open(os.path.join(args.output_dir, RESULT_NAME), "w") as f:
