@@ -9,14 +9,17 @@ empty prompt, plus an output-preservation regulariser on pure noise. See duo_plu
 """
 
 import argparse
-from dataclasses import dataclass
+import os
 
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import free_memory
+from tqdm.auto import tqdm
 
-from duo_plugin import data, objective, timing, training
+from duo_plugin import arguments, checkpoints, data, families, lora, outputs, sd, timing, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
+
 
 logger = get_logger(__name__)
 
@@ -25,63 +28,9 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 1.x/2.x (UNet models).")
-    training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
+    arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=512)
     add_generation_arguments(parser, for_training=True)
     return parser.parse_args(argv)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts, device):
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(device))[0]
-
-
-@dataclass
-class DUOBatch:
-    """One micro-step's inputs: the concatenated [x⁻_t; x⁺_t; x_T] batch and the pair targets."""
-
-    model_input: torch.Tensor
-    timesteps: torch.Tensor
-    condition: torch.Tensor
-    target: torch.Tensor
-
-
-def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, t_min, t_max, empty_embedding, pair_condition=None):
-    """Sample the pairs' latents, one noise and one timestep per pair (shared by both images), and pure noise
-    at the last training timestep for the preservation branch. All draws come from ``generator``."""
-    num_pairs = len(pair_indices)
-    flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
-    unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
-    noise = torch.randn(unsafe_latents.shape, generator=generator)
-    timesteps = objective.sample_pair_timesteps(num_pairs, t_min, t_max, generator)
-    pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
-
-    clean = torch.cat([unsafe_latents, safe_latents])
-    pair_noise = torch.cat([noise, noise])
-    pair_timesteps = torch.cat([timesteps, timesteps])
-    last_timestep = noise_scheduler.config.num_train_timesteps - 1
-    empty = empty_embedding.expand(num_pairs, -1, -1)
-    condition = torch.cat([pair_condition, pair_condition, empty]) if pair_condition is not None else empty.repeat(3, 1, 1)
-    return DUOBatch(
-        model_input=torch.cat([noise_scheduler.add_noise(clean, pair_noise, pair_timesteps), pure_noise]),
-        timesteps=torch.cat([pair_timesteps, torch.full((num_pairs,), last_timestep)]),
-        condition=condition,
-        target=objective.diffusion_target(noise_scheduler, clean, pair_noise, pair_timesteps),
-    )
-
-
-def duo_forward(accelerator, unet, batch, beta_dpo, preservation_weight, weight_dtype):
-    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch."""
-    model = accelerator.unwrap_model(unet)
-    device = accelerator.device
-    model_input = batch.model_input.to(device, dtype=weight_dtype)
-    timesteps = batch.timesteps.to(device)
-    condition = batch.condition.to(device, dtype=weight_dtype)
-    with torch.no_grad(), accelerator.autocast(), training.adapters_disabled(model):
-        ref_prediction = model(model_input, timesteps, condition).sample
-    with accelerator.autocast():
-        model_prediction = unet(model_input, timesteps, condition).sample
-    return objective.duo_losses(model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight)
 
 
 def make_validation_pipeline(args, unet, vae, text_encoder, tokenizer, noise_scheduler):
@@ -116,59 +65,60 @@ def image_generator(args, pipeline, weight_dtype, device):
     return generate
 
 
-def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset=None):
-    """Validation grid (and, with ``preset``, the model card samples); the VAE and text encoder are on the
-    accelerator only meanwhile."""
+def log_validation(
+    args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset=None
+):
+    """Base vs unlearned grid (and, with ``preset``, the model card samples); the VAE and text encoder are on the
+    accelerator only meanwhile. Returns the model card samples."""
     device = accelerator.device
     model = accelerator.unwrap_model(unet)
     vae.to(device)
     text_encoder.to(device)
     pipeline = make_validation_pipeline(args, model, vae, text_encoder, tokenizer, noise_scheduler)
     generate = image_generator(args, pipeline, weight_dtype, device)
-    training.validation_grid(args, accelerator, model, generate, step)
-    samples = training.save_model_card_samples(args, preset, generate) if preset is not None else []
+    outputs.validation_grid(args, accelerator, model, generate, step)
+    samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
     vae.to("cpu")
     text_encoder.to("cpu")
     return samples
 
 
-def save_lora_weights(output_dir, unet_lora_state_dict, unet=None):
-    from diffusers import StableDiffusionPipeline
-
-    metadata = unet.peft_config["default"].to_dict() if unet is not None else None
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir,
-        unet_lora_layers=unet_lora_state_dict,
-        weight_name=training.LORA_WEIGHT_NAME,
-        unet_lora_adapter_metadata=metadata,
-    )
-
-
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
-    training.check_environment_args(args)
-    preset = training.resolve_concept(args, architecture="sd", base_learning_rate=3e-4)
-    args.lora_target = args.lora_target or "self_attn"
-    args.t_min = 0 if args.t_min is None else args.t_min
-    pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    training.require_family(pipeline_class, "sd", "train_duo.py")
+    arguments.check_environment_args(args)
+    preset = arguments.resolve_training_args(args, family="sd")
+    pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    families.require_family(pipeline_class, "sd", "train_duo.py")
 
     accelerator = training.create_accelerator(args)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
-    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=750)  # auto: measured where the concept is decided
+    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=args.t_max)  # auto: measured where the concept is decided
+    if args.condition_on_prompts and pairs.unsafe_prompts is None:
+        raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    model_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **model_kwargs)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs)
+    model_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kwargs
+    )
+    text_encoder = CLIPTextModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **model_kwargs
+    )
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs
+    )
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
         raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps}")
@@ -178,58 +128,152 @@ def main(argv=None):
     weight_dtype = training.weight_dtype_for(accelerator)
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
-    target_modules = training.prepare_denoiser_for_training(args, unet)
+    target_modules = lora.prepare_denoiser_for_training(args, unet)
 
     # Everything the loop needs from the VAE and the text encoder, computed once.
     latents_cache = data.encode_pairs(
-        vae, pairs, args.resolution, args.center_crop, args.random_flip, args.seed,
-        device=accelerator.device, dtype=weight_dtype, progress=accelerator.is_local_main_process,
+        vae,
+        pairs,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        device=accelerator.device,
+        dtype=weight_dtype,
+        progress=accelerator.is_local_main_process,
     )
     if args.condition_on_prompts:
-        if pairs.unsafe_prompts is None:
-            raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
-        prompt_embeddings = encode_prompts(tokenizer, text_encoder, pairs.unsafe_prompts, accelerator.device).cpu()
-    empty_embedding = encode_prompts(tokenizer, text_encoder, [""], accelerator.device).cpu()
+        prompt_embeddings = sd.encode_prompts(tokenizer, text_encoder, pairs.unsafe_prompts, accelerator.device).cpu()
+    empty_embedding = sd.encode_prompts(tokenizer, text_encoder, [""], accelerator.device).cpu()
     vae.to("cpu")
     text_encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
-    unet, optimizer, lr_scheduler, lora_params, resume_path, first_step = training.prepare_optimization(
-        args, accelerator, unet, save_lora_weights, lora_prefix="unet"
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer(args, lora_params)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # A prepared scheduler steps once per process per optimizer step.
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(unet)
+    checkpoints.register_adapter_state_hooks(accelerator, model, sd.save_lora_weights, lora_prefix="unet")
 
-    def compute_losses(pair_indices, generator):
-        pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
-        batch = make_duo_batch(
-            latents_cache, pair_indices, generator, noise_scheduler, args.t_min, args.t_max, empty_embedding, pair_condition
-        )
-        return duo_forward(accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype)
-
-    def validate(step, preset=None):
-        return run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, step, preset)
-
-    training.train_duo_steps(
-        args, accelerator, unet, optimizer, lr_scheduler, lora_params, len(pairs), first_step, resume_path,
-        compute_losses, validate, project_name="duo",
-    )
+    first_step = 0
+    last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    if last_checkpoint is not None:
+        accelerator.print(f"Resuming from {last_checkpoint}")
+        accelerator.load_state(last_checkpoint)
+        first_step = checkpoints.checkpoint_step(last_checkpoint)
 
     if accelerator.is_main_process:
-        save_lora_weights(args.output_dir, training.lora_state_dict(model), model)
+        accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
+    metrics = outputs.MetricsLog(
+        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"),
+        accelerator.is_main_process,
+        append=last_checkpoint is not None,
+    )
+    metrics.truncate_after(first_step)
+
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running DUO training *****", main_process_only=True)
+    logger.info(
+        f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}",
+        main_process_only=True,
+    )
+    logger.info(
+        f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})",
+        main_process_only=True,
+    )
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+
+    for step in range(first_step, args.max_train_steps):
+        step_logs = []
+        for micro_step in range(args.gradient_accumulation_steps):
+            # Every random draw of a micro-step comes from its own generator, so resuming is exact.
+            generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
+            pair_indices = data.pair_indices_for_step(
+                len(pairs),
+                step,
+                micro_step,
+                args.gradient_accumulation_steps,
+                args.train_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                args.seed,
+            )
+            with accelerator.accumulate(unet):
+                pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
+                batch = sd.make_duo_batch(
+                    latents_cache,
+                    pair_indices,
+                    generator,
+                    noise_scheduler,
+                    args.t_min,
+                    args.t_max,
+                    empty_embedding,
+                    pair_condition,
+                )
+                losses = sd.duo_forward(
+                    accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype
+                )
+                training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
+                accelerator.backward(losses.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_logs.append(losses.to_log())
+
+        global_step = step + 1
+        progress_bar.update(1)
+        logs = training.average_logs(step_logs)
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
+        accelerator.log(logs, step=global_step)
+        metrics.write(global_step, logs)
+
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            last_checkpoint = checkpoints.save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+            )
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if accelerator.is_main_process and not args.skip_validation:
+                log_validation(
+                    args, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype, global_step
+                )
+            accelerator.wait_for_everyone()
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        sd.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
         samples = []
         if not args.skip_validation:
-            samples = validate(args.max_train_steps, preset)
-        architecture = {
-            "family": "sd",
-            "pipeline_class": pipeline_class,
-            "denoiser": "unet",
-            "cross_attention_dim": model.config.cross_attention_dim,
-            "block_out_channels": list(model.config.block_out_channels),
-            "prediction_type": noise_scheduler.config.prediction_type,
-        }
-        config = training.write_duo_config(args.output_dir, args, architecture, target_modules)
-        training.finish_run(args, accelerator, config, pipeline_class, samples)
+            samples = log_validation(
+                args,
+                accelerator,
+                unet,
+                vae,
+                text_encoder,
+                tokenizer,
+                noise_scheduler,
+                weight_dtype,
+                args.max_train_steps,
+                preset,
+            )
+        config = outputs.write_duo_config(
+            args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules
+        )
+        outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()
 
 

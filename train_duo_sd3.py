@@ -24,31 +24,35 @@ only the transformer and the adapter remain on the GPU while training.
 """
 
 import argparse
-from dataclasses import dataclass
-from typing import Dict, List
+import os
 
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import free_memory
+from tqdm.auto import tqdm
 
-from duo_plugin import data, objective, timing, training
+from duo_plugin import arguments, checkpoints, data, families, lora, objective, outputs, sd3, timing, training
 from duo_plugin.errors import UsageError, exit_on_usage_error
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
+
 
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
-# The official SD3 run: lr 3e-5 at β = 100, scaled by 100 / β like SD1's 3e-4.
-BASE_LEARNING_RATE = 3e-5
-DEFAULT_T_MIN, DEFAULT_T_MAX = 1, 750
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DUO concept unlearning for Stable Diffusion 3 (flow-matching transformer models).")
-    training.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=1024)
+    parser = argparse.ArgumentParser(
+        description="DUO concept unlearning for Stable Diffusion 3 (flow-matching transformer models)."
+    )
+    arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=1024)
     add_generation_arguments(parser, for_training=True)
     flow = parser.add_argument_group("flow matching (as in diffusers' SD3 LoRA script)")
     flow.add_argument(
-        "--weighting_scheme", type=str, default="none", choices=list(objective.FLOW_MATCHING_WEIGHTING_SCHEMES),
+        "--weighting_scheme",
+        type=str,
+        default="none",
+        choices=list(objective.FLOW_MATCHING_WEIGHTING_SCHEMES),
         help="none (official DUO): σ uniform over the t range, unit weights; logit_normal/mode: σ drawn from that density "
         "over the t range; sigma_sqrt/cosmap: uniform σ, weighted loss",
     )
@@ -56,191 +60,21 @@ def parse_args(argv=None):
     flow.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     flow.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     flow.add_argument(
-        "--precondition_outputs", type=int, nargs="?", const=1, default=1, choices=[0, 1],
+        "--precondition_outputs",
+        type=int,
+        nargs="?",
+        const=1,
+        default=1,
+        choices=[0, 1],
         help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
     )
-    flow.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embeddings (the pipeline's default)")
+    flow.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=256,
+        help="T5 tokens of the prompt embeddings (the pipeline's default)",
+    )
     return parser.parse_args(argv)
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts: encoded once, then every text encoder is freed
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptEmbeddings:
-    """SD3 prompt embeddings (CLIP-L, CLIP-G and T5 tokens) and pooled projections, on the CPU."""
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    index: Dict[str, int]
-
-    def __call__(self, prompts: List[str]):
-        rows = torch.tensor([self.index[prompt] for prompt in prompts])
-        return self.prompt_embeds[rows], self.pooled_prompt_embeds[rows]
-
-
-def load_text_pipeline(args, transformer, dtype):
-    """The base pipeline's text encoders and tokenizers, without a second copy of the transformer or a VAE.
-
-    The transformer being trained is lent to the pipeline: a T5-less base needs its
-    ``joint_attention_dim`` for the zero T5 embeddings; it is never called here.
-    """
-    from diffusers import StableDiffusion3Pipeline
-
-    without_t5 = {} if training.base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir) else {"text_encoder_3": None, "tokenizer_3": None}
-    return StableDiffusion3Pipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        transformer=transformer,
-        vae=None,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        **training.dtype_kwargs(dtype),
-        **without_t5,
-    )
-
-
-@torch.no_grad()
-def encode_prompts_once(args, prompts: List[str], transformer, device, dtype, batch_size: int = 8) -> PromptEmbeddings:
-    """Encode every prompt the run will need, then free all text encoders (T5-XXL alone is ~9.5 GB in fp16).
-
-    Called before the transformer moves to the accelerator, so the encoders and the transformer are
-    never there together.
-    """
-    from diffusers.training_utils import free_memory
-
-    unique = list(dict.fromkeys(prompts))
-    text_pipeline = load_text_pipeline(args, transformer, dtype)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(text_pipeline, name) is not None:
-            getattr(text_pipeline, name).to(device)
-    prompt_embeds, pooled_prompt_embeds = [], []
-    for start in range(0, len(unique), batch_size):
-        embeds, _, pooled, _ = text_pipeline.encode_prompt(
-            unique[start : start + batch_size], None, None,
-            device=device, do_classifier_free_guidance=False, max_sequence_length=args.max_sequence_length,
-        )
-        prompt_embeds.append(embeds.float().cpu())
-        pooled_prompt_embeds.append(pooled.float().cpu())
-    del text_pipeline
-    free_memory()
-    return PromptEmbeddings(torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds), {p: i for i, p in enumerate(unique)})
-
-
-# --------------------------------------------------------------------------------------------------
-# One DUO step under flow matching
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DUOBatch:
-    """One micro-step's inputs: the concatenated [x⁻_σ; x⁺_σ; x_1] batch and the pair targets."""
-
-    model_input: torch.Tensor
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    target: torch.Tensor
-    weighting: torch.Tensor
-
-
-def make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None):
-    """Sample the pairs' latents, one noise and one σ per pair (shared by both images), and pure noise at
-    σ = 1 for the preservation branch. All draws come from ``generator``.
-
-    ``args`` carries t_min, t_max, weighting_scheme, logit_mean, logit_std, mode_scale and
-    precondition_outputs; ``empty_condition`` and ``pair_condition`` are (prompt_embeds, pooled) pairs
-    of one row and of one row per pair.
-    """
-    num_pairs = len(pair_indices)
-    flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
-    unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
-    noise = torch.randn(unsafe_latents.shape, generator=generator)
-    indices = objective.sample_flow_matching_indices(
-        num_pairs, args.t_min, args.t_max, generator, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale
-    )
-    pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
-
-    pair_sigmas, pair_timesteps = objective.flow_matching_sigmas_and_timesteps(noise_scheduler, indices)
-    noise_sigma, noise_timestep = objective.pure_noise_sigma_and_timestep(noise_scheduler)
-    sigmas = torch.cat([pair_sigmas, pair_sigmas, noise_sigma.expand(num_pairs)])
-    timesteps = torch.cat([pair_timesteps, pair_timesteps, noise_timestep.expand(num_pairs)])
-    # At σ = 1 the clean part is multiplied by 0: the preservation input is exactly the pure noise.
-    clean = torch.cat([unsafe_latents, safe_latents, torch.zeros_like(unsafe_latents)])
-    all_noise = torch.cat([noise, noise, pure_noise])
-
-    empty_embeds, empty_pooled = (c.expand(num_pairs, *c.shape[1:]) for c in empty_condition)
-    pair_embeds, pair_pooled = pair_condition if pair_condition is not None else (empty_embeds, empty_pooled)
-    pair_weighting = objective.flow_matching_loss_weighting(args.weighting_scheme, sigmas[: 2 * num_pairs])
-    return DUOBatch(
-        model_input=objective.flow_matching_noisy(clean, all_noise, sigmas),
-        sigmas=sigmas,
-        timesteps=timesteps,
-        prompt_embeds=torch.cat([pair_embeds, pair_embeds, empty_embeds]),
-        pooled_prompt_embeds=torch.cat([pair_pooled, pair_pooled, empty_pooled]),
-        target=objective.flow_matching_target(clean[: 2 * num_pairs], all_noise[: 2 * num_pairs], bool(args.precondition_outputs)),
-        weighting=pair_weighting.reshape(-1, *([1] * (clean.ndim - 1))),
-    )
-
-
-def duo_forward(accelerator, transformer, batch, beta_dpo, preservation_weight, weight_dtype, precondition_outputs):
-    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch."""
-    model = accelerator.unwrap_model(transformer)
-    device = accelerator.device
-    model_input = batch.model_input.to(device, dtype=weight_dtype)
-    inputs = dict(
-        hidden_states=model_input,
-        timestep=batch.timesteps.to(device),
-        encoder_hidden_states=batch.prompt_embeds.to(device, dtype=weight_dtype),
-        pooled_projections=batch.pooled_prompt_embeds.to(device, dtype=weight_dtype),
-        return_dict=False,
-    )
-    with torch.no_grad(), accelerator.autocast(), training.adapters_disabled(model):
-        ref_prediction = model(**inputs)[0]
-    with accelerator.autocast():
-        model_prediction = transformer(**inputs)[0]
-    if precondition_outputs:
-        sigmas = batch.sigmas.to(device)
-        ref_prediction = objective.precondition_flow_matching_output(ref_prediction.float(), model_input.float(), sigmas)
-        model_prediction = objective.precondition_flow_matching_output(model_prediction.float(), model_input.float(), sigmas)
-    return objective.duo_losses(
-        model_prediction, ref_prediction, batch.target.to(device), beta_dpo, preservation_weight, weighting=batch.weighting.to(device)
-    )
-
-
-def save_lora_weights(output_dir, transformer_lora_state_dict, transformer=None):
-    from diffusers import StableDiffusion3Pipeline
-
-    metadata = transformer.peft_config["default"].to_dict() if transformer is not None else None
-    StableDiffusion3Pipeline.save_lora_weights(
-        output_dir,
-        transformer_lora_layers=transformer_lora_state_dict,
-        weight_name=training.LORA_WEIGHT_NAME,
-        transformer_lora_adapter_metadata=metadata,
-    )
-
-
-def architecture_info(pipeline_class, transformer, noise_scheduler, has_t5: bool) -> dict:
-    config = transformer.config
-    return {
-        "family": "sd3",
-        "pipeline_class": pipeline_class,
-        "denoiser": "transformer",
-        "joint_attention_dim": config.joint_attention_dim,
-        "num_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "attention_head_dim": config.attention_head_dim,
-        "in_channels": config.in_channels,
-        "patch_size": config.patch_size,
-        "pooled_projection_dim": config.pooled_projection_dim,
-        "dual_attention_layers": list(config.dual_attention_layers),
-        "has_t5": has_t5,
-        "prediction_type": "flow_matching",
-        "scheduler_shift": noise_scheduler.config.shift,
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +101,7 @@ def make_validation_pipeline(transformer, vae, noise_scheduler):
     return pipeline
 
 
-def image_generator(args, pipeline, embeddings: PromptEmbeddings, weight_dtype, device):
+def image_generator(args, pipeline, embeddings: sd3.PromptEmbeddings, weight_dtype, device):
     """``generate(prompt, seeds) -> images`` from the prompt embeddings computed at the start."""
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
@@ -289,69 +123,60 @@ def image_generator(args, pipeline, embeddings: PromptEmbeddings, weight_dtype, 
     return generate
 
 
-def run_validation(args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, step, preset=None):
-    """Validation grid (and, with ``preset``, the model card samples) with the VAE on the accelerator only meanwhile."""
-    from diffusers.training_utils import free_memory
+def log_validation(args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, step, preset=None):
+    """Base vs unlearned grid (and, with ``preset``, the model card samples) with the VAE on the accelerator only
+    meanwhile. Returns the model card samples."""
 
     device = accelerator.device
     model = accelerator.unwrap_model(transformer)
     vae.to(device)
     pipeline = make_validation_pipeline(model, vae, noise_scheduler)
     generate = image_generator(args, pipeline, embeddings, weight_dtype, device)
-    training.validation_grid(args, accelerator, model, generate, step)
-    samples = training.save_model_card_samples(args, preset, generate) if preset is not None else []
+    outputs.validation_grid(args, accelerator, model, generate, step)
+    samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
     del pipeline, generate
     vae.to("cpu")
     free_memory()
     return samples
 
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_sd3_defaults(args):
-    args.lora_target = args.lora_target or "attn"
-    if args.lora_target != "attn":
-        raise UsageError(
-            f"--lora_target {args.lora_target}: SD3's joint attention has no separate self-attention; use --lora_target attn "
-            f"(to_q, to_k, to_v, to_out.0 of every transformer block)"
-        )
-    args.t_min = DEFAULT_T_MIN if args.t_min is None else args.t_min
-    args.t_max = DEFAULT_T_MAX if args.t_max is None else args.t_max
-    if args.max_sequence_length < 1:
-        raise UsageError("--max_sequence_length must be at least 1 (the pipeline's default is 256)")
-
-
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
-    training.check_environment_args(args)
-    preset = training.resolve_concept(args, architecture="sd3", base_learning_rate=BASE_LEARNING_RATE)
-    resolve_sd3_defaults(args)
-    pipeline_class = training.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    training.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
+    arguments.check_environment_args(args)
+    preset = arguments.resolve_training_args(args, family="sd3")
+    sd3.check_sd3_args(args)
+    pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    families.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
 
     accelerator = training.create_accelerator(args)
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
-    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=DEFAULT_T_MAX)  # auto: measured where the concept is decided
+    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=args.t_max)  # auto: measured where the concept is decided
     if args.condition_on_prompts and pairs.unsafe_prompts is None:
         raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.optimization import get_scheduler
 
     weight_dtype = training.weight_dtype_for(accelerator)
     device = accelerator.device
-    model_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs)
+    model_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
+    )
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
-        raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)")
+        raise UsageError(
+            f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps} (indices into the sigma table)"
+        )
     transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **training.dtype_kwargs(weight_dtype), **model_kwargs
+        args.pretrained_model_name_or_path,
+        subfolder="transformer",
+        variant=args.variant,
+        dtype=weight_dtype,
+        **model_kwargs,
     )
     transformer.requires_grad_(False)
 
@@ -361,64 +186,168 @@ def main(argv=None):
         prompts += list(args.validation_prompts) + list(preset.unrelated_prompts)
     if args.condition_on_prompts:
         prompts += list(pairs.unsafe_prompts)
-    embeddings = encode_prompts_once(args, prompts, transformer, device, weight_dtype)
+    embeddings = sd3.encode_prompts_once(args, prompts, transformer, device, weight_dtype)
     empty_condition = embeddings([""])
-    has_t5 = training.base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    has_t5 = families.base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
 
     # The pair latents, cached once; the VAE (fp32: it is small and SD3's latents are sensitive) then leaves.
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs)
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **model_kwargs
+    )
     vae.requires_grad_(False)
     vae.to(device)
     latents_cache = data.encode_pairs(
-        vae, pairs, args.resolution, args.center_crop, args.random_flip, args.seed,
-        device=device, dtype=torch.float32, progress=accelerator.is_local_main_process,
+        vae,
+        pairs,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        device=device,
+        dtype=torch.float32,
+        progress=accelerator.is_local_main_process,
     )
     vae.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
     transformer.to(device)
-    target_modules = training.prepare_denoiser_for_training(args, transformer)
+    target_modules = lora.prepare_denoiser_for_training(args, transformer)
 
-    transformer, optimizer, lr_scheduler, lora_params, resume_path, first_step = training.prepare_optimization(
-        args, accelerator, transformer, save_lora_weights, lora_prefix="transformer"
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer(args, lora_params)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # A prepared scheduler steps once per process per optimizer step.
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
-    logger.info(
-        "σ-table indices [%d, %d), weighting = %s, preconditioned = %s",
-        args.t_min, args.t_max, args.weighting_scheme, bool(args.precondition_outputs), main_process_only=True,
-    )
+    checkpoints.register_adapter_state_hooks(accelerator, model, sd3.save_lora_weights, lora_prefix="transformer")
 
-    def compute_losses(pair_indices, generator):
-        pair_condition = embeddings([pairs.unsafe_prompts[i] for i in pair_indices.tolist()]) if args.condition_on_prompts else None
-        batch = make_duo_batch(latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition)
-        return duo_forward(accelerator, transformer, batch, args.beta_dpo, args.preservation_weight, weight_dtype, args.precondition_outputs)
-
-    def validate(step, preset=None):
-        return run_validation(args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, step, preset)
-
-    training.train_duo_steps(
-        args, accelerator, transformer, optimizer, lr_scheduler, lora_params, len(pairs), first_step, resume_path,
-        compute_losses, validate, project_name="duo-sd3",
-    )
+    first_step = 0
+    last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    if last_checkpoint is not None:
+        accelerator.print(f"Resuming from {last_checkpoint}")
+        accelerator.load_state(last_checkpoint)
+        first_step = checkpoints.checkpoint_step(last_checkpoint)
 
     if accelerator.is_main_process:
-        save_lora_weights(args.output_dir, training.lora_state_dict(model), model)
+        accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
+    metrics = outputs.MetricsLog(
+        os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"),
+        accelerator.is_main_process,
+        append=last_checkpoint is not None,
+    )
+    metrics.truncate_after(first_step)
+
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running DUO training (SD3) *****", main_process_only=True)
+    logger.info(
+        f"  Concept = {args.concept}, pairs = {len(pairs)}, β = {args.beta_dpo:g}, λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}",
+        main_process_only=True,
+    )
+    logger.info(
+        f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {first_step})",
+        main_process_only=True,
+    )
+    logger.info(
+        f"  σ-table indices [{args.t_min}, {args.t_max}), weighting = {args.weighting_scheme}, preconditioned = {bool(args.precondition_outputs)}",
+        main_process_only=True,
+    )
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+
+    for step in range(first_step, args.max_train_steps):
+        step_logs = []
+        for micro_step in range(args.gradient_accumulation_steps):
+            # Every random draw of a micro-step comes from its own generator, so resuming is exact.
+            generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
+            pair_indices = data.pair_indices_for_step(
+                len(pairs),
+                step,
+                micro_step,
+                args.gradient_accumulation_steps,
+                args.train_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                args.seed,
+            )
+            with accelerator.accumulate(transformer):
+                pair_condition = (
+                    embeddings([pairs.unsafe_prompts[i] for i in pair_indices.tolist()])
+                    if args.condition_on_prompts
+                    else None
+                )
+                batch = sd3.make_duo_batch(
+                    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition
+                )
+                losses = sd3.duo_forward(
+                    accelerator,
+                    transformer,
+                    batch,
+                    args.beta_dpo,
+                    args.preservation_weight,
+                    weight_dtype,
+                    args.precondition_outputs,
+                )
+                training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
+                accelerator.backward(losses.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_logs.append(losses.to_log())
+
+        global_step = step + 1
+        progress_bar.update(1)
+        logs = training.average_logs(step_logs)
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
+        accelerator.log(logs, step=global_step)
+        metrics.write(global_step, logs)
+
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            last_checkpoint = checkpoints.save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+            )
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if accelerator.is_main_process and not args.skip_validation:
+                log_validation(
+                    args, accelerator, transformer, vae, noise_scheduler, embeddings, weight_dtype, global_step
+                )
+            accelerator.wait_for_everyone()
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        sd3.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
         samples = []
         if not args.skip_validation:
-            samples = validate(args.max_train_steps, preset)
-        extra = {
-            "weighting_scheme": args.weighting_scheme,
-            "logit_mean": args.logit_mean,
-            "logit_std": args.logit_std,
-            "mode_scale": args.mode_scale,
-            "precondition_outputs": bool(args.precondition_outputs),
-            "max_sequence_length": args.max_sequence_length,
-            "timestep_range_indexes": "the scheduler's descending sigma table (index 0: sigma = 1)",
-            "preservation_sigma": 1.0,
-        }
-        config = training.write_duo_config(args.output_dir, args, architecture_info(pipeline_class, model, noise_scheduler, has_t5), target_modules, extra)
-        training.finish_run(args, accelerator, config, pipeline_class, samples)
+            samples = log_validation(
+                args,
+                accelerator,
+                transformer,
+                vae,
+                noise_scheduler,
+                embeddings,
+                weight_dtype,
+                args.max_train_steps,
+                preset,
+            )
+        config = outputs.write_duo_config(
+            args.output_dir,
+            args,
+            sd3.architecture_info(pipeline_class, model, noise_scheduler, has_t5),
+            target_modules,
+            extra=sd3.flow_matching_config(args),
+        )
+        outputs.finish_run(args, config, pipeline_class, samples)
     accelerator.end_training()
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 
+
 NOT_IMPLEMENTED_ATTACKS = {
     "sneakyprompt": "SneakyPrompt",
     "unlearndiffatk": "UnlearnDiffAtk",
@@ -60,7 +61,9 @@ def _read_csv(path: str, categories: Optional[Sequence[str]]) -> List[PromptSpec
         columns = reader.fieldnames or []
         prompt_column = _first_column(columns, PROMPT_COLUMNS)
         if prompt_column is None:
-            raise UsageError(f"prompt file {path} has no prompt column (it has {', '.join(columns)}): name it 'prompt'")
+            raise UsageError(
+                f"prompt file {path} has no prompt column (it has {', '.join(columns)}): name it 'prompt'"
+            )
         if categories and "categories" not in columns:
             raise UsageError(f"--prompt_categories needs a 'categories' column (I2P layout); {path} has none")
         seed_column = _first_column(columns, SEED_COLUMNS)
@@ -76,7 +79,11 @@ def _read_csv(path: str, categories: Optional[Sequence[str]]) -> List[PromptSpec
                     continue
             try:
                 seed = int(float(row[seed_column])) if seed_column and row.get(seed_column) not in (None, "") else None
-                guidance = float(row[guidance_column]) if guidance_column and row.get(guidance_column) not in (None, "") else None
+                guidance = (
+                    float(row[guidance_column])
+                    if guidance_column and row.get(guidance_column) not in (None, "")
+                    else None
+                )
             except ValueError:
                 raise UsageError(f"{path}, line {row_number}: the seed/guidance columns must hold numbers") from None
             prompts.append(PromptSpec(text, seed, guidance))
@@ -88,12 +95,14 @@ def _read_json(path: str) -> List[PromptSpec]:
         try:
             content = json.load(f)
         except json.JSONDecodeError as error:
-            raise UsageError(f"prompt file {path} is not valid JSON ({error})") from None
+            raise UsageError(f"prompt file {path} is not valid JSON ({error})") from error
     if isinstance(content, dict) and "annotations" in content:  # COCO captions_*.json
         return [PromptSpec(a["caption"].strip()) for a in content["annotations"] if a.get("caption", "").strip()]
     if isinstance(content, list) and all(isinstance(p, str) for p in content):
         return [PromptSpec(p.strip()) for p in content if p.strip()]
-    raise UsageError(f"prompt file {path}: a JSON prompt file is a list of strings or a COCO captions file with 'annotations'")
+    raise UsageError(
+        f"prompt file {path}: a JSON prompt file is a list of strings or a COCO captions file with 'annotations'"
+    )
 
 
 def _read_jsonl(path: str) -> List[PromptSpec]:
@@ -106,7 +115,10 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
             column = _first_column(list(row), PROMPT_COLUMNS)
             if column is None:
                 raise UsageError(f"{path}, line {line_number}: no 'prompt' field")
-            seed_column, guidance_column = _first_column(list(row), SEED_COLUMNS), _first_column(list(row), GUIDANCE_COLUMNS)
+            seed_column, guidance_column = (
+                _first_column(list(row), SEED_COLUMNS),
+                _first_column(list(row), GUIDANCE_COLUMNS),
+            )
             prompts.append(
                 PromptSpec(
                     row[column].strip(),
@@ -117,7 +129,9 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
     return prompts
 
 
-def read_prompts(path: str, limit: Optional[int] = None, categories: Optional[Sequence[str]] = None) -> List[PromptSpec]:
+def read_prompts(
+    path: str, limit: Optional[int] = None, categories: Optional[Sequence[str]] = None
+) -> List[PromptSpec]:
     """Prompts from a text, CSV (I2P or Ring-A-Bell layout), JSON lines or COCO captions file."""
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path} does not exist")
@@ -134,7 +148,9 @@ def read_prompts(path: str, limit: Optional[int] = None, categories: Optional[Se
     if categories and extension != ".csv":
         raise UsageError("--prompt_categories filters an I2P-style CSV: give a .csv prompt file")
     if not prompts:
-        raise UsageError(f"prompt file {path} holds no prompt" + (f" of categories {', '.join(categories)}" if categories else ""))
+        raise UsageError(
+            f"prompt file {path} holds no prompt" + (f" of categories {', '.join(categories)}" if categories else "")
+        )
     return prompts[:limit] if limit else prompts
 
 
@@ -181,7 +197,11 @@ class RingABellConfig:
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -314,10 +334,14 @@ def ring_a_bell_search(
         return embedding_distance(embeddings, target).cpu()
 
     generator = torch.Generator().manual_seed(config.seed)
-    best_ids, best_distance, initial_distance, history = genetic_search(distance_fn, vocabulary, config, generator, progress)
+    best_ids, best_distance, initial_distance, history = genetic_search(
+        distance_fn, vocabulary, config, generator, progress
+    )
     prompt = token_ids_to_prompt(tokenizer, best_ids.tolist())
     # What the pipeline will see: the prompt tokenized again, scored against the same target.
-    prompt_distance = float(embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [prompt])), target)[0])
+    prompt_distance = float(
+        embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [prompt])), target)[0]
+    )
     return {
         "target": target_prompt,
         "prompt": prompt,
@@ -325,7 +349,9 @@ def ring_a_bell_search(
         "distance": prompt_distance,
         "search_distance": best_distance,
         "initial_distance": initial_distance,
-        "target_distance": float(embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt])), target)[0]),
+        "target_distance": float(
+            embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt])), target)[0]
+        ),
     }
 
 
@@ -362,7 +388,12 @@ class InversionResult:
     losses: List[float] = field(default_factory=list)
 
     def to_log(self) -> dict:
-        return {"token": self.token, "initial_loss": self.initial_loss, "final_loss": self.final_loss, "num_steps": len(self.losses)}
+        return {
+            "token": self.token,
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+            "num_steps": len(self.losses),
+        }
 
 
 def images_to_pixels(images, resolution: int) -> torch.Tensor:
@@ -410,7 +441,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
 
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
-        raise UsageError(f"concept inversion needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}")
+        raise UsageError(
+            f"concept inversion needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}"
+        )
     if not images:
         raise UsageError("concept inversion needs at least one image of the concept")
     if not all("{}" in template for template in config.templates):
@@ -420,7 +453,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
     model_dtype, text_dtype = unet.dtype, text_encoder.dtype
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise UsageError(f"concept inversion supports epsilon and v-prediction models, not {noise_scheduler.config.prediction_type}")
+        raise UsageError(
+            f"concept inversion supports epsilon and v-prediction models, not {noise_scheduler.config.prediction_type}"
+        )
 
     token_id = add_placeholder_token(tokenizer, text_encoder, config.token, config.initializer)
     prompts = [template.format(config.token) for template in config.templates]
@@ -466,10 +501,14 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
 
     @torch.no_grad()
     def evaluation_loss():
-        return sum(
-            float(diffusion_loss(*(part[i : i + config.batch_size] for part in evaluation_draws))) * min(config.batch_size, config.num_eval_draws - i)
-            for i in range(0, config.num_eval_draws, config.batch_size)
-        ) / config.num_eval_draws
+        return (
+            sum(
+                float(diffusion_loss(*(part[i : i + config.batch_size] for part in evaluation_draws)))
+                * min(config.batch_size, config.num_eval_draws - i)
+                for i in range(0, config.num_eval_draws, config.batch_size)
+            )
+            / config.num_eval_draws
+        )
 
     initial_loss = evaluation_loss()
     optimizer = torch.optim.AdamW([embeddings], lr=config.learning_rate, weight_decay=0.0)
@@ -486,7 +525,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
     embeddings.requires_grad_(False)
     final_loss = evaluation_loss()
     text_encoder.to(text_dtype)
-    return InversionResult(config.token, embeddings[token_id].detach().float().cpu().clone(), initial_loss, final_loss, losses)
+    return InversionResult(
+        config.token, embeddings[token_id].detach().float().cpu().clone(), initial_loss, final_loss, losses
+    )
 
 
 def inversion_prompts(config: InversionConfig, num_prompts: int) -> List[str]:

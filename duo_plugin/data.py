@@ -5,7 +5,6 @@ transform (resize, crop, flip) is applied to both with the same parameters.
 """
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -48,7 +47,7 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
             raise UsageError(
                 f"could not read the pair folder {dataset_name} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
                 f"check that metadata.jsonl rows name existing files in unsafe_file_name/safe_file_name"
-            ) from None
+            ) from error
     if os.path.exists(dataset_name):
         raise UsageError(f"--dataset_name {dataset_name} is a file: give a pair folder or a Hub dataset id")
     try:
@@ -57,7 +56,7 @@ def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Opti
         raise UsageError(
             f"could not load --dataset_name {dataset_name!r} ({type(error).__name__}: {str(error).splitlines()[0]}): "
             f"give an existing local pair folder or a Hub dataset id you can reach"
-        ) from None
+        ) from error
 
 
 def _decode(cell, column: str, row: int) -> Image.Image:
@@ -75,7 +74,7 @@ def _decode(cell, column: str, row: int) -> Image.Image:
         raise UsageError(
             f"unreadable image in column {column!r}, row {row} ({path or 'embedded bytes'}): {error}; "
             f"replace or remove that pair"
-        ) from None
+        ) from error
 
 
 def load_pair_images(
@@ -162,10 +161,6 @@ class CachedPairLatents:
     scaling_factor: float
     shift_factor: float = 0.0
 
-    @property
-    def num_pairs(self) -> int:
-        return self.mean.shape[0]
-
     def sample(self, pair_indices: torch.Tensor, flips: torch.Tensor, generator: torch.Generator):
         """Return (unsafe, safe) scaled latents for the given pairs, each (B, C, h, w)."""
         mean = self.mean[pair_indices, flips]
@@ -193,7 +188,10 @@ def encode_pairs(
 
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.stack(
-        [torch.stack(joint_transform(u, s, resolution, center_crop, generator)) for u, s in zip(pairs.unsafe, pairs.safe)]
+        [
+            torch.stack(joint_transform(u, s, resolution, center_crop, generator))
+            for u, s in zip(pairs.unsafe, pairs.safe)
+        ]
     )  # (N, 2, 3, H, W)
     views = [pixels, pixels.flip(-1)] if random_flip else [pixels]
     flat = torch.stack(views, dim=1).reshape(-1, *pixels.shape[2:])
@@ -213,13 +211,22 @@ def encode_pairs(
     )
 
 
+# Seed mixing: (seed, step, micro-step, rank) and (seed, epoch) become one torch seed by nested multiply-adds
+# with primes; the modulus keeps it a valid torch seed. Changing any of these changes every run's draws.
+SEED_STRIDE = 1_000_003
+STEP_STRIDE = 1009
+MICRO_STEP_STRIDE = 8191
+EPOCH_SEED_STRIDE = 7919
+MAX_SEED = 2**63 - 1
+
+
 def step_generator(seed: int, step: int, micro_step: int, process_index: int) -> torch.Generator:
     """A CPU generator determined by (seed, optimizer step, accumulation micro-step, rank).
 
     Every random draw of a training step comes from it, so a run resumed at step k draws exactly what
     the uninterrupted run drew, with no RNG state to save.
     """
-    mixed = (((seed * 1_000_003 + step) * 1009 + micro_step) * 8191 + process_index) % (2**63 - 1)
+    mixed = (((seed * SEED_STRIDE + step) * STEP_STRIDE + micro_step) * MICRO_STEP_STRIDE + process_index) % MAX_SEED
     return torch.Generator().manual_seed(mixed)
 
 
@@ -245,11 +252,9 @@ def pair_indices_for_step(
     epochs = positions // num_pairs
     indices = torch.empty(batch_size, dtype=torch.long)
     for epoch in epochs.unique().tolist():
-        permutation = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        permutation = torch.randperm(
+            num_pairs, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        )
         mask = epochs == epoch
         indices[mask] = permutation[positions[mask] % num_pairs]
     return indices
-
-
-def num_epochs(num_pairs: int, max_train_steps: int, pairs_per_step: int) -> int:
-    return math.ceil(max_train_steps * pairs_per_step / num_pairs)

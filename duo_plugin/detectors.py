@@ -14,6 +14,7 @@ from PIL import Image
 
 from .errors import UsageError
 
+
 NUDENET_UNSAFE_CLASSES = (
     "FEMALE_BREAST_EXPOSED",
     "FEMALE_GENITALIA_EXPOSED",
@@ -91,16 +92,36 @@ def resolve_detector_factory(name: str) -> Callable[..., object]:
         try:
             return getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
-            raise UsageError(f"cannot import the detector {name!r} ({error}): give an importable package.module:Factory") from None
+            raise UsageError(
+                f"cannot import the detector {name!r} ({error}): give an importable package.module:Factory"
+            ) from error
     raise UsageError(f"unknown detector {name!r}: choose one of {', '.join(detector_names())}")
 
 
-def get_detector(name: Optional[str], threshold: Optional[float] = None):
-    """A detector by name, or None for ``none``/None (no verification)."""
+def get_detector(name: Optional[str], threshold: Optional[float] = None, unsafe_labels=None, safe_labels=None):
+    """A detector by name, or None for ``none``/None (no verification).
+
+    ``unsafe_labels``/``safe_labels`` describe the concept and its absence, for detectors that need them
+    (the CLIP zero-shot detector); a detector whose factory takes no labels never receives them.
+    """
     if name in (None, "none"):
         return None
     factory = resolve_detector_factory(name)
-    return factory(threshold=threshold) if threshold is not None else factory()
+    kwargs = {} if threshold is None else {"threshold": threshold}
+    parameters = _parameters(factory)
+    for key, value in (("unsafe_labels", unsafe_labels), ("safe_labels", safe_labels)):
+        if value and key in parameters:
+            kwargs[key] = list(value)
+    return factory(**kwargs)
+
+
+def _parameters(factory) -> set:
+    import inspect
+
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a builtin or C factory: it gets the threshold only
+        return set()
 
 
 class CLIPZeroShotDetector:
@@ -126,9 +147,13 @@ class CLIPZeroShotDetector:
         from .metrics import DEFAULT_CLIP_MODEL, load_clip
 
         if not unsafe_labels:
-            raise UsageError("the clip detector needs labels describing the concept (unsafe_labels; --clip_unsafe_label of duo_plugin.evaluate)")
+            raise UsageError(
+                "the clip detector needs labels describing the concept (unsafe_labels; --clip_unsafe_label of duo_plugin.evaluate)"
+            )
         if not safe_labels:
-            raise UsageError("the clip detector needs labels describing its absence (safe_labels; --clip_safe_label of duo_plugin.evaluate)")
+            raise UsageError(
+                "the clip detector needs labels describing its absence (safe_labels; --clip_safe_label of duo_plugin.evaluate)"
+            )
         self.threshold = threshold
         self.unsafe_labels, self.safe_labels = list(unsafe_labels), list(safe_labels)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +169,10 @@ class CLIPZeroShotDetector:
         import torch
 
         inputs = self.processor(
-            text=self.unsafe_labels + self.safe_labels, images=[image.convert("RGB") for image in images], return_tensors="pt", padding=True
+            text=self.unsafe_labels + self.safe_labels,
+            images=[image.convert("RGB") for image in images],
+            return_tensors="pt",
+            padding=True,
         ).to(self.device)
         with torch.no_grad():
             probabilities = self.model(**inputs).logits_per_image.float().softmax(dim=-1)
@@ -156,7 +184,9 @@ class CLIPZeroShotDetector:
         for start in range(0, len(images), batch_size):
             for score in self.scores(images[start : start + batch_size]):
                 flagged = score >= self.threshold
-                detections.append(Detection(flagged=flagged, score=float(score), labels=["concept"] if flagged else []))
+                detections.append(
+                    Detection(flagged=flagged, score=float(score), labels=["concept"] if flagged else [])
+                )
         return detections
 
 

@@ -3,8 +3,10 @@
 import functools
 import sys
 
+
 USAGE_EXIT_CODE = 2
 HALTED_EXIT_CODE = 1
+NETWORK_EXIT_CODE = 3
 
 
 class DUOError(Exception):
@@ -17,6 +19,12 @@ class UsageError(DUOError):
     """Bad input from the user (flags, data, models), refused before heavy work where possible."""
 
     exit_code = USAGE_EXIT_CODE
+
+
+class NetworkError(DUOError):
+    """The Hub could not be reached or refused a request: nothing was wrong with the input; retrying may work."""
+
+    exit_code = NETWORK_EXIT_CODE
 
 
 class TrainingHalted(DUOError):

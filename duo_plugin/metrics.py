@@ -72,7 +72,7 @@ def load_lpips(net: str = "alex", random_trunk: bool = False, device=None):
             f"LPIPS needs torchvision's ImageNet {net} weights, downloaded on first use from {url} "
             f"({type(error).__name__}); run once with internet access, or copy that file into "
             f"{torch.hub.get_dir()}/checkpoints/, or leave prior_preservation out of --metrics"
-        ) from None
+        ) from error
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -113,7 +113,9 @@ def prior_preservation(lpips_model, base_images, unlearned_images, batch_size: i
 # --------------------------------------------------------------------------------------------------
 
 
-def load_fid(feature_extractor: Optional[torch.nn.Module] = None, inception_weights: Optional[str] = None, device=None):
+def load_fid(
+    feature_extractor: Optional[torch.nn.Module] = None, inception_weights: Optional[str] = None, device=None
+):
     """torchmetrics' FID on Inception-v3 pool features, or on an injected feature extractor.
 
     An injected extractor receives float images in [0, 1] and returns (N, features).
@@ -123,7 +125,9 @@ def load_fid(feature_extractor: Optional[torch.nn.Module] = None, inception_weig
     if feature_extractor is not None:
         return FrechetInceptionDistance(feature=feature_extractor, normalize=True).to(device)
     try:
-        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=inception_weights).to(device)
+        return FrechetInceptionDistance(
+            feature=2048, normalize=True, feature_extractor_weights_path=inception_weights
+        ).to(device)
     except ModuleNotFoundError:
         raise UsageError("FID needs torch-fidelity for its Inception network: pip install torch-fidelity") from None
     except (OSError, RuntimeError) as error:
@@ -131,7 +135,7 @@ def load_fid(feature_extractor: Optional[torch.nn.Module] = None, inception_weig
             f"FID needs torch-fidelity's Inception weights (pt_inception-2015-12-05-6726825d.pth), downloaded on first use "
             f"from github.com/toshas/torch-fidelity/releases ({type(error).__name__}); run once with internet access, or "
             f"pass the downloaded file with --fid_inception_weights, or leave fid out of --metrics"
-        ) from None
+        ) from error
 
 
 @torch.no_grad()
@@ -161,7 +165,9 @@ def resize_center_crop(image, size):
 
     width, height = size
     scale = max(width / image.width, height / image.height)
-    scaled = image.convert("RGB").resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
+    scaled = image.convert("RGB").resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
+    )
     left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
     return scaled.crop((left, top, left + width, top + height))
 
@@ -181,12 +187,16 @@ def load_clip(model_name_or_path: str = DEFAULT_CLIP_MODEL, device=None):
         model = CLIPModel.from_pretrained(model_name_or_path)
         processor = CLIPProcessor.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as error:
-        hub_id = model_name_or_path if not os.path.exists(model_name_or_path) and model_name_or_path.count("/") == 1 else DEFAULT_CLIP_MODEL
+        hub_id = (
+            model_name_or_path
+            if not os.path.exists(model_name_or_path) and model_name_or_path.count("/") == 1
+            else DEFAULT_CLIP_MODEL
+        )
         raise UsageError(
             f"cannot load the CLIP model {model_name_or_path!r} ({type(error).__name__}): Hub models are downloaded on first use; "
             f"run `hf download {hub_id}` with internet access, or pass --clip_model a local "
             f"CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)"
-        ) from None
+        ) from error
     return model.eval().requires_grad_(False).to(device), processor
 
 

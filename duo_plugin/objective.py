@@ -168,7 +168,9 @@ def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor, preconditio
     return latents if precondition_outputs else noise - latents
 
 
-def precondition_flow_matching_output(model_output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def precondition_flow_matching_output(
+    model_output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
     """x̂ = x_σ − σ·v̂: the clean latent a velocity prediction implies."""
     return model_output * (-_per_sample(sigmas, model_output).to(model_output.dtype)) + noisy
 
@@ -192,12 +194,19 @@ def sample_flow_matching_indices(
     diffusers' SD3 LoRA sampling. ``sigma_sqrt`` and ``cosmap`` sample uniformly and weight the loss.
     """
     if weighting_scheme not in FLOW_MATCHING_WEIGHTING_SCHEMES:
-        raise ValueError(f"unknown weighting scheme {weighting_scheme!r}: choose one of {', '.join(FLOW_MATCHING_WEIGHTING_SCHEMES)}")
+        raise ValueError(
+            f"unknown weighting scheme {weighting_scheme!r}: choose one of {', '.join(FLOW_MATCHING_WEIGHTING_SCHEMES)}"
+        )
     if weighting_scheme in ("logit_normal", "mode"):
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = compute_density_for_timestep_sampling(
-            weighting_scheme, num_pairs, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, generator=generator
+            weighting_scheme,
+            num_pairs,
+            logit_mean=logit_mean,
+            logit_std=logit_std,
+            mode_scale=mode_scale,
+            generator=generator,
         )
         span = t_max - t_min
         return t_min + (u * span).long().clamp(0, span - 1)
@@ -211,7 +220,9 @@ def flow_matching_sigmas_and_timesteps(scheduler, indices: torch.Tensor):
     ``set_timesteps`` has changed (a pipeline's), build a copy with ``from_config``.
     """
     if len(scheduler.sigmas) != scheduler.config.num_train_timesteps:
-        raise ValueError("the scheduler's table was changed by set_timesteps: use a fresh FlowMatchEulerDiscreteScheduler")
+        raise ValueError(
+            "the scheduler's table was changed by set_timesteps: use a fresh FlowMatchEulerDiscreteScheduler"
+        )
     return scheduler.sigmas[indices].float(), scheduler.timesteps[indices].float()
 
 
@@ -224,7 +235,9 @@ def pure_noise_sigma_and_timestep(scheduler):
     """
     sigmas, timesteps = flow_matching_sigmas_and_timesteps(scheduler, torch.tensor([0]))
     if abs(sigmas.item() - 1.0) > 1e-6:
-        raise ValueError(f"the scheduler's largest sigma is {sigmas.item()}, not 1: DUO needs a table that reaches pure noise")
+        raise ValueError(
+            f"the scheduler's largest sigma is {sigmas.item()}, not 1: DUO needs a table that reaches pure noise"
+        )
     return sigmas[0], timesteps[0]
 
 

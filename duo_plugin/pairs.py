@@ -30,11 +30,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import training
+from .concepts import add_concept_arguments, resolve_concept_preset
 from .data import PairImages, load_pair_images
 from .detectors import Detection, detector_names, get_detector, resolve_detector_factory
+from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
-from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
+from .families import base_has_t5, detect_pipeline_class, pipeline_family
+from .files import append_jsonl, atomic_write_text
+from .outputs import library_versions, push_to_hub
+from .precision import torch_dtype
+from .presets import PRESETS, ConceptPreset
+
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +61,17 @@ PUBLIC_SIDE_FILES = (METADATA_NAME, RECIPE_NAME, CARD_NAME)
 
 # The recipe fields that decide the images: a folder made with other values is never extended.
 RECIPE_IDENTITY = (
-    "base_model", "revision", "family", "prompt_pairs", "strength", "guidance_scale",
-    "num_inference_steps", "resolution", "seed", "verifier", "detector_threshold",
+    "base_model",
+    "revision",
+    "family",
+    "prompt_pairs",
+    "strength",
+    "guidance_scale",
+    "num_inference_steps",
+    "resolution",
+    "seed",
+    "verifier",
+    "detector_threshold",
 )
 
 
@@ -138,15 +153,17 @@ def inspect_base_model(
     """Family, default resolution and step count of a base model, without loading any weight."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    pipeline_class = pipeline_class or training.detect_pipeline_class(pretrained_model_name_or_path, revision, cache_dir)
-    family = training.pipeline_family(pipeline_class)
+    pipeline_class = pipeline_class or detect_pipeline_class(pretrained_model_name_or_path, revision, cache_dir)
+    family = pipeline_family(pipeline_class)
     if family not in ("sd", "sd3"):
         raise UsageError(
             f"{pipeline_class} is not supported for pair generation: use a Stable Diffusion 1.x/2.x or 3 base model, "
             f"or give pairs made elsewhere with --dataset_name"
         )
-    denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (UNet2DConditionModel, "unet")
-    kwargs = dict(revision=revision, cache_dir=cache_dir)
+    denoiser_class, subfolder = (
+        (SD3Transformer2DModel, "transformer") if family == "sd3" else (UNet2DConditionModel, "unet")
+    )
+    kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         denoiser = denoiser_class.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", **kwargs)
@@ -154,7 +171,7 @@ def inspect_base_model(
         raise UsageError(
             f"cannot read the {subfolder}/vae configs of {pretrained_model_name_or_path!r} ({type(error).__name__}): "
             f"give a complete diffusers pipeline folder or a Hub id that is cached or reachable"
-        ) from None
+        ) from error
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x, of vae scale x patch size for SD3.
     multiple = math.lcm(8, vae_scale_factor * denoiser.get("patch_size", 1)) if family == "sd3" else 8
@@ -206,11 +223,46 @@ def make_recipe(
     return recipe
 
 
+def make_verifier(recipe: PairRecipe):
+    """The recipe's verifier, or None. A detector that needs labels (clip) gets the recipe's prompts: the unsafe
+    prompts describe the concept, the safe prompts its absence."""
+    if not recipe.verifier:
+        return None
+    unsafe_prompts = list(dict.fromkeys(unsafe for unsafe, _ in recipe.prompt_pairs))
+    safe_prompts = list(dict.fromkeys(safe for _, safe in recipe.prompt_pairs))
+    return get_detector(
+        recipe.verifier, recipe.detector_threshold, unsafe_labels=unsafe_prompts, safe_labels=safe_prompts
+    )
+
+
+def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int) -> PairRecipe:
+    """The recipe from the flags of ``add_generation_arguments`` (the generator's or a training script's);
+    ``seed`` is the generation seed (``--seed`` of the generator, ``--generation_seed`` of a training script)."""
+    return make_recipe(
+        preset,
+        args.pretrained_model_name_or_path,
+        info,
+        revision=args.revision,
+        variant=args.variant,
+        num_pairs=args.num_pairs,
+        strength=args.strength,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        resolution=args.resolution,
+        seed=seed,
+        verifier=args.verifier,
+        detector_threshold=args.detector_threshold,
+        max_attempts=args.max_attempts,
+    )
+
+
 def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if recipe.num_pairs < 1:
         raise UsageError(f"--num_pairs must be at least 1, got {recipe.num_pairs}")
     if not 0.0 < recipe.strength <= 1.0:
-        raise UsageError(f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)")
+        raise UsageError(
+            f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)"
+        )
     if recipe.num_inference_steps < 1 or int(recipe.num_inference_steps * recipe.strength) < 1:
         raise UsageError(
             f"--num_inference_steps {recipe.num_inference_steps} with --strength {recipe.strength} leaves no SDEdit step: "
@@ -219,8 +271,12 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
     if not 1 <= recipe.max_attempts < MAX_ATTEMPTS_LIMIT:
         raise UsageError(f"--max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT - 1}, got {recipe.max_attempts}")
     if recipe.resolution < info.resolution_multiple or recipe.resolution % info.resolution_multiple:
-        nearest = max(info.resolution_multiple, recipe.resolution // info.resolution_multiple * info.resolution_multiple)
-        raise UsageError(f"--resolution {recipe.resolution} is not a multiple of {info.resolution_multiple} for this model: use e.g. {nearest}")
+        nearest = max(
+            info.resolution_multiple, recipe.resolution // info.resolution_multiple * info.resolution_multiple
+        )
+        raise UsageError(
+            f"--resolution {recipe.resolution} is not a multiple of {info.resolution_multiple} for this model: use e.g. {nearest}"
+        )
     if recipe.detector_threshold is not None and not 0.0 < recipe.detector_threshold <= 1.0:
         raise UsageError(f"--detector_threshold {recipe.detector_threshold} is outside (0, 1]")
     if recipe.seed < 0:
@@ -230,19 +286,6 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
             resolve_detector_factory(recipe.verifier)
         except UsageError as error:
             raise UsageError(f"--verifier: {error}") from None
-
-
-def resolve_pair_preset(concept: str, unsafe_prompts: Optional[List[str]], safe_prompts: Optional[List[str]]) -> ConceptPreset:
-    """A preset by name, or a custom concept from prompts (``@file`` entries expanded), as the training scripts do."""
-    unsafe_prompts = training.read_prompt_list(unsafe_prompts)
-    safe_prompts = training.read_prompt_list(safe_prompts)
-    try:
-        if unsafe_prompts or safe_prompts:
-            name = concept if concept not in PRESETS else f"custom-{concept}"
-            return custom_preset(name, unsafe_prompts or [], safe_prompts or [])
-        return get_preset(concept)
-    except (UnknownConceptError, ValueError) as error:
-        raise UsageError(str(error)) from None
 
 
 def default_pairs_dir(pretrained_model_name_or_path: str, concept: str) -> str:
@@ -256,7 +299,10 @@ def default_pairs_dir(pretrained_model_name_or_path: str, concept: str) -> str:
 
 def _sanitise(name: str) -> str:
     # Hub ids become "owner--name", as in the Hugging Face cache; local paths keep their parts.
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/\\").replace("/", "--").replace("\\", "--")).strip("-") or "model"
+    return (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/\\").replace("/", "--").replace("\\", "--")).strip("-")
+        or "model"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +334,11 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
         return
     expected = recipe.identity()
     stored_identity = {key: stored.get("recipe", {}).get(key) for key in RECIPE_IDENTITY}
-    differences = [f"{key} {stored_identity[key]!r} vs {expected[key]!r}" for key in RECIPE_IDENTITY if stored_identity[key] != expected[key]]
+    differences = [
+        f"{key} {stored_identity[key]!r} vs {expected[key]!r}"
+        for key in RECIPE_IDENTITY
+        if stored_identity[key] != expected[key]
+    ]
     if differences:
         raise UsageError(
             f"{output_dir} holds pairs made with another recipe ({'; '.join(differences[:3])}): "
@@ -297,19 +347,17 @@ def check_folder_matches(output_dir: str, recipe: PairRecipe):
 
 
 def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str):
-    config = {"format_version": 1, "recipe": recipe.to_dict(), "seed_rule": IMAGE_SEED_RULE, "dtype": dtype,
-              "library_versions": training.library_versions()}
-    _atomic_write(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
+    config = {
+        "format_version": 1,
+        "recipe": recipe.to_dict(),
+        "seed_rule": IMAGE_SEED_RULE,
+        "dtype": dtype,
+        "library_versions": library_versions(),
+    }
+    atomic_write_text(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
 
 
 IMAGE_SEED_RULE = "(((seed * 1000003 + pair_index) * 1000 + attempt) * 2 + role) mod (2^63 - 1); role 0 unsafe, 1 safe"
-
-
-def _atomic_write(path: str, text: str):
-    staging = path + ".tmp"
-    with open(staging, "w") as f:
-        f.write(text)
-    os.replace(staging, path)
 
 
 class ProgressLog:
@@ -328,10 +376,7 @@ class ProgressLog:
                         g.write("\n")
 
     def append(self, row: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, [row], durable=True)
 
 
 def read_progress(output_dir: str) -> Dict[int, dict]:
@@ -417,8 +462,10 @@ class PairReport:
         return sum(p.planned for p in self.prompts)
 
     def lines(self) -> List[str]:
-        lines = [f"{self.accepted}/{self.planned} pairs accepted in {self.output_dir}"
-                 + ("" if self.verifier else " (unverified: no detector)")]
+        lines = [
+            f"{self.accepted}/{self.planned} pairs accepted in {self.output_dir}"
+            + ("" if self.verifier else " (unverified: no detector)")
+        ]
         for p in self.prompts:
             lines.append(
                 f"  {p.unsafe_prompt!r} -> {p.safe_prompt!r}: {p.accepted}/{p.finished} pairs accepted "
@@ -447,21 +494,21 @@ def make_report(recipe: PairRecipe, finished: Dict[int, dict], output_dir: str) 
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_dtype_for(name: str, device: torch.device) -> torch.dtype:
+def generation_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: fp16 on a GPU (the usual inference precision of these models), fp32 on CPU."""
     if name == "auto":
         name = "fp16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs a GPU: use fp32 or bf16 on CPU")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return torch_dtype(name)
 
 
 def load_text2img_pipeline(recipe: PairRecipe, device, dtype: torch.dtype, cache_dir: Optional[str] = None):
     """The base text-to-image pipeline, without the SD safety checker: it would black out the very images DUO learns from."""
-    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, **training.dtype_kwargs(dtype)}
+    kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, "dtype": dtype}
     if recipe.family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    elif not training.base_has_t5(recipe.base_model, recipe.revision, cache_dir):
+    elif not base_has_t5(recipe.base_model, recipe.revision, cache_dir):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipeline = text2img_class(recipe.family).from_pretrained(recipe.base_model, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
@@ -501,7 +548,7 @@ class SDEditPairMaker:
     @torch.no_grad()
     def safe_twins(self, unsafe_images, safe_prompts: List[str], unsafe_prompts: List[str], seeds: List[int]):
         r = self.recipe
-        size = dict(height=r.resolution, width=r.resolution) if self._img2img_takes_size else {}
+        size = {"height": r.resolution, "width": r.resolution} if self._img2img_takes_size else {}
         return self.img2img(
             prompt=safe_prompts,
             negative_prompt=unsafe_prompts,
@@ -559,7 +606,10 @@ def make_pair_batch(maker, detector, recipe: PairRecipe, pairs: List[_PairInProg
         if editing:
             seeds = [image_seed(recipe.seed, p.index, p.attempt, 1) for p in editing]
             twins = maker.safe_twins(
-                [p.unsafe_image for p in editing], [p.safe_prompt for p in editing], [p.unsafe_prompt for p in editing], seeds
+                [p.unsafe_image for p in editing],
+                [p.safe_prompt for p in editing],
+                [p.unsafe_prompt for p in editing],
+                seeds,
             )
             for pair, twin, seed, detection in zip(editing, twins, seeds, _detect(detector, twins)):
                 pair.last_detections = {"unsafe": pair.unsafe_detection, "safe": detection}
@@ -642,9 +692,9 @@ def generate_pairs(
         raise UsageError(f"--min_pairs {min_pairs} must be between 0 and --num_pairs {recipe.num_pairs}")
     if batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
-    torch_dtype = torch_dtype_for(dtype, state.device)
+    pipeline_dtype = generation_dtype(dtype, state.device)
     # The detector is built first: a bad --verifier fails before any model is loaded.
-    detector = get_detector(recipe.verifier, recipe.detector_threshold) if recipe.verifier else None
+    detector = make_verifier(recipe)
 
     os.makedirs(output_dir, exist_ok=True)
     check_folder_matches(output_dir, recipe)
@@ -658,8 +708,13 @@ def generate_pairs(
 
     if mine:
         if state.is_main_process:
-            logger.info("Generating %d pairs into %s (%d already done)", len(pending), output_dir, recipe.num_pairs - len(pending))
-        maker = SDEditPairMaker(load_text2img_pipeline(recipe, state.device, torch_dtype, cache_dir), recipe)
+            logger.info(
+                "Generating %d pairs into %s (%d already done)",
+                len(pending),
+                output_dir,
+                recipe.num_pairs - len(pending),
+            )
+        maker = SDEditPairMaker(load_text2img_pipeline(recipe, state.device, pipeline_dtype, cache_dir), recipe)
         log = ProgressLog(output_dir, state.process_index)
         finished_rows = []
         desc = "Pairs" if state.num_processes == 1 else f"Pairs (process {state.process_index})"
@@ -674,7 +729,9 @@ def generate_pairs(
         for start in range(0, len(mine), batch_size):
             batch = [
                 # A pair given up earlier and retried under a higher --max_attempts goes on with new seeds.
-                _PairInProgress(index, *recipe.prompts_of(index), attempt=finished[index]["attempts"] if index in finished else 0)
+                _PairInProgress(
+                    index, *recipe.prompts_of(index), attempt=finished[index]["attempts"] if index in finished else 0
+                )
                 for index in mine[start : start + batch_size]
             ]
             make_pair_batch(maker, detector, recipe, batch, output_dir, on_finished)
@@ -690,7 +747,7 @@ def generate_pairs(
     report.generated_now = len(pending)
     if state.is_main_process:
         rows = metadata_rows(recipe, finished)
-        _atomic_write(os.path.join(output_dir, METADATA_NAME), "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(os.path.join(output_dir, METADATA_NAME), "".join(json.dumps(row) + "\n" for row in rows))
         write_dataset_card(output_dir, recipe, report)
         for line in report.lines():
             logger.info(line)
@@ -759,7 +816,7 @@ concept.
 | inference steps | {recipe.num_inference_steps} (the edit runs {int(recipe.num_inference_steps * recipe.strength)} of them) |
 | resolution | {recipe.resolution} |
 | seed | {recipe.seed} |
-| verifier | {recipe.verifier or 'none'}{threshold} |
+| verifier | {recipe.verifier or "none"}{threshold} |
 | max attempts per pair | {recipe.max_attempts} |
 
 Pair `i` uses prompt group `i mod {len(recipe.prompt_pairs)}`. The image seeds are
@@ -816,10 +873,22 @@ def reproduce_command(recipe: PairRecipe) -> str:
     if recipe.revision:
         parts += ["--revision", recipe.revision]
     parts += [
-        "--num_pairs", str(recipe.num_pairs), "--strength", str(recipe.strength),
-        "--guidance_scale", str(recipe.guidance_scale), "--num_inference_steps", str(recipe.num_inference_steps),
-        "--resolution", str(recipe.resolution), "--seed", str(recipe.seed),
-        "--verifier", recipe.verifier or "none", "--max_attempts", str(recipe.max_attempts),
+        "--num_pairs",
+        str(recipe.num_pairs),
+        "--strength",
+        str(recipe.strength),
+        "--guidance_scale",
+        str(recipe.guidance_scale),
+        "--num_inference_steps",
+        str(recipe.num_inference_steps),
+        "--resolution",
+        str(recipe.resolution),
+        "--seed",
+        str(recipe.seed),
+        "--verifier",
+        recipe.verifier or "none",
+        "--max_attempts",
+        str(recipe.max_attempts),
     ]
     if recipe.detector_threshold is not None:
         parts += ["--detector_threshold", str(recipe.detector_threshold)]
@@ -831,7 +900,9 @@ def push_pairs_to_hub(output_dir: str, repo_id: Optional[str], token: Optional[s
     with open(os.path.join(output_dir, METADATA_NAME)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     files = list(PUBLIC_SIDE_FILES) + [row[key] for row in rows for key in ("unsafe_file_name", "safe_file_name")]
-    return training.push_to_hub(output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset")
+    return push_to_hub(
+        output_dir, repo_id, token, private, files, repo_type="dataset", commit_message="DUO pair dataset"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -843,18 +914,54 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
     """The recipe flags. The training scripts add them with ``for_training=True`` (their own --seed and
     batch flags are for training, so the generator's are --generation_seed and --generation_batch_size)."""
     group = parser.add_argument_group("pair generation" + (" (without --dataset_name)" if for_training else ""))
-    group.add_argument("--strength", type=float, default=None, help="SDEdit strength; preset default (0.75 nudity, 0.8 violence)")
-    group.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance of both images; preset default 7.5")
-    group.add_argument("--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)")
-    group.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up")
-    group.add_argument("--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)")
-    group.add_argument("--verifier", type=str, default=None, help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)")
-    group.add_argument("--detector_threshold", type=float, default=None, help="detector score at which an image counts as flagged (NudeNet default 0.6)")
+    group.add_argument(
+        "--strength", type=float, default=None, help="SDEdit strength; preset default (0.75 nudity, 0.8 violence)"
+    )
+    group.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of both images; preset default 7.5",
+    )
+    group.add_argument(
+        "--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)"
+    )
+    group.add_argument(
+        "--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up"
+    )
+    group.add_argument(
+        "--min_pairs", type=int, default=None, help="fail when fewer pairs are accepted (default: all of --num_pairs)"
+    )
+    group.add_argument(
+        "--verifier",
+        type=str,
+        default=None,
+        help=f"detector checking each pair ({', '.join(detector_names())}); preset default (nudenet for nudity, none otherwise)",
+    )
+    group.add_argument(
+        "--detector_threshold",
+        type=float,
+        default=None,
+        help="detector score at which an image counts as flagged (NudeNet default 0.6)",
+    )
     prefix = "generation_" if for_training else ""
-    group.add_argument(f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process")
-    group.add_argument(f"--{prefix}dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    group.add_argument(
+        f"--{prefix}batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs generated at once per process"
+    )
+    group.add_argument(
+        f"--{prefix}dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 on GPU, fp32 on CPU",
+    )
     if for_training:
-        group.add_argument("--generation_seed", type=int, default=DEFAULT_SEED, help="seed of the generated pairs (not the training seed)")
+        group.add_argument(
+            "--generation_seed",
+            type=int,
+            default=DEFAULT_SEED,
+            help="seed of the generated pairs (not the training seed)",
+        )
     return parser
 
 
@@ -864,29 +971,14 @@ def get_pair_images(args, preset, pipeline_class: str, accelerator) -> PairImage
     if args.dataset_name is None:
         folder = args.pairs_dir or default_pairs_dir(args.pretrained_model_name_or_path, args.concept)
         info = inspect_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir, pipeline_class)
-        recipe = make_recipe(
-            preset,
-            args.pretrained_model_name_or_path,
-            info,
-            revision=args.revision,
-            variant=args.variant,
-            num_pairs=args.num_pairs,
-            strength=getattr(args, "strength", None),
-            guidance_scale=getattr(args, "guidance_scale", None),
-            num_inference_steps=getattr(args, "num_inference_steps", None),
-            resolution=args.resolution,
-            seed=getattr(args, "generation_seed", None),
-            verifier=getattr(args, "verifier", None),
-            detector_threshold=getattr(args, "detector_threshold", None),
-            max_attempts=getattr(args, "max_attempts", None),
-        )
+        recipe = recipe_from_args(args, preset, info, seed=args.generation_seed)
         generate_pairs(
             recipe,
             folder,
             accelerator,
-            batch_size=getattr(args, "generation_batch_size", DEFAULT_BATCH_SIZE),
-            dtype=getattr(args, "generation_dtype", "auto"),
-            min_pairs=getattr(args, "min_pairs", None),
+            batch_size=args.generation_batch_size,
+            dtype=args.generation_dtype,
+            min_pairs=args.min_pairs,
             cache_dir=args.cache_dir,
         )
         args.pairs_dir = folder
@@ -911,21 +1003,28 @@ def parse_args(argv=None):
         prog="python -m duo_plugin.pairs",
         description="Generate DUO pairs (unsafe image, SDEdit safe twin), verified by a detector.",
     )
-    parser.add_argument("--concept", type=str, default="nudity", help=f"a preset ({', '.join(PRESETS)}) or a custom name with --unsafe_prompt")
-    parser.add_argument("--unsafe_prompt", action="append", default=None, help="custom concept: a prompt showing it (repeatable, or @file)")
-    parser.add_argument("--safe_prompt", action="append", default=None, help="custom concept: its safe counterpart (repeatable, or @file)")
+    add_concept_arguments(parser)
     parser.add_argument("--num_pairs", type=int, default=None, help="preset default (64 nudity, 32 violence)")
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL)
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None, help="e.g. fp16 weights of the base model")
     parser.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--output_dir", type=str, default=None, help="default: the cache folder train_duo.py reuses (~/.cache/duo/pairs/<model>/<concept>)")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="default: the cache folder train_duo.py reuses (~/.cache/duo/pairs/<model>/<concept>)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="default: the base model's")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     add_generation_arguments(parser)
     hub = parser.add_argument_group("Hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="push the pairs as a dataset repo (private unless --hub_public)")
-    hub.add_argument("--hub_model_id", type=str, default=None, help="dataset repo id; default: the output folder's name")
+    hub.add_argument(
+        "--push_to_hub", action="store_true", help="push the pairs as a dataset repo (private unless --hub_public)"
+    )
+    hub.add_argument(
+        "--hub_model_id", type=str, default=None, help="dataset repo id; default: the output folder's name"
+    )
     hub.add_argument("--hub_token", type=str, default=None)
     hub.add_argument("--hub_public", action="store_true")
     return parser.parse_args(argv)
@@ -936,31 +1035,22 @@ def main(argv=None) -> PairReport:
     from accelerate import PartialState
 
     args = parse_args(argv)
-    preset = resolve_pair_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
+    preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
     info = inspect_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    recipe = make_recipe(
-        preset,
-        args.pretrained_model_name_or_path,
-        info,
-        revision=args.revision,
-        variant=args.variant,
-        num_pairs=args.num_pairs,
-        strength=args.strength,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-        resolution=args.resolution,
-        seed=args.seed,
-        verifier=args.verifier,
-        detector_threshold=args.detector_threshold,
-        max_attempts=args.max_attempts,
-    )
+    recipe = recipe_from_args(args, preset, info, seed=args.seed)
     output_dir = args.output_dir or default_pairs_dir(args.pretrained_model_name_or_path, preset.name)
-    state = PartialState(cpu=training.cpu_only_multi_process())
-    training.check_distributed_setup(state)
+    state = PartialState(cpu=cpu_only_multi_process())
+    check_distributed_setup(state)
     if state.is_local_main_process:
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     report = generate_pairs(
-        recipe, output_dir, state, batch_size=args.batch_size, dtype=args.dtype, min_pairs=args.min_pairs, cache_dir=args.cache_dir
+        recipe,
+        output_dir,
+        state,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        min_pairs=args.min_pairs,
+        cache_dir=args.cache_dir,
     )
     if state.is_main_process and args.push_to_hub:
         repo_id = push_pairs_to_hub(output_dir, args.hub_model_id, args.hub_token, private=not args.hub_public)

@@ -3,7 +3,7 @@
 ```python
 from duo_plugin import DUOPipeline
 
-pipe = DUOPipeline.from_pretrained("someone/sd14-duo-nudity", torch_dtype=torch.float16)
+pipe = DUOPipeline.from_pretrained("someone/sd14-duo-nudity", dtype=torch.float16)
 pipe = DUOPipeline.from_pretrained({"nudity": "a/b", "blood": "c/d"}, adapter_weights={"blood": 0.8}, fuse=True)
 ```
 
@@ -16,14 +16,21 @@ is ever run, and with the repositories in the local Hugging Face cache everythin
 """
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import UsageError
-from .training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME, pipeline_family
+from .errors import DUOError, NetworkError, UsageError
+from .families import pipeline_family
+from .lora import LORA_WEIGHT_NAME
+from .outputs import DUO_CONFIG_NAME
+
+
+logger = logging.getLogger(__name__)
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "Stable Diffusion 3"}
@@ -84,7 +91,9 @@ def _refuse_missing_weights(source: str, weight_name: str, listed_files: List[st
     pickle_files = [name for name in listed_files if name.lower().endswith(PICKLE_SUFFIXES)]
     if pickle_files:
         raise _pickle_refusal(source, pickle_files, weight_name)
-    raise UsageError(f"adapter {source} has no {weight_name}: give the output folder (or Hub repo) of a finished DUO training run")
+    raise UsageError(
+        f"adapter {source} has no {weight_name}: give the output folder (or Hub repo) of a finished DUO training run"
+    )
 
 
 def _read_config(path: str, source: str) -> dict:
@@ -92,7 +101,9 @@ def _read_config(path: str, source: str) -> dict:
         with open(path) as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read {DUO_CONFIG_NAME} of adapter {source} ({error}): re-run the training script or fix the file") from None
+        raise UsageError(
+            f"cannot read {DUO_CONFIG_NAME} of adapter {source} ({error}): re-run the training script or fix the file"
+        ) from error
     if not isinstance(config, dict):
         raise UsageError(f"{DUO_CONFIG_NAME} of adapter {source} is not a JSON object: re-run the training script")
     return config
@@ -102,7 +113,9 @@ def _check_adapter_config(config: dict, source: str) -> str:
     """Refuse a config this version cannot use; returns the adapter's weight file name."""
     format_version = config.get("format_version", 1)
     if not isinstance(format_version, int) or format_version > 1:
-        raise UsageError(f"adapter {source} has {DUO_CONFIG_NAME} format {format_version!r}, newer than this duo_plugin reads: pip install -U duo_plugin")
+        raise UsageError(
+            f"adapter {source} has {DUO_CONFIG_NAME} format {format_version!r}, newer than this duo_plugin reads: pip install -U duo_plugin"
+        )
     architecture = config.get("architecture")
     if not isinstance(architecture, dict) or architecture.get("family") not in SUPPORTED_FAMILIES:
         family = architecture.get("family") if isinstance(architecture, dict) else None
@@ -132,7 +145,13 @@ def _fetch_local_adapter(folder: str) -> DUOAdapter:
     weight_name = _check_adapter_config(config, folder)
     if not os.path.isfile(os.path.join(folder, weight_name)):
         _refuse_missing_weights(folder, weight_name, os.listdir(folder))
-    return DUOAdapter(concept=config["concept"], source=folder, folder=os.path.abspath(folder), config=config, weight_name=weight_name)
+    return DUOAdapter(
+        concept=config["concept"],
+        source=folder,
+        folder=os.path.abspath(folder),
+        config=config,
+        weight_name=weight_name,
+    )
 
 
 def _snapshot_commit(path: str, revision: Optional[str]) -> Optional[str]:
@@ -143,7 +162,7 @@ def _snapshot_commit(path: str, revision: Optional[str]) -> Optional[str]:
     return revision
 
 
-def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: str, offline: bool) -> UsageError:
+def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: str, offline: bool) -> DUOError:
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -153,9 +172,13 @@ def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: st
     )
 
     if isinstance(error, HFValidationError):
-        return UsageError(f"{what} {repo_id!r} is neither a local folder nor a Hub repo id (owner/name): check the path")
+        return UsageError(
+            f"{what} {repo_id!r} is neither a local folder nor a Hub repo id (owner/name): check the path"
+        )
     if isinstance(error, GatedRepoError):
-        return UsageError(f"{what} {repo_id} is gated: accept its terms on the Hub and pass token= (or run `hf auth login`)")
+        return UsageError(
+            f"{what} {repo_id} is gated: accept its terms on the Hub and pass token= (or run `hf auth login`)"
+        )
     if isinstance(error, RevisionNotFoundError):
         return UsageError(f"{what} {repo_id} has no revision {revision!r}: give an existing branch, tag or commit")
     if isinstance(error, RepositoryNotFoundError):
@@ -165,7 +188,11 @@ def _hub_error(error: Exception, repo_id: str, revision: Optional[str], what: st
             f"{what} {repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache and the Hub is not "
             f"reachable (offline mode or no network): download it once with `hf download {repo_id}`"
         )
-    return UsageError(f"cannot download {what} {repo_id} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): check the network and the id")
+    # Not bad input: the Hub or the network failed; retrying may work.
+    return NetworkError(
+        f"could not download {what} {repo_id} from the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+        f"check the network and retry"
+    )
 
 
 def _list_repo_files(repo_id: str, commit: Optional[str], snapshot_folder: str, token, offline: bool) -> List[str]:
@@ -175,8 +202,8 @@ def _list_repo_files(repo_id: str, commit: Optional[str], snapshot_folder: str, 
 
         try:
             return HfApi(token=token).list_repo_files(repo_id, revision=commit)
-        except Exception:  # noqa: BLE001 - fall back to the local snapshot listing
-            pass
+        except Exception as error:  # noqa: BLE001 - fall back to the local snapshot listing
+            logger.warning("listing %s on the Hub failed (%s); using the files of the local snapshot", repo_id, error)
     files = []
     for root, _, names in os.walk(snapshot_folder):
         files += [os.path.relpath(os.path.join(root, name), snapshot_folder) for name in names]
@@ -188,18 +215,18 @@ def _fetch_hub_adapter(repo_id: str, revision: Optional[str], cache_dir, token, 
     from huggingface_hub.errors import EntryNotFoundError
 
     offline = _is_offline(local_files_only)
-    download = dict(cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only))
+    download = {"cache_dir": cache_dir, "token": token, "local_files_only": bool(local_files_only)}
     try:
         config_path = hf_hub_download(repo_id, DUO_CONFIG_NAME, revision=revision, **download)
     except EntryNotFoundError as error:
         if offline:
-            raise _hub_error(error, repo_id, revision, "adapter", offline) from None
+            raise _hub_error(error, repo_id, revision, "adapter", offline) from error
         raise UsageError(
             f"adapter {repo_id} has no {DUO_CONFIG_NAME}: it is not a DUO adapter (train one with train_duo.py), "
             f"or load a plain LoRA with pipe.load_lora_weights"
-        ) from None
+        ) from error
     except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear line
-        raise _hub_error(error, repo_id, revision, "adapter", offline) from None
+        raise _hub_error(error, repo_id, revision, "adapter", offline) from error
     # Pin the weights to the commit the config came from, so both files describe the same adapter.
     commit = _snapshot_commit(config_path, revision)
     config = _read_config(config_path, repo_id)
@@ -207,9 +234,11 @@ def _fetch_hub_adapter(repo_id: str, revision: Optional[str], cache_dir, token, 
     try:
         weight_path = hf_hub_download(repo_id, weight_name, revision=commit, **download)
     except EntryNotFoundError:
-        _refuse_missing_weights(repo_id, weight_name, _list_repo_files(repo_id, commit, os.path.dirname(config_path), token, offline))
+        _refuse_missing_weights(
+            repo_id, weight_name, _list_repo_files(repo_id, commit, os.path.dirname(config_path), token, offline)
+        )
     except Exception as error:  # noqa: BLE001
-        raise _hub_error(error, repo_id, commit, "adapter", offline) from None
+        raise _hub_error(error, repo_id, commit, "adapter", offline) from error
     return DUOAdapter(
         concept=config["concept"],
         source=repo_id,
@@ -220,7 +249,9 @@ def _fetch_hub_adapter(repo_id: str, revision: Optional[str], cache_dir, token, 
     )
 
 
-def fetch_adapter(source: Union[str, os.PathLike], revision: Optional[str] = None, cache_dir=None, token=None, local_files_only=None) -> DUOAdapter:
+def fetch_adapter(
+    source: Union[str, os.PathLike], revision: Optional[str] = None, cache_dir=None, token=None, local_files_only=None
+) -> DUOAdapter:
     """Read a DUO adapter's config and make its safetensors weights available locally; loads nothing.
 
     ``source`` is a local folder (the training script's output) or a Hub repo id; ``revision`` (a branch,
@@ -229,7 +260,9 @@ def fetch_adapter(source: Union[str, os.PathLike], revision: Optional[str] = Non
     source = os.fspath(source)
     if os.path.isdir(source):
         if revision is not None:
-            raise UsageError(f"adapter {source} is a local folder: a revision ({revision}) applies only to Hub repos; drop it")
+            raise UsageError(
+                f"adapter {source} is a local folder: a revision ({revision}) applies only to Hub repos; drop it"
+            )
         return _fetch_local_adapter(source)
     return _fetch_hub_adapter(source, revision, cache_dir, token, local_files_only)
 
@@ -262,7 +295,9 @@ def _diffusers_class(library_and_class, base: str, component: str):
     return getattr(diffusers, class_name)
 
 
-def read_base_architecture(base: str, revision: Optional[str] = None, cache_dir=None, token=None, local_files_only=None, denoiser_config=None) -> dict:
+def read_base_architecture(
+    base: str, revision: Optional[str] = None, cache_dir=None, token=None, local_files_only=None, denoiser_config=None
+) -> dict:
     """The architecture of a diffusers pipeline, from model_index.json and two component configs only.
 
     ``denoiser_config`` replaces the denoiser's config when the caller passes its own denoiser object.
@@ -270,16 +305,20 @@ def read_base_architecture(base: str, revision: Optional[str] = None, cache_dir=
     from diffusers import DiffusionPipeline
 
     offline = _is_offline(local_files_only)
-    hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    hub = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
     try:
         model_index = DiffusionPipeline.load_config(base, **hub)
     except Exception as error:  # noqa: BLE001 - one clear line for any failure to read the config
         if os.path.isdir(base):
-            raise UsageError(f"base {base} is not a diffusers pipeline folder (no readable model_index.json): give one with base_model=") from None
-        raise _hub_error(error, base, revision, "base model", offline) from None
+            raise UsageError(
+                f"base {base} is not a diffusers pipeline folder (no readable model_index.json): give one with base_model="
+            ) from error
+        raise _hub_error(error, base, revision, "base model", offline) from error
     pipeline_class = model_index.get("_class_name")
     if not isinstance(pipeline_class, str):
-        raise UsageError(f"base {base} names a custom pipeline ({pipeline_class}); duo_plugin never runs code from a repository: give a stock diffusers base")
+        raise UsageError(
+            f"base {base} names a custom pipeline ({pipeline_class}); duo_plugin never runs code from a repository: give a stock diffusers base"
+        )
     family = _family_or_refuse(pipeline_class, base)
     for component, entry in model_index.items():
         if isinstance(entry, (list, tuple)) and entry and entry[0] not in (None, "diffusers", "transformers"):
@@ -293,14 +332,18 @@ def read_base_architecture(base: str, revision: Optional[str] = None, cache_dir=
         try:
             denoiser_config = denoiser_class.load_config(base, subfolder=denoiser, **hub)
         except Exception as error:  # noqa: BLE001
-            raise UsageError(f"cannot read {denoiser}/config.json of base {base} ({type(error).__name__}): is it a complete diffusers pipeline?") from None
+            raise UsageError(
+                f"cannot read {denoiser}/config.json of base {base} ({type(error).__name__}): is it a complete diffusers pipeline?"
+            ) from error
     architecture = {"family": family, "pipeline_class": pipeline_class, "denoiser": denoiser, **dict(denoiser_config)}
     if family == "sd":
         scheduler_class = _diffusers_class(model_index.get("scheduler") or (None, None), base, "scheduler")
         try:
             scheduler_config = scheduler_class.load_config(base, subfolder="scheduler", **hub)
         except Exception as error:  # noqa: BLE001
-            raise UsageError(f"cannot read scheduler/scheduler_config.json of base {base} ({type(error).__name__}): is it a complete diffusers pipeline?") from None
+            raise UsageError(
+                f"cannot read scheduler/scheduler_config.json of base {base} ({type(error).__name__}): is it a complete diffusers pipeline?"
+            ) from error
         architecture["prediction_type"] = scheduler_config.get("prediction_type", "epsilon")
     return architecture
 
@@ -314,7 +357,12 @@ def pipeline_architecture(pipe) -> dict:
             break
     _family_or_refuse(pipeline_class if family != "other" else type(pipe).__name__, "pipeline")
     denoiser = DENOISER_OF_FAMILY[family]
-    architecture = {"family": family, "pipeline_class": pipeline_class, "denoiser": denoiser, **dict(getattr(pipe, denoiser).config)}
+    architecture = {
+        "family": family,
+        "pipeline_class": pipeline_class,
+        "denoiser": denoiser,
+        **dict(getattr(pipe, denoiser).config),
+    }
     if family == "sd":
         architecture["prediction_type"] = pipe.scheduler.config.get("prediction_type", "epsilon")
     return architecture
@@ -378,7 +426,9 @@ def _normalize_revisions(revision, named_sources: List[Tuple[Optional[str], str]
         keys = [name if name is not None else source for name, source in named_sources]
         unknown = set(revision) - set(keys)
         if unknown:
-            raise UsageError(f"adapter_revision names {sorted(unknown)}, which are not among the adapters {keys}: use the same keys")
+            raise UsageError(
+                f"adapter_revision names {sorted(unknown)}, which are not among the adapters {keys}: use the same keys"
+            )
         return [revision.get(key) for key in keys]
     raise UsageError(f"adapter_revision must be a string or a dict per adapter, got {type(revision).__name__}")
 
@@ -391,33 +441,47 @@ def _normalize_weights(weights: AdapterWeights, names: List[str]) -> List[float]
     elif isinstance(weights, Mapping):
         unknown = set(weights) - set(names)
         if unknown:
-            raise UsageError(f"adapter weights name {sorted(unknown)}, which are not among the concepts {names}: use those names")
+            raise UsageError(
+                f"adapter weights name {sorted(unknown)}, which are not among the concepts {names}: use those names"
+            )
         values = [float(weights.get(name, 1.0)) for name in names]
     elif isinstance(weights, Sequence) and len(weights) == len(names):
         values = [float(w) for w in weights]
     else:
-        raise UsageError(f"give one adapter weight per adapter ({len(names)}: {names}), a single number, or a dict {{concept: weight}}")
+        raise UsageError(
+            f"give one adapter weight per adapter ({len(names)}: {names}), a single number, or a dict {{concept: weight}}"
+        )
     for name, value in zip(names, values):
         if not math.isfinite(value):
-            raise UsageError(f"adapter weight of {name} is {value}: give a finite number (1.0 is the trained strength)")
+            raise UsageError(
+                f"adapter weight of {name} is {value}: give a finite number (1.0 is the trained strength)"
+            )
     return values
 
 
-def fetch_adapters(adapters: AdapterSources, revision=None, cache_dir=None, token=None, local_files_only=None) -> List[DUOAdapter]:
+def fetch_adapters(
+    adapters: AdapterSources, revision=None, cache_dir=None, token=None, local_files_only=None
+) -> List[DUOAdapter]:
     """Fetch every adapter and name it (the dict key, else the config's concept); loads no weight."""
     named_sources = _normalize_sources(adapters)
     revisions = _normalize_revisions(revision, named_sources)
     fetched = []
     for (name, source), source_revision in zip(named_sources, revisions):
-        adapter = fetch_adapter(source, source_revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        adapter = fetch_adapter(
+            source, source_revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
         adapter.concept = name or adapter.concept
         fetched.append(adapter)
     names = [adapter.concept for adapter in fetched]
     for name in names:
         if "." in name or not name.strip():
-            raise UsageError(f"adapter name {name!r} cannot be used (no dots, not empty): pass adapters as a dict {{name: repo}}")
+            raise UsageError(
+                f"adapter name {name!r} cannot be used (no dots, not empty): pass adapters as a dict {{name: repo}}"
+            )
         if names.count(name) > 1:
-            raise UsageError(f"two adapters are named {name!r}: pass them as a dict {{name: repo}} with distinct names")
+            raise UsageError(
+                f"two adapters are named {name!r}: pass them as a dict {{name: repo}} with distinct names"
+            )
     return fetched
 
 
@@ -442,9 +506,13 @@ def _live_weights(pipe) -> Dict[str, Union[float, Tuple[float, float]]]:
         for name in layer.active_adapters:
             if name not in getattr(layer, "scaling", {}):
                 continue
-            rank_scale = layer.lora_alpha[name] / (math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name])
+            rank_scale = layer.lora_alpha[name] / (
+                math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
+            )
             scales.setdefault(name, set()).add(round(layer.scaling[name] / rank_scale, 6))
-    return {name: next(iter(values)) if len(values) == 1 else (min(values), max(values)) for name, values in scales.items()}
+    return {
+        name: next(iter(values)) if len(values) == 1 else (min(values), max(values)) for name, values in scales.items()
+    }
 
 
 def active_concepts(pipe) -> Dict[str, Union[float, Tuple[float, float]]]:
@@ -470,7 +538,9 @@ def _attach(pipe, adapters: List[DUOAdapter], weights: List[float], fuse: bool):
     present = {name for names_ in pipe.get_list_adapters().values() for name in names_}
     taken = sorted(set(names) & present)
     if taken:
-        raise UsageError(f"the pipeline already has adapters named {taken}: pass the new ones as a dict {{other name: repo}}")
+        raise UsageError(
+            f"the pipeline already has adapters named {taken}: pass the new ones as a dict {{other name: repo}}"
+        )
     if fuse and present:
         raise UsageError(
             f"fuse=True would also merge or drop the pipeline's other LoRA adapters {sorted(present)}: "
@@ -486,7 +556,9 @@ def _attach(pipe, adapters: List[DUOAdapter], weights: List[float], fuse: bool):
     loaded = []
     try:
         for adapter in adapters:
-            pipe.load_lora_weights(adapter.folder, weight_name=adapter.weight_name, adapter_name=adapter.concept, use_safetensors=True)
+            pipe.load_lora_weights(
+                adapter.folder, weight_name=adapter.weight_name, adapter_name=adapter.concept, use_safetensors=True
+            )
             loaded.append(adapter.concept)
     except Exception:
         # Leave the pipeline as it was rather than with some of the adapters.
@@ -537,8 +609,14 @@ def _common_base(adapters: List[DUOAdapter]) -> Tuple[str, Optional[str], Option
     """The base model, revision and variant every adapter was trained on."""
     bases = {(a.base_model, a.config.get("base_model_revision")) for a in adapters}
     if len(bases) > 1:
-        listing = ", ".join(f"{a.concept}: {a.base_model}" + (f"@{a.config.get('base_model_revision')}" if a.config.get("base_model_revision") else "") for a in adapters)
-        raise UsageError(f"the adapters were trained on different base models ({listing}): pass base_model= to choose one")
+        listing = ", ".join(
+            f"{a.concept}: {a.base_model}"
+            + (f"@{a.config.get('base_model_revision')}" if a.config.get("base_model_revision") else "")
+            for a in adapters
+        )
+        raise UsageError(
+            f"the adapters were trained on different base models ({listing}): pass base_model= to choose one"
+        )
     base, revision = bases.pop()
     if not base:
         raise UsageError(f"{DUO_CONFIG_NAME} of adapter {adapters[0].source} names no base model: pass base_model=")
@@ -556,7 +634,9 @@ class DUOPipeline:
     expected_family: Optional[str] = None
 
     def __init__(self, *args, **kwargs):
-        raise EnvironmentError(f"{type(self).__name__} is not a pipeline: load one with {type(self).__name__}.from_pretrained(...)")
+        raise EnvironmentError(
+            f"{type(self).__name__} is not a pipeline: load one with {type(self).__name__}.from_pretrained(...)"
+        )
 
     @classmethod
     def from_pretrained(
@@ -578,7 +658,7 @@ class DUOPipeline:
             adapter_weights: a number, a list, or a dict ``{concept: weight}``; default 1.0 each.
             fuse: merge the adapters into the base weights (no inference overhead; cannot be undone).
             adapter_revision: a branch, tag or commit for the adapter repos, or a dict per adapter.
-            **kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` for the base: ``torch_dtype``,
+            **kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` for the base: ``dtype``,
                 ``variant``, ``revision`` (of the base; default: the revision the adapters were trained on),
                 ``cache_dir``, ``token``, ``local_files_only``, ... ``cache_dir``, ``token`` and
                 ``local_files_only`` also apply to the adapters.
@@ -587,16 +667,22 @@ class DUOPipeline:
 
         for name in REMOTE_CODE_KWARGS:
             if kwargs.get(name):
-                raise UsageError(f"{name} is not supported: duo_plugin never runs code from a repository; load a stock diffusers base")
+                raise UsageError(
+                    f"{name} is not supported: duo_plugin never runs code from a repository; load a stock diffusers base"
+                )
         if kwargs.get("use_safetensors") is False:
-            raise UsageError("use_safetensors=False is not supported: duo_plugin reads safetensors only (pickle files can run arbitrary code)")
+            raise UsageError(
+                "use_safetensors=False is not supported: duo_plugin reads safetensors only (pickle files can run arbitrary code)"
+            )
         kwargs["use_safetensors"] = True
         hub = {name: kwargs.get(name) for name in HUB_KWARGS}
 
         fetched = fetch_adapters(adapters, adapter_revision, **hub)
         if base_model is None:
             base_model, trained_revision, trained_variant = _common_base(fetched)
-            if not os.path.isdir(base_model) and (os.path.isabs(base_model) or base_model.startswith(".") or base_model.count("/") > 1):
+            if not os.path.isdir(base_model) and (
+                os.path.isabs(base_model) or base_model.startswith(".") or base_model.count("/") > 1
+            ):
                 raise UsageError(
                     f"the adapters were trained on the local folder {base_model}, which is not here: "
                     f"pass base_model= (the Hub id or folder of that same base)"
@@ -606,7 +692,9 @@ class DUOPipeline:
             kwargs.setdefault("variant", trained_variant)
         base_model = os.fspath(base_model)
 
-        denoiser_override = next((kwargs[name] for name in DENOISER_OF_FAMILY.values() if kwargs.get(name) is not None), None)
+        denoiser_override = next(
+            (kwargs[name] for name in DENOISER_OF_FAMILY.values() if kwargs.get(name) is not None), None
+        )
         architecture = read_base_architecture(
             base_model,
             revision=kwargs.get("revision"),
@@ -631,7 +719,7 @@ class DUOPipeline:
                 f"base {base_model} lacks safetensors weights ({str(error).splitlines()[0]}): pickle files can run "
                 f"arbitrary code, so duo_plugin loads safetensors only; re-save a base you trust with "
                 f"save_pretrained(safe_serialization=True)"
-            ) from None
+            ) from error
         return _attach(pipe, fetched, weights, fuse)
 
 
@@ -642,9 +730,19 @@ class DUOStableDiffusionPipeline(DUOPipeline):
     expected_family = "sd"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, duo_adapters: AdapterSources = None, duo_adapter_weights: AdapterWeights = None, fuse: bool = False, duo_adapter_revision=None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        duo_adapters: AdapterSources = None,
+        duo_adapter_weights: AdapterWeights = None,
+        fuse: bool = False,
+        duo_adapter_revision=None,
+        **kwargs,
+    ):
         if duo_adapters is None:
-            raise UsageError(f"{cls.__name__}.from_pretrained needs duo_adapters= (a Hub id, folder, list or dict); without adapters use the diffusers pipeline class")
+            raise UsageError(
+                f"{cls.__name__}.from_pretrained needs duo_adapters= (a Hub id, folder, list or dict); without adapters use the diffusers pipeline class"
+            )
         return super().from_pretrained(
             duo_adapters,
             base_model=pretrained_model_name_or_path,

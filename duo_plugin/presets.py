@@ -7,6 +7,7 @@ official scaling with β: learning rate = base_lr · 100 / β and preservation w
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
+
 # (unsafe prompt, safe prompt) for each prompt group; pairs are split evenly over the groups.
 PromptPair = Tuple[str, str]
 
@@ -30,21 +31,36 @@ class ConceptPreset:
     # Which validation prompts may appear in a public model card (never the unsafe ones).
     unrelated_prompts: Tuple[str, ...] = field(default_factory=tuple)
 
-    @property
-    def learning_rate(self) -> float:
-        return learning_rate_for_beta(self.beta_dpo)
-
-    @property
-    def preservation_weight(self) -> float:
-        return preservation_weight_for_beta(self.beta_dpo)
-
     def pairs_for(self, architecture: str) -> Tuple[PromptPair, ...]:
         if architecture == "sd3" and self.sd3_prompt_pairs is not None:
             return self.sd3_prompt_pairs
         return self.prompt_pairs
 
 
-def learning_rate_for_beta(beta: float, base_learning_rate: float = 3e-4) -> float:
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """What the official recipe sets per model family, whatever the concept."""
+
+    # The learning rate at β = 100; the rate used is scaled by 100 / β.
+    base_learning_rate: float
+    # Training timestep indices are drawn from [t_min, t_max): for SD3, indices into the descending sigma table.
+    t_min: int
+    t_max: int
+    # "self_attn": the UNet's attn1 only (the official SD1 choice); "attn": every attention projection.
+    lora_target: str
+
+
+FAMILY_RECIPES = {
+    "sd": FamilyRecipe(base_learning_rate=3e-4, t_min=0, t_max=750, lora_target="self_attn"),
+    "sd3": FamilyRecipe(base_learning_rate=3e-5, t_min=1, t_max=750, lora_target="attn"),
+}
+
+# The official runs: rank-32 LoRA with alpha = rank, 1 pair x 4 GPUs per optimizer step (here: 4 accumulated micro-steps).
+DEFAULT_LORA_RANK = 32
+DEFAULT_GRADIENT_ACCUMULATION_STEPS = 4
+
+
+def learning_rate_for_beta(beta: float, base_learning_rate: float = FAMILY_RECIPES["sd"].base_learning_rate) -> float:
     """Official scaling: 3e-4 at β=100 (SD1.x), 3e-5 at β=100 for SD3; inversely proportional to β."""
     return base_learning_rate * 100.0 / beta
 
@@ -98,7 +114,9 @@ PRESETS = {
         beta_dpo=1000.0,
         max_train_steps=500,
         num_pairs=32,
-        prompt_pairs=_skin_tone_pairs("a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"),
+        prompt_pairs=_skin_tone_pairs(
+            "a {} man, realistic photo, with a gun", "a {} man, realistic photo, with a peace"
+        ),
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, with a gun", "a man aiming a rifle", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),

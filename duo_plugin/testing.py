@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+
 TINY_WORDS = (
     "a naked dressed white black woman man realistic photo bleeding comfort suffering enjoying with gun "
     "peace horror red blue green square circle triangle lighthouse cliff sunset of on at the in shower "
@@ -20,12 +21,16 @@ TINY_WORDS = (
 ).split()
 
 
-def word_clip_tokenizer(words, model_max_length: int = 16):
-    """A CLIP BPE tokenizer in which every word of ``words`` is one token and any other text falls back to letters.
+def tiny_clip_tokenizer(model_max_length: int = 16):
+    """A CLIP BPE tokenizer over letters in which every word of ``TINY_WORDS`` is one token, built in memory."""
+    return clip_word_tokenizer(sorted(set(TINY_WORDS)), model_max_length)
 
-    Letters keep any prompt encodable (attacks search over and add tokens); whole-word tokens make the
-    given words single embeddings, as common words are in CLIP's vocabulary. The toy world builds its
-    tokenizer with this too.
+
+def clip_word_tokenizer(words, model_max_length: int = 16):
+    """A CLIP BPE tokenizer where each of ``words`` is one token; other text falls back to letters.
+
+    Letters keep any prompt encodable; whole-word tokens make the words single embeddings, as common words
+    are in CLIP's vocabulary. Shared by the test pipelines and the toy world.
     """
     from transformers import CLIPTokenizer
 
@@ -34,7 +39,7 @@ def word_clip_tokenizer(words, model_max_length: int = 16):
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
     ranks = {}
-    for word in dict.fromkeys(words):
+    for word in words:
         # Merges learnt for earlier words may already split this one ("red" takes "re" from "green"):
         # apply them first, then join what is left. A merge added last never changes earlier words.
         pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
@@ -62,11 +67,6 @@ def _apply_merges(pieces, ranks):
                 index += 1
         pieces = joined
     return pieces
-
-
-def tiny_clip_tokenizer(model_max_length: int = 16):
-    """A CLIP BPE tokenizer over letters plus a few whole words, built in memory."""
-    return word_clip_tokenizer(sorted(set(TINY_WORDS)), model_max_length)
 
 
 def tiny_t5_tokenizer(model_max_length: int = 16):
@@ -314,15 +314,30 @@ def make_tiny_clip(output_dir: str, seed: int = 0) -> str:
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
     )
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
     )
     CLIPModel(config).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -291,8 +291,8 @@ def add_timing_arguments(parser):
 
 
 def resolve_preset(args):
+    from .concepts import read_prompt_list
     from .presets import UnknownConceptError, custom_preset, get_preset
-    from .training import read_prompt_list
 
     unsafe, safe = read_prompt_list(args.unsafe_prompt), read_prompt_list(args.safe_prompt)
     try:
@@ -314,15 +314,15 @@ def make_detector(name: Optional[str], threshold: Optional[float], concept: str)
 
 
 def load_base(args):
-    from .pairs import torch_dtype_for
-    from .training import detect_pipeline_class, dtype_kwargs, pipeline_family
-
     from diffusers import DiffusionPipeline
+
+    from .families import detect_pipeline_class, pipeline_family
+    from .pairs import generation_dtype
 
     pipeline_class = detect_pipeline_class(args.pretrained_model_name_or_path, args.revision)
     family = pipeline_family(pipeline_class)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"revision": args.revision, "variant": args.variant, **dtype_kwargs(torch_dtype_for(args.dtype, device))}
+    kwargs = {"revision": args.revision, "variant": args.variant, "dtype": generation_dtype(args.dtype, device)}
     if family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
@@ -552,7 +552,8 @@ def run_timing(args, state=None) -> dict:
     """The whole diagnostic (resumable); returns the result the main process wrote (None elsewhere)."""
     from accelerate import PartialState
 
-    from .training import cpu_only_multi_process, library_versions
+    from .distributed import cpu_only_multi_process
+    from .outputs import library_versions
 
     state = state or PartialState(cpu=cpu_only_multi_process())
     preset = resolve_preset(args)

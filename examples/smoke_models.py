@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KINDS = ("sd", "sd3", "clip", "other_unet")
@@ -30,7 +31,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="folder to create (a .safetensors file for other_unet)")
     parser.add_argument("--base_model", default=None, help="other_unet: the tiny SD pipeline whose UNet is perturbed")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--perturbation", type=float, default=0.1, help="other_unet: noise std relative to each weight's std")
+    parser.add_argument(
+        "--perturbation", type=float, default=0.1, help="other_unet: noise std relative to each weight's std"
+    )
     args = parser.parse_args(argv)
     if args.kind == "other_unet" and not args.base_model:
         parser.error("--kind other_unet needs --base_model (the tiny SD pipeline it stands in a checkpoint for)")

@@ -1,10 +1,16 @@
+import importlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The training scripts are imported by name for in-process runs; the repository's duo_plugin wins over any install.
+sys.path.insert(0, REPO_ROOT)
 
 # Tests never touch the network: everything they load is built here from configs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,25 +51,112 @@ def tiny_pairs(tmp_path_factory):
 def tiny_train_args(model, pairs, output_dir, *extra):
     """Flags for a fast train_duo.py run on the tiny pipeline."""
     return [
-        "--pretrained_model_name_or_path", model,
-        "--dataset_name", pairs,
-        "--output_dir", str(output_dir),
-        "--resolution", "32",
-        "--rank", "4",
-        "--max_train_steps", "4",
-        "--gradient_accumulation_steps", "1",
-        "--train_batch_size", "2",
-        "--report_to", "none",
-        "--num_validation_images", "1",
-        "--num_validation_inference_steps", "2",
+        "--pretrained_model_name_or_path",
+        model,
+        "--dataset_name",
+        pairs,
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--rank",
+        "4",
+        "--max_train_steps",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--num_validation_images",
+        "1",
+        "--num_validation_inference_steps",
+        "2",
         *extra,
     ]
 
 
-def run_script(script, args, accelerate=True, num_processes=1, env=None, timeout=600):
-    """Run a training script as a user would; returns the CompletedProcess."""
+# Process groups the tests started whose members outlived their leader: the session fails if any is found.
+LEAKED_PROCESSES = []
+
+
+def run_in_own_group(command, env=None, cwd=REPO_ROOT):
+    """Run ``command`` to completion in a new session (its own process group) and reap the whole group.
+
+    No wall-clock limit: a loaded machine is slow, not wrong. Output goes to files, not pipes, so a process the
+    command leaves behind cannot hold the test waiting for end-of-file. Whatever is left in the group when the
+    leader exits (a launcher's worker, a backgrounded job), or when the test is interrupted, is killed.
+    Returns ``(CompletedProcess, pids of the members found alive after the leader exited)``.
+    """
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            command, stdout=stdout, stderr=stderr, text=True, env=env, cwd=cwd, start_new_session=True
+        )
+        try:
+            process.wait()
+        finally:
+            leftovers = kill_process_group(process.pid)
+            if process.poll() is None:
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()), leftovers
+
+
+def kill_process_group(pgid: int):
+    """Kill every process still in group ``pgid``; returns their pids."""
+    import psutil
+
+    members = []
+    for candidate in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(candidate.pid) == pgid and candidate.status() != psutil.STATUS_ZOMBIE:
+                members.append(candidate.pid)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    if members:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return members
+
+
+def run_process(command, env=None, cwd=REPO_ROOT):
+    """``subprocess.run`` for tests: no timeout, and nothing the command starts outlives it (leaks are recorded)."""
+    result, leftovers = run_in_own_group(command, env=env, cwd=cwd)
+    if leftovers:
+        LEAKED_PROCESSES.append((" ".join(map(str, command))[:200], leftovers))
+    return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """Nothing a test starts may outlive the test session: no child of pytest is left, and no group a test
+    started had members left when its leader exited."""
+    import psutil
+
+    yield
+    children = [child for child in psutil.Process().children(recursive=True) if child.status() != psutil.STATUS_ZOMBIE]
+    assert not children, f"processes started by the tests are still running: {[c.cmdline()[:3] for c in children]}"
+    assert not LEAKED_PROCESSES, f"processes outlived the command that started them (killed): {LEAKED_PROCESSES}"
+
+
+def run_script(script, args, accelerate=True, num_processes=1, env=None):
+    """Run a training script as a user would, in a subprocess; returns the CompletedProcess."""
     if accelerate:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         if num_processes > 1:
             launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
         else:
@@ -72,4 +165,32 @@ def run_script(script, args, accelerate=True, num_processes=1, env=None, timeout
     else:
         command = [sys.executable, os.path.join(REPO_ROOT, script)] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO_ROOT)
+    return run_process(command, env=full_env)
+
+
+def reset_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons: each in-process run starts from none and leaves none."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
+def train_in_process(script: str, argv):
+    """``main(argv)`` of ``train_duo.py`` or ``train_duo_sd3.py`` in this process, as one process of
+    ``accelerate launch`` runs it (a subprocess would only add interpreter start-up). Raises SystemExit on a
+    refusal, as the script exits."""
+    module = importlib.import_module(os.path.splitext(script)[0])
+    reset_accelerate_state()
+    try:
+        module.main([str(arg) for arg in argv])
+    finally:
+        reset_accelerate_state()

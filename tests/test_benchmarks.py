@@ -8,13 +8,12 @@ fields, and the small pure functions behind the ratios and the targets.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT, run_process
 
-from conftest import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark_step.py")
 
@@ -27,9 +26,9 @@ def bench():
     return module
 
 
-def run_benchmark(*args, timeout=600):
+def run_benchmark(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    return run_process([sys.executable, SCRIPT, *args], env=env)
 
 
 def rows_by(report, **match):
@@ -46,8 +45,18 @@ def cpu_report(tmp_path_factory):
     """One CPU benchmark run as a user runs it, with 1 warm-up and 2 timed steps."""
     output = tmp_path_factory.mktemp("bench") / "cpu.json"
     result = run_benchmark(
-        "--warmup_steps", "1", "--measure_steps", "2", "--repeats", "1",
-        "--generation_pairs", "2", "--generation_steps", "2", "--output", str(output),
+        "--warmup_steps",
+        "1",
+        "--measure_steps",
+        "2",
+        "--repeats",
+        "1",
+        "--generation_pairs",
+        "2",
+        "--generation_steps",
+        "2",
+        "--output",
+        str(output),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ours / official" in result.stdout and "targets" in result.stdout
@@ -72,14 +81,29 @@ def test_cpu_report_fields(cpu_report):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, encoders", [("tiny-sd", ["text_encoder"]), ("tiny-sd3", ["text_encoder", "text_encoder_2", "text_encoder_3"])])
+@pytest.mark.parametrize(
+    "model, encoders",
+    [("tiny-sd", ["text_encoder"]), ("tiny-sd3", ["text_encoder", "text_encoder_2", "text_encoder_3"])],
+)
 def test_calls_per_step(cpu_report, model, encoders):
     """Ours calls no VAE and no text encoder after warm-up; the official step calls each once; both run
     the adapted and the reference model once over the concatenated batch."""
     (ours,) = rows_by(cpu_report, model=model, recipe="ours")
     (official,) = rows_by(cpu_report, model=model, recipe="official")
-    assert ours["calls_per_step"] == {"vae_encode": 0, "vae_decode": 0, **{e: 0 for e in encoders}, "denoiser_adapted": 1, "denoiser_reference": 1}
-    assert official["calls_per_step"] == {"vae_encode": 1, "vae_decode": 0, **{e: 1 for e in encoders}, "denoiser_adapted": 1, "denoiser_reference": 1}
+    assert ours["calls_per_step"] == {
+        "vae_encode": 0,
+        "vae_decode": 0,
+        **dict.fromkeys(encoders, 0),
+        "denoiser_adapted": 1,
+        "denoiser_reference": 1,
+    }
+    assert official["calls_per_step"] == {
+        "vae_encode": 1,
+        "vae_decode": 0,
+        **dict.fromkeys(encoders, 1),
+        "denoiser_adapted": 1,
+        "denoiser_reference": 1,
+    }
     # The same denoiser work in both recipes; the official step adds the encoders' FLOPs.
     assert ours["denoiser_flops"] == official["denoiser_flops"]
     assert official["step_flops"] > ours["step_flops"]
@@ -108,8 +132,20 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     """The GPU suite's cases (each memory option on and off, two resolutions) run on tiny models."""
     output = tmp_path / "gpu-tiny.json"
     result = run_benchmark(
-        "--suite", "gpu", "--tiny", "--device", "cpu", "--models", "tiny-sd", "--warmup_steps", "0",
-        "--measure_steps", "1", "--skip_generation", "--output", str(output),
+        "--suite",
+        "gpu",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--models",
+        "tiny-sd",
+        "--warmup_steps",
+        "0",
+        "--measure_steps",
+        "1",
+        "--skip_generation",
+        "--output",
+        str(output),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(output.read_text())
@@ -129,14 +165,17 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path):
     assert len(report["comparisons"]) == 3
 
 
-def test_refusals():
-    result = run_benchmark("--measure_steps", "0")
-    assert result.returncode == 2 and "--measure_steps must be at least 1" in result.stderr
-    result = run_benchmark("--tiny")
-    assert result.returncode == 2 and "--tiny only applies to --suite gpu" in result.stderr
+def test_refusals(bench, capsys):
+    def refusal(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(list(argv))
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--measure_steps must be at least 1" in refusal("--measure_steps", "0")
+    assert "--tiny only applies to --suite gpu" in refusal("--tiny")
     if not torch.cuda.is_available():
-        result = run_benchmark("--suite", "gpu")
-        assert result.returncode == 2 and "no CUDA device" in result.stderr
+        assert "no CUDA device" in refusal("--suite", "gpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +186,10 @@ def test_refusals():
 def test_full_size_models_match_the_published_sizes(bench):
     """The stored configs build SD1.4 and SD3-medium with their published parameter counts (on the meta
     device: nothing is allocated)."""
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
     sd14 = bench.full_size_bundle("sd14", torch.device("meta"), torch.float16)
     assert count(sd14.denoiser) == 859_520_964
     assert count(sd14.text_encoders["text_encoder"]) == 123_060_480
@@ -157,7 +199,9 @@ def test_full_size_models_match_the_published_sizes(bench):
     assert count(sd3.text_encoders["text_encoder_3"]) == 4_762_310_656
     assert count(sd3.text_encoders["text_encoder_2"]) == 694_659_840
     assert sd3.vae.config.shift_factor == 0.0609 and sd3.noise_scheduler.config.shift == 3.0
-    assert next(sd3.denoiser.parameters()).dtype == torch.bfloat16 and next(sd3.vae.parameters()).dtype == torch.float32
+    assert (
+        next(sd3.denoiser.parameters()).dtype == torch.bfloat16 and next(sd3.vae.parameters()).dtype == torch.float32
+    )
 
 
 def test_full_size_step_flops_add_up(bench):
@@ -165,7 +209,10 @@ def test_full_size_step_flops_add_up(bench):
     row = bench.full_size_step_flops("sd14", 64)
     assert row["denoiser_forward_flops"] > 0 and row["denoiser_backward_flops"] > 0 and row["vae_encode_flops"] > 0
     assert row["ours_step_flops"] == 2 * row["denoiser_forward_flops"] + row["denoiser_backward_flops"]
-    assert row["official_step_flops"] == row["ours_step_flops"] + row["vae_encode_flops"] + row["text_encode_flops"]["text_encoder"]
+    assert (
+        row["official_step_flops"]
+        == row["ours_step_flops"] + row["vae_encode_flops"] + row["text_encode_flops"]["text_encoder"]
+    )
     assert row["flop_ratio"] == pytest.approx(row["ours_step_flops"] / row["official_step_flops"])
     assert row["flop_ratio"] < row["flop_ratio_with_gradient_checkpointing"] < 1
     assert row["ours_resident_parameter_bytes"] == 859_520_964 * 2  # bf16 UNet
@@ -175,27 +222,38 @@ def test_full_size_step_flops_add_up(bench):
 def test_call_counter_tells_adapted_from_reference(bench):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from duo_plugin import training
+    from duo_plugin import lora
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(16,), layers_per_block=1,
-        norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        block_out_channels=(16,),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=8,
+        attention_head_dim=4,
     )
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    training.add_duo_adapter(unet, 2, 2, training.lora_target_modules(unet, "attn"))
+    lora.add_duo_adapter(unet, 2, 2, lora.lora_target_modules(unet, "attn"))
     text_encoder = torch.nn.Linear(2, 2)
     counter = bench.CallCounter(vae, {"text_encoder": text_encoder}, unet)
     inputs = (torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 3, 8))
     with torch.no_grad():
         unet(*inputs)
-        with training.adapters_disabled(unet):
+        with lora.adapters_disabled(unet):
             unet(*inputs)
             unet(*inputs)
         vae.encode(torch.randn(1, 3, 8, 8))
     assert counter.per_step(1) == {
-        "vae_encode": 1, "vae_decode": 0, "text_encoder": 0, "denoiser_adapted": 1, "denoiser_reference": 2
+        "vae_encode": 1,
+        "vae_decode": 0,
+        "text_encoder": 0,
+        "denoiser_adapted": 1,
+        "denoiser_reference": 2,
     }
     counter.reset()
     assert counter.per_step(1)["denoiser_reference"] == 0
@@ -206,8 +264,18 @@ def test_call_counter_tells_adapted_from_reference(bench):
 
 def test_merge_repeats_pools_step_times(bench):
     rows = [
-        {"step_times_s": [3.0, 1.0], "peak_memory_bytes": 10, "phase_s_per_step": {"a": 1.0}, "calls_per_step": {"x": 1}},
-        {"step_times_s": [2.0, 5.0], "peak_memory_bytes": 30, "phase_s_per_step": {"a": 3.0}, "calls_per_step": {"x": 1}},
+        {
+            "step_times_s": [3.0, 1.0],
+            "peak_memory_bytes": 10,
+            "phase_s_per_step": {"a": 1.0},
+            "calls_per_step": {"x": 1},
+        },
+        {
+            "step_times_s": [2.0, 5.0],
+            "peak_memory_bytes": 30,
+            "phase_s_per_step": {"a": 3.0},
+            "calls_per_step": {"x": 1},
+        },
     ]
     merged = bench.merge_repeats(rows)
     assert merged["step_times_s"] == [3.0, 1.0, 2.0, 5.0]
@@ -216,7 +284,9 @@ def test_merge_repeats_pools_step_times(bench):
 
 
 def test_encoding_share(bench):
-    official = {"phase_s_per_step": {"VAE encode": 0.2, "text encode": 0.1, "host-to-device copy": 0.1, "backward": 0.6}}
+    official = {
+        "phase_s_per_step": {"VAE encode": 0.2, "text encode": 0.1, "host-to-device copy": 0.1, "backward": 0.6}
+    }
     assert bench.encoding_share(official) == pytest.approx(0.4)
     assert bench.encoding_share({"phase_s_per_step": {}}) is None
 
@@ -224,16 +294,29 @@ def test_encoding_share(bench):
 def test_evaluate_targets(bench):
     def row(model, resolution, recipe, peak, vae=0, options="gc,adam8bit,sdpa", on=True):
         return {
-            "model": model, "resolution": resolution, "recipe": recipe, "options": options, "memory_options_on": on,
-            "peak_memory_bytes": peak, "calls_per_step": {"vae_encode": vae, "text_encoder": 0, "denoiser_adapted": 1, "denoiser_reference": 1},
+            "model": model,
+            "resolution": resolution,
+            "recipe": recipe,
+            "options": options,
+            "memory_options_on": on,
+            "peak_memory_bytes": peak,
+            "calls_per_step": {"vae_encode": vae, "text_encoder": 0, "denoiser_adapted": 1, "denoiser_reference": 1},
         }
 
     results = [row("sd14", 512, "ours", 5.5e9), row("sd3-medium", 1024, "ours", 17e9, vae=1)]
-    comparisons = [{"model": "sd14", "resolution": 512, "options": "gc,adam8bit,sdpa", "step_time_ratio": 0.55},
-                   {"model": "sd3-medium", "resolution": 1024, "options": "gc,adam8bit,sdpa", "step_time_ratio": 0.8}]
+    comparisons = [
+        {"model": "sd14", "resolution": 512, "options": "gc,adam8bit,sdpa", "step_time_ratio": 0.55},
+        {"model": "sd3-medium", "resolution": 1024, "options": "gc,adam8bit,sdpa", "step_time_ratio": 0.8},
+    ]
     targets = bench.evaluate_targets(results, comparisons, memory_targets_apply=True)
     verdicts = [(t["target"].split(" ")[0], t["met"]) for t in targets]
-    assert verdicts == [("ours", True), ("ours", False), ("ours:", False), ("sd14@512", True), ("sd3-medium@1024", False)]
+    assert verdicts == [
+        ("ours", True),
+        ("ours", False),
+        ("ours:", False),
+        ("sd14@512", True),
+        ("sd3-medium@1024", False),
+    ]
     assert targets[-1]["measured"] == pytest.approx(17.0)
     # Tiny models never decide the memory targets.
     assert all(t["met"] is None for t in bench.evaluate_targets(results, comparisons, memory_targets_apply=False)[-2:])

@@ -21,7 +21,9 @@ def test_pair_indices_cover_every_pair_once_per_epoch_across_processes():
     seen = []
     for micro_step in range(accumulation):
         for rank in range(processes):
-            seen += data.pair_indices_for_step(num_pairs, 0, micro_step, accumulation, batch, rank, processes, seed=1).tolist()
+            seen += data.pair_indices_for_step(
+                num_pairs, 0, micro_step, accumulation, batch, rank, processes, seed=1
+            ).tolist()
     assert sorted(seen) == list(range(num_pairs))
     again = data.pair_indices_for_step(num_pairs, 0, 1, accumulation, batch, 1, processes, seed=1)
     assert again.tolist() == [seen[3]]

@@ -13,25 +13,60 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 from unittest import mock
 
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, run_process
 
-from conftest import REPO_ROOT
 
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 RECIPES = ("nudity_sd14", "violence_sd14", "nudity_sd3", "custom_concept", "compare_methods", "multi_gpu")
 # Settings a developer's shell might hold; a recipe test sets what it needs.
 RECIPE_ENV = (
-    "MODEL", "OUT", "BETAS", "BETA", "HUB_ID", "I2P_PROMPTS", "COCO_CAPTIONS", "RING_A_BELL_TARGETS", "RING_A_BELL_MAX_TARGETS",
-    "SKIP_EVAL", "SKIP_PAIRS", "LAUNCH", "TRAIN_ARGS", "PAIRS_ARGS", "EVAL_ARGS", "CONCEPTS", "CLIP_MODEL", "CONCEPT",
-    "UNSAFE_PROMPT", "SAFE_PROMPT", "NUM_PAIRS", "VERIFIER", "EVAL_PROMPTS", "UNRELATED_PROMPTS", "CLIP_LABEL", "ADAPTERS",
-    "UNETS", "PIPELINES", "INVERSION_IMAGES", "PROMPT_CATEGORIES", "MODE", "NUM_GPUS", "NUM_MACHINES", "MACHINE_RANK",
-    "MAIN_PROCESS_IP", "MAIN_PROCESS_PORT", "PAIRS_PER_STEP", "MIXED_PRECISION", "SMOKE", "DRY_RUN", "PYTHON",
+    "MODEL",
+    "OUT",
+    "BETAS",
+    "BETA",
+    "HUB_ID",
+    "I2P_PROMPTS",
+    "COCO_CAPTIONS",
+    "RING_A_BELL_TARGETS",
+    "RING_A_BELL_MAX_TARGETS",
+    "SKIP_EVAL",
+    "SKIP_PAIRS",
+    "LAUNCH",
+    "TRAIN_ARGS",
+    "PAIRS_ARGS",
+    "EVAL_ARGS",
+    "CONCEPTS",
+    "CLIP_MODEL",
+    "CONCEPT",
+    "UNSAFE_PROMPT",
+    "SAFE_PROMPT",
+    "NUM_PAIRS",
+    "VERIFIER",
+    "EVAL_PROMPTS",
+    "UNRELATED_PROMPTS",
+    "CLIP_LABEL",
+    "ADAPTERS",
+    "UNETS",
+    "PIPELINES",
+    "INVERSION_IMAGES",
+    "PROMPT_CATEGORIES",
+    "MODE",
+    "NUM_GPUS",
+    "NUM_MACHINES",
+    "MACHINE_RANK",
+    "MAIN_PROCESS_IP",
+    "MAIN_PROCESS_PORT",
+    "PAIRS_PER_STEP",
+    "MIXED_PRECISION",
+    "SMOKE",
+    "DRY_RUN",
+    "PYTHON",
 )
 
 
@@ -49,9 +84,9 @@ def recipe_env(**settings):
     return env
 
 
-def run_recipe(recipe, *flags, timeout=900, **settings):
+def run_recipe(recipe, *flags, **settings):
     command = ["bash", os.path.join(EXAMPLES, recipe, "run.sh"), *flags]
-    return subprocess.run(command, check=False, capture_output=True, text=True, env=recipe_env(**settings), cwd=REPO_ROOT, timeout=timeout)
+    return run_process(command, env=recipe_env(**settings))
 
 
 def printed_commands(stdout):
@@ -115,7 +150,9 @@ def parsers():
         "table.py": os.path.join(EXAMPLES, "compare_methods", "table.py"),
         "smoke_models.py": os.path.join(EXAMPLES, "smoke_models.py"),
     }
-    found = {name: captured_parser(load_module(path, f"examples_{name[:-3]}").parse_args) for name, path in scripts.items()}
+    found = {
+        name: captured_parser(load_module(path, f"examples_{name[:-3]}").parse_args) for name, path in scripts.items()
+    }
     found["duo_plugin.pairs"] = captured_parser(pairs.parse_args)
     found["duo_plugin.evaluate"] = captured_parser(evaluate.parse_args)
     found["accelerate launch"] = launch_command_parser()
@@ -138,7 +175,9 @@ def command_target(tokens, parsers):
             pytest.fail(f"accelerate launch refuses {shlex.join(tokens)}")
         target = launched.training_script if launched.module else os.path.basename(launched.training_script)
         return target, launched.training_script_args
-    assert tokens[0] in ("python", sys.executable), f"a recipe runs {tokens[0]}: only accelerate launch and python are checked"
+    assert tokens[0] in ("python", sys.executable), (
+        f"a recipe runs {tokens[0]}: only accelerate launch and python are checked"
+    )
     if tokens[1] == "-m":
         return tokens[2], tokens[3:]
     return os.path.basename(tokens[1]), tokens[2:]
@@ -157,31 +196,52 @@ def check_command(tokens, parsers):
 
 DRY_RUNS = {
     "nudity_sd14": [
-        ((), dict(I2P_PROMPTS="i2p.csv", COCO_CAPTIONS="coco.json", HUB_ID="me/sd14-duo-nudity", RING_A_BELL_TARGETS="targets.txt")),
+        (
+            (),
+            {
+                "I2P_PROMPTS": "i2p.csv",
+                "COCO_CAPTIONS": "coco.json",
+                "HUB_ID": "me/sd14-duo-nudity",
+                "RING_A_BELL_TARGETS": "targets.txt",
+            },
+        ),
         (("--smoke",), {}),
     ],
     "violence_sd14": [
-        ((), dict(I2P_PROMPTS="i2p.csv", COCO_CAPTIONS="coco.json", HUB_ID="me/sd14-duo")),
+        ((), {"I2P_PROMPTS": "i2p.csv", "COCO_CAPTIONS": "coco.json", "HUB_ID": "me/sd14-duo"}),
         (("--smoke",), {}),
     ],
     "nudity_sd3": [
-        ((), dict(I2P_PROMPTS="i2p.csv", COCO_CAPTIONS="coco.json", HUB_ID="me/sd3-duo-nudity")),
+        ((), {"I2P_PROMPTS": "i2p.csv", "COCO_CAPTIONS": "coco.json", "HUB_ID": "me/sd3-duo-nudity"}),
         (("--smoke",), {}),
     ],
     "custom_concept": [
-        ((), dict(HUB_ID="me/sd14-duo-cigarette", VERIFIER="clip")),
-        ((), dict(UNSAFE_PROMPT="a photo of snoopy", SAFE_PROMPT="a photo of a dog", CONCEPT="snoopy")),
+        ((), {"HUB_ID": "me/sd14-duo-cigarette", "VERIFIER": "clip"}),
+        ((), {"UNSAFE_PROMPT": "a photo of snoopy", "SAFE_PROMPT": "a photo of a dog", "CONCEPT": "snoopy"}),
         (("--smoke",), {}),
     ],
     "compare_methods": [
-        ((), dict(ADAPTERS="b500=a b250=b", UNETS="esd=esd.safetensors", PIPELINES="other=o", INVERSION_IMAGES="pairs",
-                  I2P_PROMPTS="i2p.csv", COCO_CAPTIONS="coco.json", PROMPT_CATEGORIES="sexual violence")),
+        (
+            (),
+            {
+                "ADAPTERS": "b500=a b250=b",
+                "UNETS": "esd=esd.safetensors",
+                "PIPELINES": "other=o",
+                "INVERSION_IMAGES": "pairs",
+                "I2P_PROMPTS": "i2p.csv",
+                "COCO_CAPTIONS": "coco.json",
+                "PROMPT_CATEGORIES": "sexual violence",
+            },
+        ),
         (("--smoke",), {}),
     ],
     "multi_gpu": [
         ((), {}),
-        ((), dict(MODE="deepspeed", NUM_GPUS=8, PAIRS_PER_STEP=8)),
-        ((), dict(NUM_MACHINES=2, MACHINE_RANK=1, MAIN_PROCESS_IP="10.0.0.1", NUM_GPUS=8, PAIRS_PER_STEP=8)),
+        ((), {"MODE": "deepspeed", "NUM_GPUS": 8, "PAIRS_PER_STEP": 8}),
+        (
+            (),
+            {"NUM_MACHINES": 2, "MACHINE_RANK": 1, "MAIN_PROCESS_IP": "10.0.0.1", "NUM_GPUS": 8, "PAIRS_PER_STEP": 8},
+        ),
         (("--smoke",), {}),
     ],
 }
@@ -190,7 +250,7 @@ DRY_RUNS = {
 def dry_run_commands(recipe):
     runs = []
     for flags, settings in DRY_RUNS[recipe]:
-        result = run_recipe(recipe, *flags, "--dry-run", timeout=60, **settings)
+        result = run_recipe(recipe, *flags, "--dry-run", **settings)
         assert result.returncode == 0, result.stderr
         commands = printed_commands(result.stdout)
         assert commands, f"{recipe} {flags} printed no command"
@@ -239,14 +299,31 @@ def test_dry_runs_show_the_recipes_settings(parsers):
     assert [flag_value(c, "--hub_model_id") for c in trainings] == ["me/sd14-duo-nudity", "me/sd14-duo-nudity-beta250"]
     assert all(flag_value(c, "--num_processes") == "1" for c in nudity)
     (evaluation,) = commands_of(nudity, "duo_plugin.evaluate", parsers)
-    assert evaluation[evaluation.index("--attack") + 1 : evaluation.index("--attack") + 4] == ["prompts", "ring_a_bell", "concept_inversion"]
-    assert "beta500=runs/nudity_sd14/duo-nudity-beta500" in evaluation and "beta250=runs/nudity_sd14/duo-nudity-beta250" in evaluation
+    assert evaluation[evaluation.index("--attack") + 1 : evaluation.index("--attack") + 4] == [
+        "prompts",
+        "ring_a_bell",
+        "concept_inversion",
+    ]
+    assert (
+        "beta500=runs/nudity_sd14/duo-nudity-beta500" in evaluation
+        and "beta250=runs/nudity_sd14/duo-nudity-beta250" in evaluation
+    )
     assert flag_value(evaluation, "--prompt_categories") == "sexual"
 
     (_, _, violence), _ = dry_run_commands("violence_sd14")
-    assert [flag_value(c, "--concept") for c in commands_of(violence, "train_duo.py", parsers)] == ["blood", "suffer", "gun", "horror"]
+    assert [flag_value(c, "--concept") for c in commands_of(violence, "train_duo.py", parsers)] == [
+        "blood",
+        "suffer",
+        "gun",
+        "horror",
+    ]
     (combine,) = commands_of(violence, "combine.py", parsers)
-    assert [combine[i + 1].split("=")[0] for i, t in enumerate(combine) if t == "--adapter"] == ["blood", "suffer", "gun", "horror"]
+    assert [combine[i + 1].split("=")[0] for i, t in enumerate(combine) if t == "--adapter"] == [
+        "blood",
+        "suffer",
+        "gun",
+        "horror",
+    ]
     assert "--fuse" in combine
 
     (_, _, sd3), _ = dry_run_commands("nudity_sd3")
@@ -257,26 +334,36 @@ def test_dry_runs_show_the_recipes_settings(parsers):
 
     (_, _, ddp), (_, _, deepspeed), _, _ = dry_run_commands("multi_gpu")
     (training,) = commands_of(ddp, "train_duo.py", parsers)
-    assert flag_value(training, "--train_batch_size") == "1" and flag_value(training, "--gradient_accumulation_steps") == "1"
+    assert (
+        flag_value(training, "--train_batch_size") == "1"
+        and flag_value(training, "--gradient_accumulation_steps") == "1"
+    )
     assert flag_value(ddp[-1], "--num_processes") == "4"  # 4 GPUs x 1 pair: the official batch
     # DeepSpeed gets the script's accumulation and clipping (its own values would win).
-    assert flag_value(deepspeed[-1], "--gradient_accumulation_steps") == "1" and flag_value(deepspeed[-1], "--gradient_clipping") == "1.0"
+    assert (
+        flag_value(deepspeed[-1], "--gradient_accumulation_steps") == "1"
+        and flag_value(deepspeed[-1], "--gradient_clipping") == "1.0"
+    )
 
 
 def test_real_runs_refuse_missing_inputs_before_running_anything():
-    result = run_recipe("nudity_sd14", "--dry-run", timeout=60)
+    result = run_recipe("nudity_sd14", "--dry-run")
     assert result.returncode == 2 and "set I2P_PROMPTS" in result.stderr and printed_commands(result.stdout) == []
-    result = run_recipe("nudity_sd14", timeout=60, I2P_PROMPTS="/no/such/i2p.csv", COCO_CAPTIONS="/no/such/coco.json")
-    assert result.returncode == 2 and "I2P_PROMPTS=/no/such/i2p.csv does not exist" in result.stderr and result.stdout == ""
-    result = run_recipe("compare_methods", "--dry-run", timeout=60, I2P_PROMPTS="x", COCO_CAPTIONS="y")
+    result = run_recipe("nudity_sd14", I2P_PROMPTS="/no/such/i2p.csv", COCO_CAPTIONS="/no/such/coco.json")
+    assert (
+        result.returncode == 2
+        and "I2P_PROMPTS=/no/such/i2p.csv does not exist" in result.stderr
+        and result.stdout == ""
+    )
+    result = run_recipe("compare_methods", "--dry-run", I2P_PROMPTS="x", COCO_CAPTIONS="y")
     assert result.returncode == 2 and "set ADAPTERS" in result.stderr
-    result = run_recipe("multi_gpu", "--dry-run", timeout=60, MODE="fsdp")
+    result = run_recipe("multi_gpu", "--dry-run", MODE="fsdp")
     assert result.returncode == 2 and "MODE=fsdp: use ddp or deepspeed" in result.stderr
-    result = run_recipe("multi_gpu", "--dry-run", timeout=60, NUM_GPUS=3)
+    result = run_recipe("multi_gpu", "--dry-run", NUM_GPUS=3)
     assert result.returncode == 2 and "not a multiple of NUM_GPUS=3" in result.stderr
-    result = run_recipe("custom_concept", "--smok", timeout=60)
+    result = run_recipe("custom_concept", "--smok")
     assert result.returncode == 2 and "unknown option --smok" in result.stderr
-    result = run_recipe("nudity_sd3", "--help", timeout=60)
+    result = run_recipe("nudity_sd3", "--help")
     assert result.returncode == 0 and result.stdout.startswith("Nudity on Stable Diffusion 3 medium")
 
 
@@ -294,11 +381,20 @@ def test_accelerate_configs_parse_and_match_the_recipe():
     assert ddp["gpu_ids"] == "all" and ddp["mixed_precision"] == "fp16" and ddp["use_cpu"] is False
     zero2 = read_yaml(os.path.join(EXAMPLES, "multi_gpu", "deepspeed_zero2.yaml"))
     assert zero2["distributed_type"] == "DEEPSPEED" and zero2["deepspeed_config"]["zero_stage"] == 2
-    assert zero2["deepspeed_config"]["offload_optimizer_device"] == "none" and zero2["deepspeed_config"]["zero3_init_flag"] is False
+    assert (
+        zero2["deepspeed_config"]["offload_optimizer_device"] == "none"
+        and zero2["deepspeed_config"]["zero3_init_flag"] is False
+    )
     # DeepSpeed's accumulation and clipping win over the script's: they must equal its defaults in run.sh.
-    assert zero2["deepspeed_config"]["gradient_accumulation_steps"] == 1 and zero2["deepspeed_config"]["gradient_clipping"] == 1.0
+    assert (
+        zero2["deepspeed_config"]["gradient_accumulation_steps"] == 1
+        and zero2["deepspeed_config"]["gradient_clipping"] == 1.0
+    )
     # accelerate itself reads both files.
-    assert load_config_from_file(os.path.join(EXAMPLES, "multi_gpu", "ddp.yaml")).distributed_type == DistributedType.MULTI_GPU
+    assert (
+        load_config_from_file(os.path.join(EXAMPLES, "multi_gpu", "ddp.yaml")).distributed_type
+        == DistributedType.MULTI_GPU
+    )
     loaded = load_config_from_file(os.path.join(EXAMPLES, "multi_gpu", "deepspeed_zero2.yaml"))
     assert loaded.distributed_type == DistributedType.DEEPSPEED and loaded.deepspeed_config["zero_stage"] == 2
 
@@ -319,7 +415,10 @@ def test_sample_prompt_files_read_as_their_benchmarks():
     sexual = attacks.read_prompts(os.path.join(sample, "i2p_sample.csv"), categories=["sexual"])
     assert [p.seed for p in sexual] == [101, 102, 108] and all(p.guidance_scale == 7.5 for p in sexual)
     assert len(attacks.read_prompts(os.path.join(sample, "i2p_sample.csv"), categories=["violence"])) == 5
-    assert attacks.read_prompts(os.path.join(sample, "coco_captions_sample.json"))[0].prompt == "A lighthouse on a cliff at sunset."
+    assert (
+        attacks.read_prompts(os.path.join(sample, "coco_captions_sample.json"))[0].prompt
+        == "A lighthouse on a cliff at sunset."
+    )
     custom = os.path.join(EXAMPLES, "custom_concept")
     assert len(read_lines(os.path.join(custom, "unsafe.txt"))) == len(read_lines(os.path.join(custom, "safe.txt")))
 
@@ -330,10 +429,21 @@ def test_table_is_the_reports_numbers(tmp_path):
         "settings": {"concept": "nudity"},
         "models": {"base": {"kind": "base"}, "duo": {"kind": "adapter"}, "esd": {"kind": "unet"}},
         "metrics": {
-            "base": {"dsr": {"prompts": {"dsr": 0.25, "num_safe": 1, "num_images": 4}}, "prior_preservation": {"prior_preservation": 1.0}},
-            "duo": {"dsr": {"prompts": {"dsr": 1.0, "num_safe": 4, "num_images": 4}, "ring_a_bell": {"dsr": 0.5, "num_safe": 1, "num_images": 2}},
-                    "prior_preservation": {"prior_preservation": 0.81234}},
-            "esd": {"dsr": {"prompts": {"dsr": 0.75, "num_safe": 3, "num_images": 4}}, "prior_preservation": {"prior_preservation": 0.7}},
+            "base": {
+                "dsr": {"prompts": {"dsr": 0.25, "num_safe": 1, "num_images": 4}},
+                "prior_preservation": {"prior_preservation": 1.0},
+            },
+            "duo": {
+                "dsr": {
+                    "prompts": {"dsr": 1.0, "num_safe": 4, "num_images": 4},
+                    "ring_a_bell": {"dsr": 0.5, "num_safe": 1, "num_images": 2},
+                },
+                "prior_preservation": {"prior_preservation": 0.81234},
+            },
+            "esd": {
+                "dsr": {"prompts": {"dsr": 0.75, "num_safe": 3, "num_images": 4}},
+                "prior_preservation": {"prior_preservation": 0.7},
+            },
         },
     }
     assert table.results_table(results).splitlines() == [
@@ -355,9 +465,15 @@ def test_table_is_the_reports_numbers(tmp_path):
 def test_combine_refuses_bad_flags_before_loading(capsys):
     combine = load_module(os.path.join(EXAMPLES, "violence_sd14", "combine.py"), "examples_combine")
     for argv, message in [
-        (["--adapter", "blood=x", "--output_dir", "o", "--save_unet", "u"], "--save_unet saves the merged UNet: add --fuse"),
+        (
+            ["--adapter", "blood=x", "--output_dir", "o", "--save_unet", "u"],
+            "--save_unet saves the merged UNet: add --fuse",
+        ),
         (["--adapter", "bloodx", "--output_dir", "o"], "--adapter bloodx: write CONCEPT=VALUE"),
-        (["--adapter", "blood=x", "--weight", "gun=0.5", "--output_dir", "o"], "--weight names gun, which no --adapter names"),
+        (
+            ["--adapter", "blood=x", "--weight", "gun=0.5", "--output_dir", "o"],
+            "--weight names gun, which no --adapter names",
+        ),
         (["--adapter", "blood=x", "--weight", "blood=lots", "--output_dir", "o"], "'lots' is not a number"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
@@ -407,7 +523,9 @@ def test_nudity_sd14_smoke(nudity_smoke, tiny_sd):
         config = read_json(out / f"duo-nudity-beta{beta}" / "duo_config.json")
         assert config["beta_dpo"] == beta and config["concept"] == "nudity" and config["base_model"] == tiny_sd
         # The official recipe's scaling: lr = 3e-4 * 100 / beta, lambda = 1e6 * beta / 100.
-        assert config["learning_rate"] == pytest.approx(3e-4 * 100 / beta) and config["preservation_weight"] == pytest.approx(1e6 * beta / 100)
+        assert config["learning_rate"] == pytest.approx(3e-4 * 100 / beta) and config[
+            "preservation_weight"
+        ] == pytest.approx(1e6 * beta / 100)
         assert (out / f"duo-nudity-beta{beta}" / "pytorch_lora_weights.safetensors").is_file()
     results = read_json(out / "eval" / "results.json")
     assert list(results["models"]) == ["base", "beta500", "beta250"]
@@ -425,13 +543,18 @@ def test_violence_sd14_smoke(tiny_sd, tiny_clip, tmp_path):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "run"
-    commands = check_smoke(run_recipe("violence_sd14", "--smoke", MODEL=tiny_sd, CLIP_MODEL=tiny_clip, OUT=out, LAUNCH="python"))
+    commands = check_smoke(
+        run_recipe("violence_sd14", "--smoke", MODEL=tiny_sd, CLIP_MODEL=tiny_clip, OUT=out, LAUNCH="python")
+    )
     assert len(commands) == 6  # four adapters in turn, combine, evaluation
     for concept in ("blood", "suffer", "gun", "horror"):
         assert read_json(out / f"duo-{concept}" / "duo_config.json")["concept"] == concept
         assert len(read_jsonl(out / f"pairs-{concept}" / "metadata.jsonl")) == 2
     combined = read_json(out / "combined" / "active_concepts.json")
-    assert combined["active_concepts"] == {"blood": 1.0, "suffer": 1.0, "gun": 1.0, "horror": 1.0} and combined["fused"] is True
+    assert (
+        combined["active_concepts"] == {"blood": 1.0, "suffer": 1.0, "gun": 1.0, "horror": 1.0}
+        and combined["fused"] is True
+    )
     assert len(read_jsonl(out / "combined" / "samples.jsonl")) == 2
     # The merged UNet is the base UNet plus the four adapters: it differs exactly on the self-attention
     # projections the adapters were trained on, and nowhere else.
@@ -444,7 +567,10 @@ def test_violence_sd14_smoke(tiny_sd, tiny_clip, tmp_path):
     results = read_json(out / "eval" / "results.json")
     assert results["models"]["violence"] == {"kind": "unet", "source": str(out / "combined" / "unet")}
     assert results["detector"]["name"] == "clip" and len(results["detector"]["unsafe_labels"]) == 4
-    assert results["prompt_sets"]["prompts"]["num_prompts"] == 2 and set(results["metrics"]["violence"]["dsr"]) == {"prompts", "ring_a_bell"}
+    assert results["prompt_sets"]["prompts"]["num_prompts"] == 2 and set(results["metrics"]["violence"]["dsr"]) == {
+        "prompts",
+        "ring_a_bell",
+    }
 
 
 @pytest.mark.slow
@@ -452,7 +578,9 @@ def test_nudity_sd3_smoke(tiny_sd3, tmp_path):
     out = tmp_path / "run"
     commands = check_smoke(run_recipe("nudity_sd3", "--smoke", MODEL=tiny_sd3, OUT=out, LAUNCH="python"))
     training = next(c for c in commands if c[1].endswith("train_duo_sd3.py"))
-    assert {"--gradient_checkpointing", "--use_8bit_adam"} <= set(training)  # the 16 GB settings, also in the smoke run
+    assert {"--gradient_checkpointing", "--use_8bit_adam"} <= set(
+        training
+    )  # the 16 GB settings, also in the smoke run
     config = read_json(out / "duo-sd3-nudity-beta500" / "duo_config.json")
     assert config["architecture"]["family"] == "sd3" and config["dataset"] == str(out / "pairs")
     results = read_json(out / "eval" / "results.json")
@@ -469,7 +597,9 @@ def test_custom_concept_smoke(tiny_sd, tiny_clip, tmp_path):
     unsafe = read_lines(os.path.join(EXAMPLES, "custom_concept", "unsafe.txt"))
     safe = read_lines(os.path.join(EXAMPLES, "custom_concept", "safe.txt"))
     rows = read_jsonl(out / "pairs" / "metadata.jsonl")
-    assert [(r["unsafe_prompt"], r["safe_prompt"]) for r in rows] == list(zip(unsafe, safe))[: len(rows)] and len(rows) == 2
+    assert [(r["unsafe_prompt"], r["safe_prompt"]) for r in rows] == list(zip(unsafe, safe))[: len(rows)] and len(
+        rows
+    ) == 2
     results = read_json(out / "eval" / "results.json")
     assert list(results["models"]) == ["base", "cigarette"]
     assert results["detector"]["unsafe_labels"] == ["a cigarette"]
@@ -484,12 +614,25 @@ def test_compare_methods_smoke(nudity_smoke, tiny_sd, tmp_path):
     other = smoke_models.make_other_unet(tiny_sd, str(tmp_path / "esd-unet.safetensors"), perturbation=0.1)
     out = tmp_path / "run"
     adapters = f"duo-b500={nudity_out / 'duo-nudity-beta500'} duo-b250={nudity_out / 'duo-nudity-beta250'}"
-    check_smoke(run_recipe(
-        "compare_methods", "--smoke", MODEL=tiny_sd, OUT=out, LAUNCH="python",
-        ADAPTERS=adapters, UNETS=f"esd={other}", INVERSION_IMAGES=nudity_out / "pairs",
-    ))
+    check_smoke(
+        run_recipe(
+            "compare_methods",
+            "--smoke",
+            MODEL=tiny_sd,
+            OUT=out,
+            LAUNCH="python",
+            ADAPTERS=adapters,
+            UNETS=f"esd={other}",
+            INVERSION_IMAGES=nudity_out / "pairs",
+        )
+    )
     results = read_json(out / "eval" / "results.json")
-    assert {m: v["kind"] for m, v in results["models"].items()} == {"base": "base", "duo-b500": "adapter", "duo-b250": "adapter", "esd": "unet"}
+    assert {m: v["kind"] for m, v in results["models"].items()} == {
+        "base": "base",
+        "duo-b500": "adapter",
+        "duo-b250": "adapter",
+        "esd": "unet",
+    }
     for values in results["metrics"].values():
         assert set(values["dsr"]) == {"prompts", "ring_a_bell", "concept_inversion"}
     # The stand-in's cross-attention noise shows in its images; the base against itself is identical.
@@ -507,7 +650,10 @@ def test_multi_gpu_smoke_runs_two_processes(tiny_sd, tmp_path):
     """ddp.yaml with two CPU processes: each makes its share of the pairs, and a step takes one pair from each."""
     out = tmp_path / "run"
     commands = check_smoke(run_recipe("multi_gpu", "--smoke", MODEL=tiny_sd, OUT=out))
-    assert all(c[:4] == ["accelerate", "launch", "--config_file", os.path.join(EXAMPLES, "multi_gpu", "ddp.yaml")] for c in commands)
+    assert all(
+        c[:4] == ["accelerate", "launch", "--config_file", os.path.join(EXAMPLES, "multi_gpu", "ddp.yaml")]
+        for c in commands
+    )
     progress = sorted(os.listdir(out / "pairs" / ".duo_progress"))
     assert progress == ["process-000.jsonl", "process-001.jsonl"]
     assert len(read_jsonl(out / "pairs" / "metadata.jsonl")) == 2

@@ -108,10 +108,10 @@ def test_preservation_is_zero_with_adapter_off_and_positive_with_it_on(tiny_sd):
     """The reference is the same network with the adapter switched off: L_pres vanishes then."""
     from diffusers import UNet2DConditionModel
 
-    from duo_plugin import training
+    from duo_plugin import lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
-    training.add_duo_adapter(unet, rank=4, alpha=4, target_modules=training.lora_target_modules(unet, "self_attn"))
+    lora.add_duo_adapter(unet, rank=4, alpha=4, target_modules=lora.lora_target_modules(unet, "self_attn"))
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if "lora_B" in name:
@@ -119,7 +119,7 @@ def test_preservation_is_zero_with_adapter_off_and_positive_with_it_on(tiny_sd):
     sample = torch.randn(2, 4, 16, 16)
     timesteps = torch.full((2,), 999)
     condition = torch.randn(2, 16, unet.config.cross_attention_dim)
-    with torch.no_grad(), training.adapters_disabled(unet):
+    with torch.no_grad(), lora.adapters_disabled(unet):
         ref_prediction = unet(sample, timesteps, condition).sample
         off_prediction = unet(sample, timesteps, condition).sample
     on_prediction = unet(sample, timesteps, condition).sample

@@ -2,25 +2,44 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import run_process, tiny_train_args, train_in_process
 from PIL import Image
 
-from conftest import REPO_ROOT, run_script, tiny_train_args
 from duo_plugin import pairs
 from duo_plugin.detectors import DETECTORS, Detection, register_detector
 
-CUSTOM = ["--concept", "squares", "--unsafe_prompt", "a red square", "--safe_prompt", "a blue square",
-          "--unsafe_prompt", "a red circle", "--safe_prompt", "a blue circle"]
+
+CUSTOM = [
+    "--concept",
+    "squares",
+    "--unsafe_prompt",
+    "a red square",
+    "--safe_prompt",
+    "a blue square",
+    "--unsafe_prompt",
+    "a red circle",
+    "--safe_prompt",
+    "a blue circle",
+]
 
 
 def pair_args(model, output_dir, *extra):
     """Flags for a fast run on a tiny pipeline: 32x32 images, 3 steps (the edit runs 2 at strength 0.8)."""
-    return ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir),
-            "--num_inference_steps", "3", "--batch_size", "2", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        model,
+        "--output_dir",
+        str(output_dir),
+        "--num_inference_steps",
+        "3",
+        "--batch_size",
+        "2",
+        *extra,
+    ]
 
 
 def read_rows(folder, name=pairs.METADATA_NAME):
@@ -55,10 +74,17 @@ class ScriptedDetector:
         pass
 
     def __call__(self, images):
-        verdicts = ScriptedDetector.script[len(ScriptedDetector.calls)] if len(ScriptedDetector.calls) < len(ScriptedDetector.script) else [False] * len(images)
+        verdicts = (
+            ScriptedDetector.script[len(ScriptedDetector.calls)]
+            if len(ScriptedDetector.calls) < len(ScriptedDetector.script)
+            else [False] * len(images)
+        )
         ScriptedDetector.calls.append([np.asarray(image.convert("RGB")) for image in images])
         assert len(verdicts) == len(images)
-        return [Detection(flagged=flag, score=0.9 if flag else 0.1, labels=["SCRIPTED"] if flag else []) for flag in verdicts]
+        return [
+            Detection(flagged=flag, score=0.9 if flag else 0.1, labels=["SCRIPTED"] if flag else [])
+            for flag in verdicts
+        ]
 
 
 @pytest.fixture
@@ -78,7 +104,9 @@ def reference(tiny_sd, tmp_path_factory):
 
 
 def test_image_seeds_are_pure_and_distinct():
-    seeds = {pairs.image_seed(7, i, j, role) for i in range(50) for j in range(pairs.MAX_ATTEMPTS_LIMIT) for role in (0, 1)}
+    seeds = {
+        pairs.image_seed(7, i, j, role) for i in range(50) for j in range(pairs.MAX_ATTEMPTS_LIMIT) for role in (0, 1)
+    }
     assert len(seeds) == 50 * pairs.MAX_ATTEMPTS_LIMIT * 2
     assert pairs.image_seed(7, 3, 2, 1) == pairs.image_seed(7, 3, 2, 1) != pairs.image_seed(8, 3, 2, 1)
 
@@ -100,11 +128,14 @@ def test_custom_concept_makes_an_imagefolder_dataset(reference):
     assert [row["pair_index"] for row in rows] == [0, 1, 2, 3]
     assert [row["unsafe_seed"] for row in rows] == [pairs.image_seed(0, i, 0, 0) for i in range(4)]
     assert [row["safe_seed"] for row in rows] == [pairs.image_seed(0, i, 0, 1) for i in range(4)]
-    assert all(row["strength"] == 0.8 and row["guidance_scale"] == 7.5 and row["num_inference_steps"] == 3 for row in rows)
+    assert all(
+        row["strength"] == 0.8 and row["guidance_scale"] == 7.5 and row["num_inference_steps"] == 3 for row in rows
+    )
     assert pair_files(folder) == sorted(f"{i:05d}_{r}.png" for i in range(4) for r in ("unsafe", "safe"))
     # The report, per prompt: accepted / attempted.
     assert [(p.unsafe_prompt, p.accepted, p.finished, p.attempts) for p in report.prompts] == [
-        ("a red square", 2, 2, 2), ("a red circle", 2, 2, 2)
+        ("a red square", 2, 2, 2),
+        ("a red circle", 2, 2, 2),
     ]
     # What the training scripts read.
     loaded = pairs.load_pair_images(str(folder), pairs.UNSAFE_COLUMN, pairs.SAFE_COLUMN)
@@ -199,7 +230,10 @@ def test_never_accepting_detector_stops_after_max_attempts(tiny_sd, tmp_path, sc
     # No unsafe image is ever flagged: 3 draws per pair, no edit, then the pair is given up.
     assert [len(call) for call in scripted.calls] == [2, 2, 2]
     progress = read_rows(folder / pairs.PROGRESS_DIR, "process-000.jsonl")
-    assert sorted((row["pair_index"], row["accepted"], row["attempts"]) for row in progress) == [(0, False, 3), (1, False, 3)]
+    assert sorted((row["pair_index"], row["accepted"], row["attempts"]) for row in progress) == [
+        (0, False, 3),
+        (1, False, 3),
+    ]
     assert read_rows(folder) == [] and (folder / "README.md").exists()
 
     # A higher --max_attempts retries only the failed pairs, with new seeds (attempt 3).
@@ -246,7 +280,11 @@ def test_nudenet_verifier_rejects_unflagged_images(tiny_sd, tmp_path):
     """NudeNet end to end: noise from a random tiny model is never nudity, so nothing is accepted."""
     pytest.importorskip("nudenet")
     folder = tmp_path / "nudenet"
-    report = pairs.main(pair_args(tiny_sd, folder, "--concept", "nudity", "--num_pairs", "2", "--max_attempts", "1", "--min_pairs", "0"))
+    report = pairs.main(
+        pair_args(
+            tiny_sd, folder, "--concept", "nudity", "--num_pairs", "2", "--max_attempts", "1", "--min_pairs", "0"
+        )
+    )
     assert report.verifier == "nudenet" and report.accepted == 0
     progress = read_rows(folder / pairs.PROGRESS_DIR, "process-000.jsonl")
     assert all(not row["accepted"] and row["unsafe_score"] < 0.6 and "safe_score" not in row for row in progress)
@@ -293,8 +331,12 @@ def test_bad_flags_are_refused(tiny_sd, tmp_path, capsys):
     out = tmp_path / "o"
     assert "--strength 1.5" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--strength", "1.5"), capsys, code=2)
     assert "multiple of 8" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--resolution", "36"), capsys, code=2)
-    assert "--verifier: unknown detector 'nope'" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--verifier", "nope"), capsys, code=2)
-    assert "--min_pairs 9" in refuse(pair_args(tiny_sd, out, *CUSTOM, "--num_pairs", "2", "--min_pairs", "9"), capsys, code=2)
+    assert "--verifier: unknown detector 'nope'" in refuse(
+        pair_args(tiny_sd, out, *CUSTOM, "--verifier", "nope"), capsys, code=2
+    )
+    assert "--min_pairs 9" in refuse(
+        pair_args(tiny_sd, out, *CUSTOM, "--num_pairs", "2", "--min_pairs", "9"), capsys, code=2
+    )
     assert "nudes" in refuse(pair_args(tiny_sd, out, "--concept", "nudes"), capsys, code=2)
     assert not out.exists()  # refused before anything was written
 
@@ -334,11 +376,27 @@ def test_two_processes_split_the_pairs(reference, tiny_sd, tmp_path):
     """Under accelerate launch, each process makes every other pending pair; the merged dataset is the same."""
     folder, _ = reference
     split = tmp_path / "split"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-               "--module", "duo_plugin.pairs", *pair_args(tiny_sd, split, *CUSTOM, "--num_pairs", "4", "--batch_size", "1")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "--module",
+        "duo_plugin.pairs",
+        *pair_args(tiny_sd, split, *CUSTOM, "--num_pairs", "4", "--batch_size", "1"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+    result = run_process(command, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     by_process = {
         name: sorted(row["pair_index"] for row in read_rows(split / pairs.PROGRESS_DIR, name))
@@ -350,18 +408,65 @@ def test_two_processes_split_the_pairs(reference, tiny_sd, tmp_path):
         assert np.abs(pixels(split / name).astype(int) - pixels(folder / name)).max() <= 1, name
 
 
-@pytest.mark.slow
 def test_train_duo_generates_pairs_then_trains(tiny_sd, tmp_path):
     pairs_dir = tmp_path / "pairs"
-    args = tiny_train_args(tiny_sd, "unused", tmp_path / "out", "--skip_validation", "--num_pairs", "4",
-                           "--pairs_dir", str(pairs_dir), *CUSTOM)
+    args = tiny_train_args(
+        tiny_sd,
+        "unused",
+        tmp_path / "out",
+        "--skip_validation",
+        "--num_pairs",
+        "4",
+        "--pairs_dir",
+        str(pairs_dir),
+        *CUSTOM,
+    )
     position = args.index("--dataset_name")
     del args[position : position + 2]
-    result = run_script("train_duo.py", args)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_in_process("train_duo.py", args)
     rows = read_rows(pairs_dir)
     assert [row["unsafe_prompt"] for row in rows] == ["a red square", "a red circle"] * 2
     # The training resolution is the generation resolution.
     assert all(pixels(pairs_dir / row["safe_file_name"]).shape == (32, 32, 3) for row in rows)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "duo_config.json").read_text())["concept"] == "squares"
+
+
+def test_clip_verifier_describes_the_concept_with_the_recipes_prompts(tiny_sd, tmp_path, monkeypatch):
+    """--verifier clip works: the CLIP zero-shot detector gets the unsafe prompts as the concept's labels and the
+    safe prompts as its absence, and every attempt is scored."""
+    from duo_plugin import metrics
+    from duo_plugin.detectors import CLIPZeroShotDetector
+    from duo_plugin.testing import make_tiny_clip
+
+    monkeypatch.setattr(metrics, "DEFAULT_CLIP_MODEL", make_tiny_clip(str(tmp_path / "clip")))
+    folder = tmp_path / "pairs"
+    pairs.main(
+        pair_args(
+            tiny_sd,
+            folder,
+            *CUSTOM,
+            "--num_pairs",
+            "2",
+            "--verifier",
+            "clip",
+            "--max_attempts",
+            "1",
+            "--min_pairs",
+            "0",
+        )
+    )
+    recipe = json.loads((folder / pairs.RECIPE_NAME).read_text())["recipe"]
+    assert recipe["verifier"] == "clip"
+    verifier = pairs.make_verifier(
+        pairs.PairRecipe(**{**recipe, "prompt_pairs": tuple(map(tuple, recipe["prompt_pairs"]))})
+    )
+    assert isinstance(verifier, CLIPZeroShotDetector)
+    assert verifier.unsafe_labels == ["a red square", "a red circle"] and verifier.safe_labels == [
+        "a blue square",
+        "a blue circle",
+    ]
+    rows = [
+        row for name in os.listdir(folder / pairs.PROGRESS_DIR) for row in read_rows(folder / pairs.PROGRESS_DIR, name)
+    ]
+    assert len(rows) == 2 and all(0.0 <= row["unsafe_score"] <= 1.0 for row in rows)

@@ -5,6 +5,7 @@ here by train_duo.py against that base's repo id; everything is then loaded by r
 offline, and compared with stock diffusers (load_lora_weights + set_adapters) on the same base.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,9 +14,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_process, tiny_train_args, train_in_process
 
-from conftest import REPO_ROOT, run_script, tiny_train_args
 from duo_plugin.errors import UsageError
+from duo_plugin.lora import LORA_WEIGHT_NAME
+from duo_plugin.outputs import DUO_CONFIG_NAME
 from duo_plugin.pipeline import (
     DUOPipeline,
     DUOStableDiffusion3Pipeline,
@@ -23,9 +26,7 @@ from duo_plugin.pipeline import (
     active_concepts,
     load_adapters,
 )
-from duo_plugin.training import DUO_CONFIG_NAME, LORA_WEIGHT_NAME
 
-pytestmark = pytest.mark.slow
 
 BASE = "duo-test/tiny-sd"
 NUDITY = "duo-test/sd-duo-nudity"
@@ -79,19 +80,37 @@ def add_to_hub_cache(cache_dir, repo_id, folder, commit=None, ref="main", only=N
     return commit
 
 
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
+@contextlib.contextmanager
+def offline_cache(cache):
+    """The default Hub cache is ``cache`` and the Hub is unreachable (HF_HUB_OFFLINE=1).
+
+    huggingface_hub reads both variables when imported, so its constants are set too.
+    """
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_HUB_CACHE", str(cache))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        yield
 
 
 def train_adapter(cache, base_repo, pairs, output_dir, script="train_duo.py", *extra):
+    """The script's main() in process, loading the base by repo id from the offline cache."""
     args = tiny_train_args(
-        base_repo, pairs, output_dir,
-        "--preservation_weight", "0",
-        "--learning_rate", "1e-2",
+        base_repo,
+        pairs,
+        output_dir,
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "1e-2",
         "--skip_validation",
         *extra,
     )
-    assert_ok(run_script(script, args, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
+    with offline_cache(cache):
+        train_in_process(script, args)
     return output_dir
 
 
@@ -104,7 +123,9 @@ def hub(tiny_pairs, tmp_path_factory):
     cache = root / "hub"
     base_dir = make_tiny_sd_pipeline(str(root / "base"))
     add_to_hub_cache(cache, BASE, base_dir, absent=SD_ABSENT)
-    nudity = train_adapter(cache, BASE, tiny_pairs, root / "nudity", "train_duo.py", "--concept", "nudity", "--seed", "1")
+    nudity = train_adapter(
+        cache, BASE, tiny_pairs, root / "nudity", "train_duo.py", "--concept", "nudity", "--seed", "1"
+    )
     blood = train_adapter(cache, BASE, tiny_pairs, root / "blood", "train_duo.py", "--concept", "blood", "--seed", "2")
     commits = {
         NUDITY: add_to_hub_cache(cache, NUDITY, nudity, only=ADAPTER_FILES),
@@ -127,22 +148,21 @@ def hub(tiny_pairs, tmp_path_factory):
     # Bases of another architecture, configs only: a refusal must come before any weight is needed.
     wide_dir = make_tiny_sd_pipeline(str(root / "wide"), cross_attention_dim=48)
     add_to_hub_cache(cache, "duo-test/tiny-sd-wide", wide_dir, only=(".json",))
-    return {"cache": cache, "root": root, "base_dir": base_dir, "wide_dir": wide_dir, "nudity": nudity, "blood": blood, "commits": commits}
+    return {
+        "cache": cache,
+        "root": root,
+        "base_dir": base_dir,
+        "wide_dir": wide_dir,
+        "nudity": nudity,
+        "blood": blood,
+        "commits": commits,
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_hub_cache(hub):
-    """The default cache is the test's, and the Hub is unreachable (HF_HUB_OFFLINE=1).
-
-    huggingface_hub reads both variables when imported, so its constants are set too.
-    """
-    from huggingface_hub import constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_HUB_CACHE", str(hub["cache"]))
-        patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        patch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    """The default cache is the test's, and the Hub is unreachable."""
+    with offline_cache(hub["cache"]):
         yield
 
 
@@ -201,9 +221,9 @@ def test_loads_by_repo_id_offline_like_stock_diffusers(hub, images):
     assert np.abs(images["nudity"] - images["base"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_fresh_process_with_hf_hub_offline_loads_by_repo_id(hub, images, tmp_path):
     """The user's case: only environment variables, no patched constants."""
-    import subprocess
     import sys
 
     script = (
@@ -214,7 +234,7 @@ def test_a_fresh_process_with_hf_hub_offline_loads_by_repo_id(hub, images, tmp_p
         "numpy.save(sys.argv[1], image)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub["cache"]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "image.npy")], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-c", script, str(tmp_path / "image.npy")], env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     # Another process may use another number of threads, which reorders float sums (seen: 1.3e-6).
     np.testing.assert_allclose(np.load(tmp_path / "image.npy"), images["nudity"], atol=1e-5)
@@ -227,7 +247,9 @@ def test_loads_from_the_training_output_folder(hub, images):
 
 
 def test_two_adapters_compose_with_weights(hub, images):
-    pipe = DUOPipeline.from_pretrained({"nudity": NUDITY, "blood": BLOOD}, adapter_weights={"nudity": 0.7, "blood": 0.4})
+    pipe = DUOPipeline.from_pretrained(
+        {"nudity": NUDITY, "blood": BLOOD}, adapter_weights={"nudity": 0.7, "blood": 0.4}
+    )
     assert sorted(pipe.get_active_adapters()) == ["blood", "nudity"]
     assert active_concepts(pipe) == {"nudity": 0.7, "blood": 0.4}
     both = generate(pipe)
@@ -343,7 +365,9 @@ def test_unsafe_or_missing_bases_are_refused(hub, tmp_path):
     config = json.loads((moved / DUO_CONFIG_NAME).read_text())
     config["base_model"] = str(tmp_path / "gone" / "tiny_sd")
     (moved / DUO_CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(UsageError, match="trained on the local folder .*gone/tiny_sd, which is not here: pass base_model="):
+    with pytest.raises(
+        UsageError, match="trained on the local folder .*gone/tiny_sd, which is not here: pass base_model="
+    ):
         DUOPipeline.from_pretrained(str(moved))
     with pytest.raises(UsageError, match="duo-test/tiny-sd-absent .*not in the local Hugging Face cache"):
         DUOPipeline.from_pretrained(NUDITY, base_model="duo-test/tiny-sd-absent")
@@ -373,8 +397,6 @@ def test_prediction_type_mismatch_is_refused(hub, tmp_path):
 def test_sd_adapter_on_sd3_base_is_refused(hub):
     from duo_plugin import testing
 
-    if not hasattr(testing, "make_tiny_sd3_pipeline"):
-        pytest.skip("duo_plugin.testing.make_tiny_sd3_pipeline is not there yet")
     sd3_dir = testing.make_tiny_sd3_pipeline(str(hub["root"] / "sd3_configs"), with_t5=False)
     add_to_hub_cache(hub["cache"], "duo-test/tiny-sd3-configs", sd3_dir, only=(".json",))
     with pytest.raises(UsageError, match="family sd vs sd3"):
@@ -407,16 +429,16 @@ def test_refusals(hub, tmp_path):
 
 
 def test_sd3_adapter_loads_onto_its_base(hub, tiny_pairs):
-    from duo_plugin import testing
-
-    if not os.path.exists(os.path.join(REPO_ROOT, "train_duo_sd3.py")) or not hasattr(testing, "make_tiny_sd3_pipeline"):
-        pytest.skip("train_duo_sd3.py is not there yet: the SD3 path is written but untested")
     from diffusers import StableDiffusion3Pipeline
+
+    from duo_plugin import testing
 
     root, cache = hub["root"], hub["cache"]
     base_dir = testing.make_tiny_sd3_pipeline(str(root / "sd3_base"))
     add_to_hub_cache(cache, "duo-test/tiny-sd3", base_dir, absent=SD3_ABSENT)
-    adapter = train_adapter(cache, "duo-test/tiny-sd3", tiny_pairs, root / "sd3_nudity", "train_duo_sd3.py", "--concept", "nudity")
+    adapter = train_adapter(
+        cache, "duo-test/tiny-sd3", tiny_pairs, root / "sd3_nudity", "train_duo_sd3.py", "--concept", "nudity"
+    )
     add_to_hub_cache(cache, "duo-test/sd3-duo-nudity", adapter, only=ADAPTER_FILES)
 
     pipe = DUOPipeline.from_pretrained("duo-test/sd3-duo-nudity")

@@ -4,20 +4,17 @@ import json
 import os
 
 import pytest
-
 from conftest import run_script, tiny_train_args
 
+from duo_plugin import arguments
+from duo_plugin.errors import NETWORK_EXIT_CODE, USAGE_EXIT_CODE
 
-@pytest.fixture(scope="module")
-def train_duo_main():
-    import importlib.util
 
-    from conftest import REPO_ROOT
+@pytest.fixture
+def train_duo_main(fresh_accelerate_state):
+    import train_duo
 
-    spec = importlib.util.spec_from_file_location("train_duo", os.path.join(REPO_ROOT, "train_duo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return train_duo.main
 
 
 def refuse(main, argv, capsys):
@@ -53,7 +50,7 @@ def test_empty_dataset(train_duo_main, tiny_sd, tmp_path, capsys):
     empty.mkdir()
     (empty / "metadata.jsonl").write_text("")
     line = refuse(train_duo_main, tiny_train_args(tiny_sd, str(empty), tmp_path / "o"), capsys)
-    assert "empty" in line or "no pair" in line or "no data" in line.lower()
+    assert f"dataset {empty} is empty: its metadata.jsonl lists no pair" in line
 
 
 def test_missing_columns(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
@@ -92,24 +89,20 @@ def test_sdxl_model_is_unsupported(train_duo_main, tiny_pairs, tmp_path, capsys)
 
 
 def test_fp16_on_cpu(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
-    line = refuse(train_duo_main, tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--mixed_precision", "fp16"), capsys)
+    line = refuse(
+        train_duo_main, tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--mixed_precision", "fp16"), capsys
+    )
     assert "fp16" in line and "bf16" in line
 
 
 def test_8bit_adam_without_bitsandbytes(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(arguments, "is_bitsandbytes_available", lambda: False)
     line = refuse(train_duo_main, tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--use_8bit_adam"), capsys)
     assert "pip install bitsandbytes" in line
 
 
 def test_xformers_flag_without_xformers(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real_find_spec(name, *a))
+    monkeypatch.setattr(arguments, "is_xformers_available", lambda: False)
     argv = tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--enable_xformers_memory_efficient_attention")
     line = refuse(train_duo_main, argv, capsys)
     assert "xformers" in line
@@ -121,6 +114,7 @@ def test_wandb_with_hub_token(train_duo_main, tiny_sd, tiny_pairs, tmp_path, cap
     assert "token" in line and "hf auth login" in line
 
 
+@pytest.mark.slow
 def test_refusal_through_accelerate_launch(tiny_sd, tiny_pairs, tmp_path):
     """As a user sees it: the one line is there and the launch exits non-zero."""
     result = run_script("train_duo.py", tiny_train_args(tiny_sd, tiny_pairs, tmp_path / "o", "--concept", "nudes"))
@@ -128,12 +122,26 @@ def test_refusal_through_accelerate_launch(tiny_sd, tiny_pairs, tmp_path):
     assert "error: unknown concept 'nudes'" in result.stderr
 
 
-def test_failed_push_keeps_everything_local(tiny_sd, tiny_pairs, tmp_path):
+def test_failed_push_keeps_everything_local(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
+    """HF_HUB_OFFLINE (set for every test) makes the upload fail as a network failure would."""
     output_dir = tmp_path / "push"
-    args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "1", "--skip_validation", "--push_to_hub", "--hub_model_id", "someone/duo-test")
-    result = run_script("train_duo.py", args, accelerate=False, env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    args = tiny_train_args(
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "1",
+        "--skip_validation",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/duo-test",
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_duo_main(args)
+    # A network failure is not bad input: its own exit code, and the library's error is kept as the cause.
+    assert exit_info.value.code == NETWORK_EXIT_CODE != USAGE_EXIT_CODE
+    assert exit_info.value.__context__.__cause__ is not None
+    error_lines = [line[line.index("error:") :] for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and "push to the Hub failed" in error_lines[0]
     assert "hf upload someone/duo-test" in error_lines[0]
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file() and (output_dir / "README.md").is_file()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, tiny_train_args
+from conftest import tiny_train_args, train_in_process
 from duo_plugin import timing
 from duo_plugin.testing import MeanChannelDetector
 
@@ -144,14 +144,13 @@ def test_train_duo_t_max_auto_measures_first_and_records_it(tiny_sd, tiny_pairs,
     pairs = str(tmp_path / "pairs")
     shutil.copytree(tiny_pairs, pairs)
     out = tmp_path / "out"
-    result = run_script(
+    train_in_process(
         "train_duo.py",
         tiny_train_args(
             tiny_sd, pairs, out, *CONCEPT, "--t_max", "auto", "--verifier", DETECTOR, "--detector_threshold", "0.0",
             "--skip_validation", "--max_train_steps", "2", "--num_inference_steps", "3",
         ),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "pairs-timing" / "timing.json").read_text())
     config = json.loads((out / "duo_config.json").read_text())
     assert config["t_max"] == measured["recommended_t_max"]

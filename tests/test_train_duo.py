@@ -1,5 +1,6 @@
-"""train_duo.py end to end, as a user runs it: `accelerate launch train_duo.py ...` on a tiny pipeline."""
+"""train_duo.py end to end on a tiny pipeline: ``main()`` in process, and two processes through ``accelerate launch``."""
 
+import glob
 import json
 import math
 import os
@@ -8,11 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_script, tiny_train_args, train_in_process
 from safetensors.torch import load_file
-
-from conftest import run_script, tiny_train_args
-
-pytestmark = pytest.mark.slow
 
 
 def read_metrics(output_dir):
@@ -29,16 +27,23 @@ def trained(tiny_sd, tiny_pairs, tmp_path_factory):
     """One full run: LoRA on self-attention, checkpoints every step with a limit of 2, validation on."""
     output_dir = tmp_path_factory.mktemp("trained") / "out"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir,
-        "--concept", "nudity",
-        "--checkpointing_steps", "1",
-        "--checkpoints_total_limit", "2",
-        "--preservation_weight", "0",
-        "--learning_rate", "1e-3",
-        "--validation_steps", "2",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--concept",
+        "nudity",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--validation_steps",
+        "2",
     )
-    result = run_script("train_duo.py", args)
-    assert_ok(result)
+    train_in_process("train_duo.py", args)
     return output_dir
 
 
@@ -58,6 +63,7 @@ def test_artifacts(trained, tiny_sd):
     for tag in ("diffusers", "lora", "duo", "concept-erasure", "text-to-image"):
         assert f"- {tag}" in card
     assert f"base_model: {tiny_sd}" in card
+    assert "license: creativeml-openrail-m" in card
     assert "load_lora_weights" in card
     # The card shows only images of unrelated prompts.
     assert "lighthouse" in card and "naked" not in card.split("## Samples")[1]
@@ -94,7 +100,9 @@ def test_stock_diffusers_loads_the_adapter_and_outputs_change(trained, tiny_sd):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
 
     def sample():
-        return pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(
+            "a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     base = sample()
     pipe.load_lora_weights(str(trained))
@@ -106,11 +114,24 @@ def test_learns_to_prefer_the_safe_image(tiny_sd, tiny_pairs, tmp_path):
     """Without preservation, tens of steps make the adapter denoise safe images better than unsafe ones."""
     output_dir = tmp_path / "out"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir,
-        "--max_train_steps", "80", "--train_batch_size", "4", "--preservation_weight", "0",
-        "--learning_rate", "3e-3", "--beta_dpo", "500", "--skip_validation", "--checkpointing_steps", "1000",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "80",
+        "--train_batch_size",
+        "4",
+        "--preservation_weight",
+        "0",
+        "--learning_rate",
+        "3e-3",
+        "--beta_dpo",
+        "500",
+        "--skip_validation",
+        "--checkpointing_steps",
+        "1000",
     )
-    assert_ok(run_script("train_duo.py", args))
+    train_in_process("train_duo.py", args)
     rows = read_metrics(output_dir)
     early, late = rows[:10], rows[-20:]
     late_loss = np.mean([r["loss_duo"] for r in late])
@@ -120,24 +141,41 @@ def test_learns_to_prefer_the_safe_image(tiny_sd, tiny_pairs, tmp_path):
     assert np.mean([r["implicit_acc"] for r in late]) > 0.65
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path, capsys):
     """Also covers v-prediction and a warm-up schedule, whose state must be restored too."""
     common = (
-        "--max_train_steps", "6", "--checkpointing_steps", "3", "--preservation_weight", "1",
-        "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
-        "--skip_validation", "--random_flip", "--gradient_accumulation_steps", "2", "--train_batch_size", "1",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--preservation_weight",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--skip_validation",
+        "--random_flip",
+        "--gradient_accumulation_steps",
+        "2",
+        "--train_batch_size",
+        "1",
     )
     full = tmp_path / "full"
-    assert_ok(run_script("train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, full, *common)))
+    train_in_process("train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, full, *common))
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
     # A save that crashed half-way must never be picked as "latest".
     (resumed / "checkpoint-5.tmp").mkdir()
-    result = run_script("train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, resumed, *common, "--resume_from_checkpoint", "latest"))
-    assert_ok(result)
-    assert "Resuming from" in result.stdout + result.stderr and "checkpoint-3" in result.stdout + result.stderr
+    train_in_process(
+        "train_duo.py", tiny_train_args(tiny_sd_v, tiny_pairs, resumed, *common, "--resume_from_checkpoint", "latest")
+    )
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "checkpoint-3" in out
 
     expected = load_file(full / "pytorch_lora_weights.safetensors")
     actual = load_file(resumed / "pytorch_lora_weights.safetensors")
@@ -148,9 +186,12 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_sd_v, tiny_pairs, tmp_path
     assert read_metrics(resumed)[-1]["loss"] == pytest.approx(read_metrics(full)[-1]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, tmp_path):
     output_dir = tmp_path / "ddp"
-    args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--train_batch_size", "1", "--checkpointing_steps", "2", "--skip_validation")
+    args = tiny_train_args(
+        tiny_sd, tiny_pairs, output_dir, "--train_batch_size", "1", "--checkpointing_steps", "2", "--skip_validation"
+    )
     result = run_script("train_duo.py", args, num_processes=2)
     assert_ok(result)
     log = result.stdout + result.stderr
@@ -160,19 +201,33 @@ def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, t
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-2"]
     # accelerate keeps one RNG file per process; everything else is written once, by rank 0.
     assert sorted(os.listdir(output_dir / "checkpoint-2")) == [
-        "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+        "optimizer.bin",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "scheduler.bin",
     ]
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_path):
+def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_path, capsys):
     output_dir = tmp_path / "nan"
     args = tiny_train_args(
-        tiny_sd, tiny_pairs, output_dir, "--learning_rate", "1e30", "--preservation_weight", "0",
-        "--checkpointing_steps", "1", "--skip_validation",
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--learning_rate",
+        "1e30",
+        "--preservation_weight",
+        "0",
+        "--checkpointing_steps",
+        "1",
+        "--skip_validation",
     )
-    result = run_script("train_duo.py", args, accelerate=False)
-    assert result.returncode == 1
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    with pytest.raises(SystemExit) as exit_info:
+        train_in_process("train_duo.py", args)
+    assert exit_info.value.code == 1
+    # In process the progress bar's last line has no newline yet; the message follows it.
+    error_lines = [line[line.index("error:") :] for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1
     assert "non-finite" in error_lines[0] and "checkpoint-1" in error_lines[0] and "--learning_rate" in error_lines[0]
     assert (output_dir / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
@@ -182,7 +237,124 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_p
 def test_bf16_keeps_lora_parameters_fp32(tiny_sd, tiny_pairs, tmp_path):
     output_dir = tmp_path / "bf16"
     args = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--mixed_precision", "bf16")
-    assert_ok(run_script("train_duo.py", args, accelerate=False))
+    train_in_process("train_duo.py", args)
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     assert (output_dir / "validation" / "step-000002.png").is_file()
+
+
+def read_tensorboard_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # The run's scalars are in the project folder itself (its hyper-parameters in a subfolder).
+    assert glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_default_tensorboard_prompt_conditioning_and_all_attention(tiny_sd, tiny_pairs, tmp_path):
+    """--report_to tensorboard (the default) logs what metrics.jsonl holds; --condition_on_prompts and
+    --lora_target attn train and are recorded; attn adapts the cross-attention too."""
+    output_dir = tmp_path / "out"
+    args = tiny_train_args(
+        tiny_sd,
+        tiny_pairs,
+        output_dir,
+        "--max_train_steps",
+        "2",
+        "--skip_validation",
+        "--report_to",
+        "tensorboard",
+        "--tracker_name",
+        "my-run",
+        "--condition_on_prompts",
+        "--lora_layers",
+        "attn",
+    )
+    train_in_process("train_duo.py", args)
+    rows = read_metrics(output_dir)
+    scalars = read_tensorboard_scalars(output_dir / "logs" / "my-run")
+    for key in ("loss", "loss_duo", "implicit_acc", "lr"):
+        assert [step for step, _ in scalars[key]] == [1, 2]
+        assert [value for _, value in scalars[key]] == pytest.approx([row[key] for row in rows], rel=1e-6)
+    config = json.loads((output_dir / "duo_config.json").read_text())
+    assert config["condition_on_prompts"] is True and config["lora_target"] == "attn"
+    keys = list(load_file(output_dir / "pytorch_lora_weights.safetensors"))
+    assert any(".attn1." in key for key in keys) and any(".attn2." in key for key in keys)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="fp16 mixed precision needs a GPU: accelerate refuses it on CPU (see test_refusals)",
+)
+def test_fp16_on_a_gpu_trains_and_keeps_lora_parameters_fp32(tiny_sd, tiny_pairs, tmp_path):
+    output_dir = tmp_path / "fp16"
+    train_in_process(
+        "train_duo.py",
+        tiny_train_args(
+            tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "2", "--mixed_precision", "fp16", "--skip_validation"
+        ),
+    )
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert all(math.isfinite(row["loss"]) for row in read_metrics(output_dir))
+
+
+def test_batch_conditions_pairs_on_their_prompts_and_preservation_on_the_empty_prompt():
+    """make_duo_batch: both images of pair i get pair i's condition; the pure-noise rows the empty prompt, at the last timestep."""
+    from diffusers import DDPMScheduler
+
+    from duo_plugin import data, sd
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 2, 2, 4, 4, generator=generator)  # pairs, flips, (unsafe, safe), latent
+    latents = data.CachedPairLatents(mean=mean, std=torch.zeros_like(mean), scaling_factor=1.0)
+    empty = torch.zeros(1, 5, 8)
+    prompts = torch.arange(3 * 5 * 8, dtype=torch.float32).reshape(3, 5, 8)
+    indices = torch.tensor([2, 0])
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    batch = sd.make_duo_batch(
+        latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty, prompts[indices]
+    )
+    torch.testing.assert_close(
+        batch.condition, torch.cat([prompts[indices], prompts[indices], empty.expand(2, -1, -1)])
+    )
+    assert batch.timesteps[:2].tolist() == batch.timesteps[2:4].tolist() and batch.timesteps[4:].tolist() == [999, 999]
+    unconditioned = sd.make_duo_batch(latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty)
+    torch.testing.assert_close(unconditioned.condition, empty.expand(6, -1, -1))
+    torch.testing.assert_close(unconditioned.model_input, batch.model_input)  # the condition changes no draw
+
+
+def test_upstream_flag_names_and_their_old_spellings():
+    import train_duo
+
+    upstream = train_duo.parse_args(
+        ["--validation_prompt", "a", "b", "--lora_layers", "attn", "--lr_num_cycles", "3", "--lr_power", "2"]
+    )
+    old = train_duo.parse_args(["--validation_prompts", "a", "b", "--lora_target", "attn"])
+    assert upstream.validation_prompts == old.validation_prompts == ["a", "b"]
+    assert upstream.lora_target == old.lora_target == "attn"
+    assert (upstream.lr_num_cycles, upstream.lr_power) == (3, 2.0)
+
+
+def test_state_hooks_refuse_a_model_they_were_not_given(fresh_accelerate_state, tmp_path):
+    """The save/load hooks check which model accelerate hands them: only the adapted denoiser."""
+    from accelerate import Accelerator
+
+    from duo_plugin import checkpoints
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    saved = []
+    checkpoints.register_adapter_state_hooks(
+        accelerator, model, lambda out, state, m: saved.append(out), lora_prefix="unet"
+    )
+    (save_hook,) = accelerator._save_model_state_pre_hook.values()
+    (load_hook,) = accelerator._load_model_state_pre_hook.values()
+    with pytest.raises(ValueError, match="unexpected model.*Conv1d"):
+        save_hook([torch.nn.Conv1d(1, 1, 1)], [{}], str(tmp_path))
+    with pytest.raises(ValueError, match="unexpected model.*Conv1d"):
+        load_hook([torch.nn.Conv1d(1, 1, 1)], str(tmp_path))
+    assert saved == []

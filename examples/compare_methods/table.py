@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
@@ -33,7 +34,12 @@ def results_table(results: dict) -> str:
         for name, key, label, digits in (("fid", "fid", "FID", 2), ("clip_score", "clip_score", "CLIP score", 2))
         if any(name in values for values in metrics.values())
     ]
-    header = ["model", "kind"] + [f"DSR {a}" for a in attacks] + ["prior preservation"] + [label for _, _, label, _ in extra]
+    header = (
+        ["model", "kind"]
+        + [f"DSR {a}" for a in attacks]
+        + ["prior preservation"]
+        + [label for _, _, label, _ in extra]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, values in metrics.items():
         cells = [model, results.get("models", {}).get(model, {}).get("kind", "")]
@@ -60,7 +66,9 @@ def main(argv=None):
     table = results_table(results)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "results.md")
     with open(output, "w") as f:
-        f.write(f"# {results.get('settings', {}).get('concept', '')}: defense success rate and prior preservation\n\n{table}")
+        f.write(
+            f"# {results.get('settings', {}).get('concept', '')}: defense success rate and prior preservation\n\n{table}"
+        )
     print(table, end="")
     return table
 

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin import attacks  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 
 TRAIN_METHODS = {
     # ESD-x: cross-attention only, the variant for concepts named in prompts.
@@ -47,10 +49,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt to erase (repeatable; or @file)")
-    parser.add_argument("--images", type=str, required=True, help="images of the concept: a DUO pair folder (its unsafe images) or an image folder")
+    parser.add_argument(
+        "--images",
+        type=str,
+        required=True,
+        help="images of the concept: a DUO pair folder (its unsafe images) or an image folder",
+    )
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--train_method", type=str, default="xattn", choices=sorted(TRAIN_METHODS))
-    parser.add_argument("--negative_guidance", type=float, default=1.0, help="η: how far the target is pushed away from the prompt")
+    parser.add_argument(
+        "--negative_guidance", type=float, default=1.0, help="η: how far the target is pushed away from the prompt"
+    )
     parser.add_argument("--max_train_steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--train_batch_size", type=int, default=4)
@@ -59,7 +68,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def esd_target(base_unconditional: torch.Tensor, base_conditional: torch.Tensor, negative_guidance: float) -> torch.Tensor:
+def esd_target(
+    base_unconditional: torch.Tensor, base_conditional: torch.Tensor, negative_guidance: float
+) -> torch.Tensor:
     """ε*(∅) − η (ε*(c) − ε*(∅)): the base's guidance direction for c, reversed."""
     return base_unconditional - negative_guidance * (base_conditional - base_unconditional)
 
@@ -69,14 +80,16 @@ def main(argv=None):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from duo_plugin.training import read_prompt_list
+    from duo_plugin.concepts import read_prompt_list
 
     args = parse_args(argv)
     prompts = read_prompt_list(args.prompt)
     if args.max_train_steps < 1 or args.train_batch_size < 1:
         raise UsageError("--max_train_steps and --train_batch_size must be at least 1")
     torch.manual_seed(args.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False
+    )
     unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
@@ -120,8 +133,17 @@ def main(argv=None):
         progress.set_postfix(loss=f"{loss.item():.4f}")
 
     os.makedirs(args.output_dir, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in unet.state_dict().items()}, os.path.join(args.output_dir, "unet.safetensors"))
-    config = {**vars(args), "prompts": prompts, "num_images": len(latents), "first_loss": losses[0], "last_loss": losses[-1]}
+    save_file(
+        {name: tensor.contiguous() for name, tensor in unet.state_dict().items()},
+        os.path.join(args.output_dir, "unet.safetensors"),
+    )
+    config = {
+        **vars(args),
+        "prompts": prompts,
+        "num_images": len(latents),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
     with open(os.path.join(args.output_dir, "esd_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     print(f"saved the ESD-{args.train_method} UNet to {os.path.join(args.output_dir, 'unet.safetensors')}")

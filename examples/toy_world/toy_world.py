@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from duo_plugin.detectors import Detection
-from duo_plugin.testing import word_clip_tokenizer
+from duo_plugin.testing import clip_word_tokenizer
 
 RESOLUTION = 32
 SHAPES = ("square", "circle", "triangle")
@@ -232,7 +232,7 @@ def all_captions(scene: Scene) -> List[str]:
 
 def world_tokenizer(model_max_length: int = 16):
     """The world's CLIP BPE tokenizer: every word of the world is one token; other text falls back to letters."""
-    return word_clip_tokenizer(world_words(), model_max_length)
+    return clip_word_tokenizer(world_words(), model_max_length)
 
 
 # --- Reading images with fixed pixel rules --------------------------------------------------------

@@ -19,22 +19,39 @@ import sys
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from duo_plugin import DUOPipeline, active_concepts  # noqa: E402
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+from duo_plugin.precision import DTYPES, torch_dtype  # noqa: E402
+
 
 VIOLENCE_CONCEPTS = ("blood", "suffer", "gun", "horror")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", action="append", required=True, metavar="CONCEPT=PATH", help="a DUO adapter folder or Hub id (repeatable)")
-    parser.add_argument("--weight", action="append", default=[], metavar="CONCEPT=W", help="an adapter's weight (default 1.0)")
-    parser.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights (needed for --save_unet)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="CONCEPT=PATH",
+        help="a DUO adapter folder or Hub id (repeatable)",
+    )
+    parser.add_argument(
+        "--weight", action="append", default=[], metavar="CONCEPT=W", help="an adapter's weight (default 1.0)"
+    )
+    parser.add_argument(
+        "--fuse", action="store_true", help="merge the adapters into the base weights (needed for --save_unet)"
+    )
     parser.add_argument("--base_model", default=None, help="default: the base model recorded in the adapters")
-    parser.add_argument("--prompt", action="append", default=None, help="sample prompts (repeatable); default: the four presets' validation prompts")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="sample prompts (repeatable); default: the four presets' validation prompts",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--save_unet", default=None, help="save the merged UNet here (for duo_plugin.evaluate --unet)")
     parser.add_argument("--num_inference_steps", type=int, default=50)
@@ -87,7 +104,7 @@ def main(argv=None):
         base_model=args.base_model,
         adapter_weights={name: weights.get(name, 1.0) for name in adapters},
         fuse=args.fuse,
-        torch_dtype=DTYPES[args.dtype],
+        dtype=torch_dtype(args.dtype),
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)

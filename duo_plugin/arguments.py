@@ -1,0 +1,203 @@
+"""The flags both training scripts share (named as diffusers' DreamBooth-LoRA and Diffusion-DPO examples
+name them), the refusals that need nothing loaded, and the defaults a concept preset fills in."""
+
+import argparse
+import os
+from typing import Optional
+
+import torch
+from diffusers.utils import is_bitsandbytes_available, is_tensorboard_available, is_xformers_available
+
+from .concepts import add_concept_arguments, resolve_concept_preset
+from .errors import UsageError
+from .presets import (
+    DEFAULT_GRADIENT_ACCUMULATION_STEPS,
+    DEFAULT_LORA_RANK,
+    FAMILY_RECIPES,
+    ConceptPreset,
+    learning_rate_for_beta,
+    preservation_weight_for_beta,
+    with_overrides,
+)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_resolution: int):
+    """The flags both scripts share, named as in diffusers' DreamBooth-LoRA and Diffusion-DPO examples."""
+    from .timing import t_max_value  # here, not at the top: ``python -m duo_plugin.timing`` imports this module
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=default_model)
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--variant", type=str, default=None, help="e.g. fp16 weights of the base model")
+    model.add_argument("--cache_dir", type=str, default=None)
+
+    duo = parser.add_argument_group("DUO")
+    add_concept_arguments(duo)
+    duo.add_argument("--beta_dpo", type=float, default=None, help="DPO β; preset default (500 nudity, 1000 violence)")
+    duo.add_argument(
+        "--preservation_weight", type=float, default=None, help="λ of the output-preservation term; default 1e6·β/100"
+    )
+    duo.add_argument("--t_min", type=int, default=None, help="lowest training timestep index")
+    duo.add_argument("--t_max", type=t_max_value, default=None, help="timestep indices are drawn from [t_min, t_max); auto: measured first by python -m duo_plugin.timing")
+    duo.add_argument(
+        "--lora_layers",
+        "--lora_target",
+        dest="lora_target",
+        type=str,
+        default=None,
+        choices=["self_attn", "attn"],
+        help="which attention layers get LoRA: self_attn (the UNet's attn1, SD1 default) or attn (every attention projection)",
+    )
+    duo.add_argument(
+        "--condition_on_prompts",
+        action="store_true",
+        help="condition on the pair's unsafe prompt instead of the empty prompt",
+    )
+
+    data = parser.add_argument_group("pair data")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id or local pair folder; without it pairs are generated",
+    )
+    data.add_argument("--dataset_revision", type=str, default=None)
+    data.add_argument(
+        "--pairs_dir",
+        type=str,
+        default=None,
+        help="where generated pairs are cached (default: ~/.cache/duo/pairs/<model>/<concept>)",
+    )
+    data.add_argument("--unsafe_image_column", type=str, default="unsafe")
+    data.add_argument("--safe_image_column", type=str, default="safe")
+    data.add_argument(
+        "--num_pairs", type=int, default=None, help="use at most this many pairs (preset default when generating)"
+    )
+    data.add_argument("--resolution", type=int, default=default_resolution)
+    data.add_argument("--center_crop", action="store_true")
+    data.add_argument("--random_flip", action="store_true")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default=None, help="default: duo-<concept>")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--train_batch_size", type=int, default=1, help="pairs per device per micro-step")
+    train.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=DEFAULT_GRADIENT_ACCUMULATION_STEPS,
+        help="default 4: an effective batch of 4 pairs on one GPU, as the official 1 pair x 4 GPUs",
+    )
+    train.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; preset default")
+    train.add_argument("--learning_rate", type=float, default=None, help="default scales with β (official recipe)")
+    train.add_argument("--lr_scheduler", type=str, default="constant")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    train.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--rank", type=int, default=DEFAULT_LORA_RANK, help="LoRA rank")
+    train.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; default equals the rank")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--use_8bit_adam", action="store_true")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    train.add_argument("--allow_tf32", action="store_true")
+
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500)
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None)
+    ckpt.add_argument("--resume_from_checkpoint", type=str, default=None, help='a checkpoint path or "latest"')
+
+    val = parser.add_argument_group("validation and logging")
+    val.add_argument(
+        "--validation_prompt",
+        "--validation_prompts",
+        dest="validation_prompts",
+        type=str,
+        nargs="+",
+        default=None,
+        help="preset default: unsafe, synonym, unrelated",
+    )
+    val.add_argument(
+        "--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)"
+    )
+    val.add_argument("--num_validation_images", type=int, default=2)
+    val.add_argument("--num_validation_inference_steps", type=int, default=30)
+    val.add_argument("--skip_validation", action="store_true", help="no sample images (and none in the model card)")
+    val.add_argument("--report_to", type=str, default="tensorboard")
+    val.add_argument(
+        "--tracker_name", type=str, default=None, help="the trackers' project name (default: duo, duo-sd3 for SD3)"
+    )
+    val.add_argument("--logging_dir", type=str, default="logs")
+
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", type=str, default=None)
+    hub.add_argument("--hub_token", type=str, default=None)
+    hub.add_argument("--hub_private", action="store_true")
+    return parser
+
+
+def check_environment_args(args, accelerator_device_type: Optional[str] = None):
+    """Refusals that need nothing loaded: fail in a second, not after the models are on the GPU."""
+    if args.resolution % 8 != 0:
+        raise UsageError(
+            f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8; use e.g. {args.resolution // 8 * 8 or 8}"
+        )
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise UsageError(
+            "--report_to wandb with --hub_token would expose the token in the run's config: log in with `hf auth login` instead"
+        )
+    if args.use_8bit_adam and not is_bitsandbytes_available():
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise UsageError(
+            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (PyTorch SDPA is used without it)"
+        )
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    device_type = accelerator_device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if mixed_precision == "fp16" and device_type == "cpu":
+        raise UsageError("fp16 mixed precision needs a GPU: use --mixed_precision bf16 or no on CPU")
+    if args.t_min is not None and isinstance(args.t_max, int) and not args.t_min < args.t_max:
+        raise UsageError(f"--t_min {args.t_min} must be below --t_max {args.t_max}")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise UsageError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UsageError("--checkpoints_total_limit must be at least 1")
+    if args.report_to not in ("tensorboard", "wandb", "comet_ml", "all", "none"):
+        raise UsageError(f"--report_to {args.report_to}: choose tensorboard, wandb, comet_ml, all or none")
+    if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
+        raise UsageError(
+            "--report_to tensorboard needs tensorboard: pip install tensorboard, or pass --report_to none"
+        )
+
+
+def resolve_training_args(args, family: str) -> ConceptPreset:
+    """Fill every flag the user left unset from the concept's preset and the family's recipe; returns the preset
+    (with the β in use)."""
+    recipe = FAMILY_RECIPES[family]
+    preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
+    args.concept = preset.name
+    args.beta_dpo = args.beta_dpo if args.beta_dpo is not None else preset.beta_dpo
+    if args.beta_dpo <= 0:
+        raise UsageError(f"--beta_dpo must be positive, got {args.beta_dpo}")
+    if args.learning_rate is None:
+        args.learning_rate = learning_rate_for_beta(args.beta_dpo, recipe.base_learning_rate)
+    if args.preservation_weight is None:
+        args.preservation_weight = preservation_weight_for_beta(args.beta_dpo)
+    if args.max_train_steps is None:
+        args.max_train_steps = preset.max_train_steps
+    if args.validation_prompts is None:
+        args.validation_prompts = list(preset.validation_prompts)
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    args.lora_target = args.lora_target or recipe.lora_target
+    args.tracker_name = args.tracker_name or ("duo-sd3" if family == "sd3" else "duo")
+    args.t_min = recipe.t_min if args.t_min is None else args.t_min
+    args.t_max = recipe.t_max if args.t_max is None else args.t_max
+    if args.output_dir is None:
+        args.output_dir = f"duo-{args.concept}"
+    return with_overrides(preset, beta_dpo=args.beta_dpo)

@@ -1,0 +1,116 @@
+"""Adapter-only accelerate checkpoints: saved atomically, listed, resumed from."""
+
+import logging
+import os
+import re
+import shutil
+from typing import List, Optional
+
+from .errors import UsageError
+from .lora import load_lora_state_dict, lora_state_dict
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints, oldest first. A save in progress (``*.tmp``) is never listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
+            return None
+        return checkpoints[-1]
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'"
+        )
+    checkpoint_step(path)
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> str:
+    """Save accelerate state atomically (into ``*.tmp``, then rename), then drop the oldest beyond the limit.
+
+    A crash during the save leaves only a ``.tmp`` folder, which ``latest`` ignores; older checkpoints are
+    removed only after the new one is complete.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    staging = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for stale in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(stale)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_prefix: str):
+    """Make ``save_state``/``load_state`` store only the adapter, not the frozen base weights.
+
+    ``save_lora_weights(output_dir, state_dict, model)`` is the family's pipeline saver; ``model`` is the
+    unwrapped denoiser that carries the adapter, the only model a DUO run prepares. Under DeepSpeed the
+    engine saves and restores its own state (there are no weights to drop); the adapter file is still
+    written, and read back into the live model.
+    """
+    from accelerate.utils import DistributedType
+
+    def check_models(models):
+        for candidate in models:
+            if not isinstance(accelerator.unwrap_model(candidate), type(model)):
+                raise ValueError(
+                    f"unexpected model in the accelerate state: {type(candidate).__name__}, expected {type(model).__name__}"
+                )
+
+    def save_hook(models, weights, output_dir):
+        check_models(models)
+        if accelerator.is_main_process:
+            save_lora_weights(output_dir, lora_state_dict(model), model)
+        # The adapter file replaces the full state dict accelerate would save next to it.
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        check_models(models)
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # Nothing for accelerate to load: the adapter is all there is, restored here.
+            while models:
+                models.pop()
+        load_lora_state_dict(model, input_dir, lora_prefix)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

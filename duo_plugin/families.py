@@ -1,0 +1,59 @@
+"""Which model family a base model is, read from its model_index.json before any weight is loaded."""
+
+from typing import Optional
+
+from .errors import UsageError
+
+
+def detect_pipeline_class(
+    pretrained_model_name_or_path: str, revision: Optional[str], cache_dir: Optional[str] = None
+) -> str:
+    """The ``_class_name`` of a diffusers pipeline, read from its model_index.json only."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+    except Exception as error:
+        raise UsageError(
+            f"cannot read the pipeline config of --pretrained_model_name_or_path {pretrained_model_name_or_path!r} "
+            f"({type(error).__name__}): give a diffusers pipeline folder or a Hub id that is cached or reachable"
+        ) from error
+    return config["_class_name"]
+
+
+def base_has_t5(
+    pretrained_model_name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> bool:
+    """False for a T5-less SD3 base, saved with ``text_encoder_3: [null, null]`` in model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+    return (config.get("text_encoder_3") or [None])[0] is not None
+
+
+def pipeline_family(pipeline_class: str) -> str:
+    if pipeline_class.startswith("StableDiffusion3"):
+        return "sd3"
+    if pipeline_class.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if pipeline_class in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        return "sd"
+    return "other"
+
+
+def require_family(pipeline_class: str, expected: str, script: str):
+    """Refuse a base model of the wrong family, pointing at the script that handles it."""
+    family = pipeline_family(pipeline_class)
+    if family == expected:
+        return
+    if family == "sd3":
+        raise UsageError(f"{pipeline_class} is a Stable Diffusion 3 model: use train_duo_sd3.py")
+    if family == "sd":
+        raise UsageError(f"{pipeline_class} is a Stable Diffusion 1.x/2.x model: use train_duo.py")
+    if family == "sdxl":
+        raise UsageError(
+            f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+        )
+    raise UsageError(
+        f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+    )

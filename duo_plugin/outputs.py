@@ -1,0 +1,314 @@
+"""What a run leaves behind: metrics, validation grids, ``duo_config.json``, the model card, the Hub upload."""
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+from .errors import NetworkError
+from .files import append_jsonl
+from .lora import LORA_WEIGHT_NAME, adapters_disabled, target_module_patterns
+
+
+logger = logging.getLogger(__name__)
+
+DUO_CONFIG_NAME = "duo_config.json"
+MODEL_CARD_TAGS = ["diffusers", "lora", "duo", "concept-erasure", "text-to-image"]
+
+
+class MetricsLog:
+    """Per-step metrics as JSON lines in the output folder (the trackers get the same values)."""
+
+    def __init__(self, path: str, enabled: bool, append: bool):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not append and os.path.exists(path):
+                os.remove(path)
+
+    def write(self, step: int, values: dict):
+        if self.enabled:
+            append_jsonl(self.path, [{"step": step, **values}])
+
+    def truncate_after(self, step: int):
+        """On resume, forget the rows the resumed run will write again."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(rows)
+
+
+def image_grid(rows: list):
+    """Paste rows of images of one size into one image; shorter rows end in white cells."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    cols = max(len(row) for row in rows)
+    blank = Image.new("RGB", rows[0][0].size, "white")
+    cells = [image for row in rows for image in list(row) + [blank] * (cols - len(row))]
+    return make_image_grid(cells, rows=len(rows), cols=cols)
+
+
+def log_images_to_trackers(accelerator, tag: str, grid, step: int):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.asarray(grid)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(grid)}, step=step)
+
+
+def validation_grid(args, accelerator, model, generate, step):
+    """Base vs unlearned on the validation prompts, same seeds; saved and sent to the trackers.
+
+    The live model is used as it is (never cast): the adapter is switched off for the base images.
+    ``generate(prompt, seeds) -> images`` hides the family's pipeline.
+    """
+    logger.info("Running validation at step %d", step)
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    rows = []
+    for prompt in args.validation_prompts:
+        with adapters_disabled(model):
+            base = generate(prompt, seeds)
+        rows.append(base + generate(prompt, seeds))
+    grid = image_grid(rows)
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    log_images_to_trackers(accelerator, "validation (left: base, right: unlearned)", grid, step)
+
+
+def save_model_card_samples(args, preset, generate):
+    """Samples for the public model card: unrelated prompts only, and nothing a detector flags."""
+    from .detectors import get_detector
+
+    detector = get_detector(preset.detector) if preset.detector else None
+    samples = []
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    for p, prompt in enumerate(preset.unrelated_prompts):
+        images = generate(prompt, seeds)
+        verdicts = detector(images) if detector else [None] * len(images)
+        for i, (image, verdict) in enumerate(zip(images, verdicts)):
+            if verdict is not None and verdict.flagged:
+                continue
+            name = f"samples/sample_{p}_{i}.png"
+            image.save(os.path.join(args.output_dir, name))
+            samples.append((name, prompt))
+    return samples
+
+
+def library_versions() -> Dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_duo_config(
+    output_dir: str, args, architecture: dict, target_modules: List[str], extra: Optional[dict] = None
+) -> dict:
+    """``duo_config.json``: what ``duo_plugin`` needs to rebuild the unlearned model, and the recipe."""
+    config = {
+        "format_version": 1,
+        "base_model": args.pretrained_model_name_or_path,
+        "base_model_revision": args.revision,
+        "variant": args.variant,
+        "architecture": architecture,
+        "concept": args.concept,
+        "weight_name": LORA_WEIGHT_NAME,
+        "beta_dpo": args.beta_dpo,
+        "preservation_weight": args.preservation_weight,
+        "learning_rate": args.learning_rate,
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_target": args.lora_target,
+        "target_modules": target_module_patterns(target_modules),
+        "t_min": args.t_min,
+        "t_max": args.t_max,
+        "t_max_measurement": getattr(args, "t_max_measurement", None),
+        "condition_on_prompts": args.condition_on_prompts,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "dataset": args.dataset_name,
+        "pairs_dir": getattr(args, "pairs_dir", None),
+        "library_versions": library_versions(),
+    }
+    config.update(extra or {})
+    with open(os.path.join(output_dir, DUO_CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+# The licence of each family's reference weights, as diffusers' DreamBooth-LoRA scripts declare it. SD3's is not
+# an SPDX licence: the card says "other" and links the base model's licence file.
+FAMILY_LICENCES = {"sd": "creativeml-openrail-m", "sd3": "other"}
+
+
+def base_model_licence(base_model: str, family: str) -> tuple:
+    """``(licence id, sentence for the card)``: the base's own card licence when it is a local folder with one,
+    else the family's (SD3: ``other``, with a link to the base's licence file)."""
+    card_path = os.path.join(base_model, "README.md")
+    if os.path.isfile(card_path):
+        from huggingface_hub import ModelCard
+
+        licence = ModelCard.load(card_path).data.license
+        if licence:
+            return licence, f"The base model's licence applies: `{licence}` (see its model card)."
+    licence = FAMILY_LICENCES.get(family, "other")
+    if licence == "other":
+        link = base_model if os.path.isdir(base_model) else f"https://huggingface.co/{base_model}/blob/main/LICENSE.md"
+        return licence, f"The base model's licence applies: see [its licence]({link})."
+    return licence, f"The base model's licence applies: `{licence}`."
+
+
+def timing_note(config: dict) -> str:
+    """The measurement behind ``--t_max auto``, for the model card."""
+    measured = config.get("t_max_measurement")
+    return f" (t_max measured by duo_plugin.timing: {measured['verdict']})" if measured else ""
+
+
+def write_model_card(
+    output_dir: str, config: dict, pipeline_class: str, sample_images: List[tuple], repo_id: Optional[str] = None
+):
+    """A model card with the recipe, how to load it, and samples from unrelated prompts only.
+
+    ``sample_images`` is a list of (file name relative to output_dir, prompt); callers pass only
+    images of unrelated prompts that no detector flagged.
+    """
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH
+    from huggingface_hub import ModelCard, ModelCardData
+
+    name = repo_id or os.path.basename(os.path.abspath(output_dir))
+    licence, licence_note = base_model_licence(config["base_model"], config["architecture"]["family"])
+    widget = [{"text": prompt, "output": {"url": path}} for path, prompt in sample_images]
+    gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in sample_images)
+    description = f"""
+# DUO unlearning: {config["concept"]} removed from {config["base_model"]}
+
+A LoRA adapter trained with **Direct Unlearning Optimization** (DUO, Park et al., NeurIPS 2024) to remove the
+concept **{config["concept"]}** from `{config["base_model"]}`, whatever the prompt, while keeping unrelated
+outputs as they were (output-preservation regulariser).
+
+## How to use
+
+```python
+import torch
+from duo_plugin import DUOPipeline
+
+pipe = DUOPipeline.from_pretrained("{name}", dtype=torch.float16).to("cuda")
+image = pipe("a photo of a lighthouse").images[0]
+```
+
+or with stock diffusers:
+
+```python
+from diffusers import {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{config["base_model"]}", dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{name}", weight_name="{LORA_WEIGHT_NAME}")
+```
+
+## Training recipe
+
+| setting | value |
+|---|---|
+| β (beta_dpo) | {config["beta_dpo"]} |
+| preservation weight λ | {config["preservation_weight"]} |
+| learning rate | {config["learning_rate"]} |
+| steps | {config["max_train_steps"]} |
+| effective batch (pairs) | {config["train_batch_size"] * config["gradient_accumulation_steps"]} × processes |
+| LoRA rank / alpha | {config["rank"]} / {config["lora_alpha"]} |
+| LoRA target | {config["lora_target"]} |
+| timesteps | [{config["t_min"]}, {config["t_max"]}){timing_note(config)} |
+| seed | {config["seed"]} |
+| pair data | {config["dataset"] or "generated by duo_plugin.pairs"} |
+
+The full configuration is in `{DUO_CONFIG_NAME}`.
+
+## Samples (unrelated prompts only)
+
+{gallery or "No samples were generated."}
+
+## Licence
+
+{licence_note}
+
+## Limitations
+
+Unlearning lowers, but does not rule out, the chance of generating the concept. Evaluate the adapter on your own
+prompts (`python -m duo_plugin.evaluate`) before relying on it.
+"""
+    # Always a fresh card from diffusers' training template: never fetch (and reuse) a card from the Hub.
+    card = ModelCard.from_template(
+        card_data=ModelCardData(
+            license=licence,
+            library_name="diffusers",
+            base_model=config["base_model"],
+            tags=MODEL_CARD_TAGS + [f"duo-{config['concept']}"],
+            inference=True,
+            widget=widget or None,
+        ),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=description,
+    )
+    card.save(os.path.join(output_dir, "README.md"))
+
+
+FINAL_ARTIFACT_PATTERNS = [LORA_WEIGHT_NAME, DUO_CONFIG_NAME, "README.md", "samples/*.png", "validation/*.png"]
+
+
+def push_to_hub(
+    output_dir: str,
+    repo_id: Optional[str],
+    token: Optional[str],
+    private: bool,
+    allow_patterns: Sequence[str] = tuple(FINAL_ARTIFACT_PATTERNS),
+    repo_type: str = "model",
+    commit_message: str = "DUO unlearning adapter",
+) -> str:
+    """Upload only ``allow_patterns`` of ``output_dir`` (never checkpoints). On failure everything stays local."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
+    try:
+        repo_id = create_repo(repo_id, repo_type=repo_type, exist_ok=True, token=token, private=private).repo_id
+        upload_folder(
+            repo_id=repo_id,
+            repo_type=repo_type,
+            folder_path=output_dir,
+            allow_patterns=list(allow_patterns),
+            commit_message=commit_message,
+            token=token,
+        )
+    except Exception as error:
+        retry = f"hf upload {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id} {output_dir} ."
+        if repo_type == "model":
+            retry += f" --include {' '.join(repr(p) for p in allow_patterns)}"
+        raise NetworkError(
+            f"push to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"everything is kept in {output_dir}. Retry with: {retry}"
+        ) from error
+    return repo_id
+
+
+def finish_run(args, config: dict, pipeline_class: str, samples: List[tuple]):
+    """Model card and optional Hub push, on the main process, after the adapter and config are written."""
+    write_model_card(args.output_dir, config, pipeline_class, samples, args.hub_model_id)
+    logger.info("Saved the DUO adapter to %s", args.output_dir)
+    if args.push_to_hub:
+        repo_id = push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private)
+        logger.info("Pushed to https://huggingface.co/%s", repo_id)

@@ -1,0 +1,240 @@
+"""Stable Diffusion 3 (MMDiT transformer, flow matching): prompts encoded once, the DUO batch, the forward
+pass, the adapter's file.
+
+``train_duo_sd3.py`` shows the loop; these are the pieces of its step that benchmarks and tests use too.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from . import objective
+from .errors import UsageError
+from .families import base_has_t5
+from .lora import LORA_WEIGHT_NAME, adapters_disabled
+
+
+@dataclass
+class PromptEmbeddings:
+    """SD3 prompt embeddings (CLIP-L, CLIP-G and T5 tokens) and pooled projections, on the CPU."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    index: Dict[str, int]
+
+    def __call__(self, prompts: List[str]):
+        rows = torch.tensor([self.index[prompt] for prompt in prompts])
+        return self.prompt_embeds[rows], self.pooled_prompt_embeds[rows]
+
+
+def load_text_pipeline(args, transformer, dtype):
+    """The base pipeline's text encoders and tokenizers, without a second copy of the transformer or a VAE.
+
+    The transformer being trained is lent to the pipeline: a T5-less base needs its
+    ``joint_attention_dim`` for the zero T5 embeddings; it is never called here.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    without_t5 = (
+        {}
+        if base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        else {"text_encoder_3": None, "tokenizer_3": None}
+    )
+    return StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        transformer=transformer,
+        vae=None,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        dtype=dtype,
+        **without_t5,
+    )
+
+
+@torch.no_grad()
+def encode_prompts_once(args, prompts: List[str], transformer, device, dtype, batch_size: int = 8) -> PromptEmbeddings:
+    """Encode every prompt the run will need, then free all text encoders (T5-XXL alone is ~9.5 GB in fp16).
+
+    Called before the transformer moves to the accelerator, so the encoders and the transformer are
+    never there together.
+    """
+    from diffusers.training_utils import free_memory
+
+    unique = list(dict.fromkeys(prompts))
+    text_pipeline = load_text_pipeline(args, transformer, dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(text_pipeline, name) is not None:
+            getattr(text_pipeline, name).to(device)
+    prompt_embeds, pooled_prompt_embeds = [], []
+    for start in range(0, len(unique), batch_size):
+        embeds, _, pooled, _ = text_pipeline.encode_prompt(
+            unique[start : start + batch_size],
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=args.max_sequence_length,
+        )
+        prompt_embeds.append(embeds.float().cpu())
+        pooled_prompt_embeds.append(pooled.float().cpu())
+    del text_pipeline
+    free_memory()
+    return PromptEmbeddings(
+        torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds), {p: i for i, p in enumerate(unique)}
+    )
+
+
+@dataclass
+class DUOBatch:
+    """One micro-step's inputs: the concatenated [x⁻_σ; x⁺_σ; x_1] batch and the pair targets."""
+
+    model_input: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    target: torch.Tensor
+    weighting: torch.Tensor
+
+
+def make_duo_batch(
+    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None
+):
+    """Sample the pairs' latents, one noise and one σ per pair (shared by both images), and pure noise at
+    σ = 1 for the preservation branch. All draws come from ``generator``.
+
+    ``args`` carries t_min, t_max, weighting_scheme, logit_mean, logit_std, mode_scale and
+    precondition_outputs; ``empty_condition`` and ``pair_condition`` are (prompt_embeds, pooled) pairs
+    of one row and of one row per pair.
+    """
+    num_pairs = len(pair_indices)
+    flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
+    unsafe_latents, safe_latents = latents_cache.sample(pair_indices, flips, generator)
+    noise = torch.randn(unsafe_latents.shape, generator=generator)
+    indices = objective.sample_flow_matching_indices(
+        num_pairs,
+        args.t_min,
+        args.t_max,
+        generator,
+        args.weighting_scheme,
+        args.logit_mean,
+        args.logit_std,
+        args.mode_scale,
+    )
+    pure_noise = torch.randn(unsafe_latents.shape, generator=generator)
+
+    pair_sigmas, pair_timesteps = objective.flow_matching_sigmas_and_timesteps(noise_scheduler, indices)
+    noise_sigma, noise_timestep = objective.pure_noise_sigma_and_timestep(noise_scheduler)
+    sigmas = torch.cat([pair_sigmas, pair_sigmas, noise_sigma.expand(num_pairs)])
+    timesteps = torch.cat([pair_timesteps, pair_timesteps, noise_timestep.expand(num_pairs)])
+    # At σ = 1 the clean part is multiplied by 0: the preservation input is exactly the pure noise.
+    clean = torch.cat([unsafe_latents, safe_latents, torch.zeros_like(unsafe_latents)])
+    all_noise = torch.cat([noise, noise, pure_noise])
+
+    empty_embeds, empty_pooled = (c.expand(num_pairs, *c.shape[1:]) for c in empty_condition)
+    pair_embeds, pair_pooled = pair_condition if pair_condition is not None else (empty_embeds, empty_pooled)
+    pair_weighting = objective.flow_matching_loss_weighting(args.weighting_scheme, sigmas[: 2 * num_pairs])
+    return DUOBatch(
+        model_input=objective.flow_matching_noisy(clean, all_noise, sigmas),
+        sigmas=sigmas,
+        timesteps=timesteps,
+        prompt_embeds=torch.cat([pair_embeds, pair_embeds, empty_embeds]),
+        pooled_prompt_embeds=torch.cat([pair_pooled, pair_pooled, empty_pooled]),
+        target=objective.flow_matching_target(
+            clean[: 2 * num_pairs], all_noise[: 2 * num_pairs], bool(args.precondition_outputs)
+        ),
+        weighting=pair_weighting.reshape(-1, *([1] * (clean.ndim - 1))),
+    )
+
+
+def duo_forward(accelerator, transformer, batch, beta_dpo, preservation_weight, weight_dtype, precondition_outputs):
+    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch."""
+    model = accelerator.unwrap_model(transformer)
+    device = accelerator.device
+    model_input = batch.model_input.to(device, dtype=weight_dtype)
+    inputs = {
+        "hidden_states": model_input,
+        "timestep": batch.timesteps.to(device),
+        "encoder_hidden_states": batch.prompt_embeds.to(device, dtype=weight_dtype),
+        "pooled_projections": batch.pooled_prompt_embeds.to(device, dtype=weight_dtype),
+        "return_dict": False,
+    }
+    with torch.no_grad(), accelerator.autocast(), adapters_disabled(model):
+        ref_prediction = model(**inputs)[0]
+    with accelerator.autocast():
+        model_prediction = transformer(**inputs)[0]
+    if precondition_outputs:
+        sigmas = batch.sigmas.to(device)
+        ref_prediction = objective.precondition_flow_matching_output(
+            ref_prediction.float(), model_input.float(), sigmas
+        )
+        model_prediction = objective.precondition_flow_matching_output(
+            model_prediction.float(), model_input.float(), sigmas
+        )
+    return objective.duo_losses(
+        model_prediction,
+        ref_prediction,
+        batch.target.to(device),
+        beta_dpo,
+        preservation_weight,
+        weighting=batch.weighting.to(device),
+    )
+
+
+def save_lora_weights(output_dir, transformer_lora_state_dict, transformer=None):
+    from diffusers import StableDiffusion3Pipeline
+
+    metadata = transformer.peft_config["default"].to_dict() if transformer is not None else None
+    StableDiffusion3Pipeline.save_lora_weights(
+        output_dir,
+        transformer_lora_layers=transformer_lora_state_dict,
+        weight_name=LORA_WEIGHT_NAME,
+        transformer_lora_adapter_metadata=metadata,
+    )
+
+
+def architecture_info(pipeline_class, transformer, noise_scheduler, has_t5: bool) -> dict:
+    config = transformer.config
+    return {
+        "family": "sd3",
+        "pipeline_class": pipeline_class,
+        "denoiser": "transformer",
+        "joint_attention_dim": config.joint_attention_dim,
+        "num_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.attention_head_dim,
+        "in_channels": config.in_channels,
+        "patch_size": config.patch_size,
+        "pooled_projection_dim": config.pooled_projection_dim,
+        "dual_attention_layers": list(config.dual_attention_layers),
+        "has_t5": has_t5,
+        "prediction_type": "flow_matching",
+        "scheduler_shift": noise_scheduler.config.shift,
+    }
+
+
+def check_sd3_args(args):
+    """SD3-only refusals, after the family's defaults are filled in."""
+    if args.lora_target != "attn":
+        raise UsageError(
+            f"--lora_layers {args.lora_target}: SD3's joint attention has no separate self-attention; use --lora_layers attn "
+            f"(to_q, to_k, to_v, to_out.0 of every transformer block)"
+        )
+    if args.max_sequence_length < 1:
+        raise UsageError("--max_sequence_length must be at least 1 (the pipeline's default is 256)")
+
+
+def flow_matching_config(args) -> dict:
+    """The SD3-only entries of ``duo_config.json``."""
+    return {
+        "weighting_scheme": args.weighting_scheme,
+        "logit_mean": args.logit_mean,
+        "logit_std": args.logit_std,
+        "mode_scale": args.mode_scale,
+        "precondition_outputs": bool(args.precondition_outputs),
+        "max_sequence_length": args.max_sequence_length,
+        "timestep_range_indexes": "the scheduler's descending sigma table (index 0: sigma = 1)",
+        "preservation_sigma": 1.0,
+    }
