@@ -331,8 +331,12 @@ def test_demo_main_effects(demo_report):
     _, reports = demo_report
     spots, red = reports["spots"]["table"], reports["red"]["table"]
     # The base makes the concept when asked; the colour is committed before the spots.
-    assert spots["base"]["dsr"]["named"] <= 0.1 and red["base"]["dsr"]["direct"] <= 0.1
+    assert spots["base"]["dsr"]["named"] <= 0.25 and red["base"]["dsr"]["direct"] <= 0.1
     assert reports["red"]["timing"]["recommended_t_max"] >= 900
-    assert reports["spots"]["timing"]["committed_timestep"] < reports["red"]["timing"]["committed_timestep"] or reports["red"]["timing"]["committed_timestep"] is None
+    assert reports["spots"]["timing"]["committed_timestep"] < 750
+    # Without output preservation DUO removes much of the spots where the prompt names them (the recipe's
+    # λ holds the model in place: see README); with it, other attributes stay as the base's.
+    assert spots["duo_lambda0"]["dsr"]["named"] >= spots["base"]["dsr"]["named"] + 0.3
+    assert spots["duo"]["same_reading_as_base"] >= 0.9
     # Trained over every noise level without preservation, DUO takes red out of prompts that name it.
     assert red["duo_lambda0_t1000"]["dsr"]["direct"] >= red["base"]["dsr"]["direct"] + 0.2
