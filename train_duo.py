@@ -28,6 +28,7 @@ from duo_plugin import (
     run_guard,
     saturation,
     sd,
+    timing,
     training,
     validation,
 )
@@ -112,6 +113,9 @@ def main(argv=None):
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    args.t_max = timing.resolve_t_max(
+        args, preset, accelerator, default=args.t_max
+    )  # auto: measured where the concept is decided
     if args.condition_on_prompts and pairs.unsafe_prompts is None:
         raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
 

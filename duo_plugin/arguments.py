@@ -23,6 +23,8 @@ from .presets import (
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_resolution: int):
     """The flags both scripts share, named as in diffusers' DreamBooth-LoRA and Diffusion-DPO examples."""
+    from .timing import t_max_value  # here, not at the top: ``python -m duo_plugin.timing`` imports this module
+
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=default_model)
     model.add_argument("--revision", type=str, default=None)
@@ -36,7 +38,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
         "--preservation_weight", type=float, default=None, help="λ of the output-preservation term; default 1e6·β/100"
     )
     duo.add_argument("--t_min", type=int, default=None, help="lowest training timestep index")
-    duo.add_argument("--t_max", type=int, default=None, help="timestep indices are drawn from [t_min, t_max)")
+    duo.add_argument(
+        "--t_max",
+        type=t_max_value,
+        default=None,
+        help="timestep indices are drawn from [t_min, t_max); auto: measured first by python -m duo_plugin.timing",
+    )
     duo.add_argument(
         "--lora_layers",
         "--lora_target",
@@ -159,7 +166,7 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
     device_type = accelerator_device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if mixed_precision == "fp16" and device_type == "cpu":
         raise UsageError("fp16 mixed precision needs a GPU: use --mixed_precision bf16 or no on CPU")
-    if args.t_min is not None and args.t_max is not None and not args.t_min < args.t_max:
+    if args.t_min is not None and isinstance(args.t_max, int) and not args.t_min < args.t_max:
         raise UsageError(f"--t_min {args.t_min} must be below --t_max {args.t_max}")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise UsageError("--train_batch_size and --gradient_accumulation_steps must be at least 1")

@@ -117,8 +117,6 @@ def nudenet_rgb_array(threshold: float = NUDENET_DSR_THRESHOLD) -> NudeNetDetect
 
 
 DETECTORS: Dict[str, Callable[..., object]] = {"nudenet": NudeNetDetector, "nudenet_rgb_array": nudenet_rgb_array}
-# Built-in detectors whose module registers them on import (kept out of the import of this module).
-LAZY_DETECTORS = {"red": "duo_plugin.toy_world"}
 
 
 def package_version(package: str) -> Optional[str]:
@@ -172,18 +170,15 @@ def register_detector(name: str, factory: Callable[..., object]):
 
 
 def detector_names() -> List[str]:
-    return ["none", *dict.fromkeys([*DETECTORS, *LAZY_DETECTORS]), "module:Class"]
+    return ["none", *DETECTORS, "module:Class"]
 
 
 def resolve_detector_factory(name: str) -> Callable[..., object]:
-    """A registered name, a lazily registered built-in, or ``package.module:Factory`` (a user's own detector).
+    """A registered name, or ``package.module:Factory`` (a user's own detector, e.g. the toy world's).
 
     The ``module:Factory`` form lets command lines use a detector that no code of this package knows.
     """
     if name in DETECTORS:
-        return DETECTORS[name]
-    if name in LAZY_DETECTORS:
-        importlib.import_module(LAZY_DETECTORS[name])
         return DETECTORS[name]
     if ":" in name:
         module_name, _, attribute = name.partition(":")

@@ -393,3 +393,30 @@ def make_tiny_duo_adapter(
     with open(os.path.join(output_dir, DUO_CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     return output_dir
+
+
+class MeanChannelDetector:
+    """For tests on tiny random pipelines: flagged when the mean of one RGB channel (in [0, 1]) is ≥ ``threshold``.
+
+    Its score is that mean, so a test can set the threshold from scores it has measured. Use it as
+    ``--detector duo_plugin.testing:MeanChannelDetector``.
+    """
+
+    name = "mean_channel"
+
+    def __init__(self, threshold: float = 0.5, channel: int = 0):
+        self.threshold, self.channel = threshold, channel
+
+    def score(self, image) -> float:
+        import numpy as np
+
+        return float(np.asarray(image.convert("RGB"), dtype=np.float32)[..., self.channel].mean() / 255.0)
+
+    def __call__(self, images):
+        from .detectors import Detection
+
+        scores = [self.score(image) for image in images]
+        return [
+            Detection(flagged=s >= self.threshold, score=s, labels=[self.name] if s >= self.threshold else [])
+            for s in scores
+        ]

@@ -1,18 +1,20 @@
 """Measure how well the toy world's model follows its prompts, and write the numbers next to the model.
 
-Every sample is read by the world's fixed pixel rules (``duo_plugin.toy_world``): its colour (the
-world colour nearest to the mean of its coloured pixels), its shape (the best-overlapping template
-over the coloured pixels' bounding box) and whether it shows red (the ``red`` detector). Four groups:
+Every sample is read by the world's fixed pixel rules (``toy_world.py``): its colour (the world
+colour nearest to the mean of its coloured pixels), its shape (the best-overlapping template over the
+shape's bounding box), whether it shows red and whether it shows spots (the two detectors). Groups:
 
-- direct prompts, "a red square": does the asked colour and shape appear?
+- direct prompts, "a red square": does the asked colour and shape appear? (and spots, not asked for?)
 - synonym prompts, "a crimson square": the same, reached through a synonym;
 - colourless prompts, "a square": the shape asked for, and how often each colour comes out;
-- the empty prompt: how often each colour comes out.
+- the empty prompt: how often each colour comes out;
+- mark prompts, "a red square with spots" and "a dotted red square": do the spots appear?
+- plain prompts, "a plain red square": are the spots absent?
 
     python examples/toy_world/measure_prompt_following.py --model examples/toy_world/model
 
 writes ``<model>/prompt_following.json`` (summary, settings and one record per sample, with its seed,
-so any sample can be regenerated) and ``<model>/prompt_following.png`` (a grid of direct prompts).
+so any sample can be regenerated) and ``<model>/prompt_following.png`` (a grid: each direct prompt, then each prompt naming the spots).
 """
 
 import argparse
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from duo_plugin import toy_world  # noqa: E402
+import toy_world  # noqa: E402  (this folder, first on sys.path when the script runs)
+
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
@@ -47,6 +50,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--samples_per_colourless_prompt", type=int, default=50)
     parser.add_argument("--samples_unconditional", type=int, default=60)
+    parser.add_argument(
+        "--samples_per_mark_prompt", type=int, default=10, help='"a red square with spots": 30 per colour'
+    )
+    parser.add_argument(
+        "--samples_per_mark_synonym_prompt", type=int, default=5, help='"a dotted red square": 30 per colour'
+    )
+    parser.add_argument("--samples_per_plain_prompt", type=int, default=10, help='"a plain red square": 30 per colour')
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0, help="sample i of every prompt uses seed + i")
@@ -55,30 +65,59 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def prompt_suite(direct: int, synonym: int, colourless: int, unconditional: int) -> List[Dict]:
-    """(kind, prompt, asked colour, asked shape, number of samples) for each prompt measured."""
+ASKED_KINDS = ("direct", "synonym", "mark_named", "mark_synonym", "plain")
+
+
+def prompt_suite(
+    direct: int,
+    synonym: int,
+    colourless: int,
+    unconditional: int,
+    mark: int = 0,
+    mark_synonym: int = 0,
+    plain: int = 0,
+) -> List[Dict]:
+    """(kind, prompt, asked colour, asked shape, asked mark, number of samples) for each prompt measured.
+
+    The asked mark is True (spots named), False ("plain") or None (not said).
+    """
     suite = []
     for colour in toy_world.COLOURS:
         for shape in toy_world.SHAPES:
-            suite.append(
-                {
-                    "kind": "direct",
-                    "prompt": toy_world.caption(shape, colour),
-                    "colour": colour,
-                    "shape": shape,
-                    "n": direct,
-                }
-            )
+            entry = {"colour": colour, "shape": shape}
+            suite.append(dict(kind="direct", prompt=toy_world.caption(shape, colour), mark=None, n=direct, **entry))
             for word in toy_world.SYNONYMS[colour]:
                 suite.append(
-                    {
-                        "kind": "synonym",
-                        "prompt": toy_world.caption(shape, word),
-                        "colour": colour,
-                        "shape": shape,
-                        "n": synonym,
-                    }
+                    dict(kind="synonym", prompt=toy_world.caption(shape, word), mark=None, n=synonym, **entry)
                 )
+            suite.append(
+                dict(
+                    kind="mark_named",
+                    prompt=toy_world.caption(shape, colour, toy_world.MARK),
+                    mark=True,
+                    n=mark,
+                    **entry,
+                )
+            )
+            for word in toy_world.MARK_WORDS[1:]:
+                suite.append(
+                    dict(
+                        kind="mark_synonym",
+                        prompt=toy_world.caption(shape, colour, word),
+                        mark=True,
+                        n=mark_synonym,
+                        **entry,
+                    )
+                )
+            suite.append(
+                dict(
+                    kind="plain",
+                    prompt=toy_world.caption(shape, colour, toy_world.PLAIN_WORD),
+                    mark=False,
+                    n=plain,
+                    **entry,
+                )
+            )
     for shape in toy_world.SHAPES:
         suite.append(
             {
@@ -86,10 +125,13 @@ def prompt_suite(direct: int, synonym: int, colourless: int, unconditional: int)
                 "prompt": toy_world.caption(shape, None),
                 "colour": None,
                 "shape": shape,
+                "mark": None,
                 "n": colourless,
             }
         )
-    suite.append({"kind": "unconditional", "prompt": "", "colour": None, "shape": None, "n": unconditional})
+    suite.append(
+        {"kind": "unconditional", "prompt": "", "colour": None, "shape": None, "mark": None, "n": unconditional}
+    )
     return [entry for entry in suite if entry["n"] > 0]
 
 
@@ -124,9 +166,10 @@ def _rate(values) -> float:
 
 
 def summarise(records: List[Dict]) -> Dict:
-    """Accuracies per prompt kind, per asked colour and per asked shape; colour distributions where none is asked."""
+    """Accuracies per prompt kind, per asked colour and per asked shape; colour distributions where none is asked;
+    the spots rate of every kind (and, where a mark is asked for or refused, how often the answer is right)."""
     summary = {}
-    for kind in ("direct", "synonym"):
+    for kind in ASKED_KINDS:
         rows = [r for r in records if r["kind"] == kind]
         if not rows:
             continue
@@ -143,8 +186,11 @@ def summarise(records: List[Dict]) -> Dict:
             "red_rate_by_colour": {
                 c: _rate(r["red"] for r in rows if r["asked_colour"] == c) for c in toy_world.COLOURS
             },
+            "spots_rate": _rate(r[toy_world.MARK] for r in rows),
             "num_samples": len(rows),
         }
+        if rows[0].get("asked_mark") is not None:
+            summary[kind]["mark_accuracy"] = _rate(r[toy_world.MARK] == r["asked_mark"] for r in rows)
     for kind in ("colourless", "unconditional"):
         rows = [r for r in records if r["kind"] == kind]
         if not rows:
@@ -153,6 +199,7 @@ def summarise(records: List[Dict]) -> Dict:
         summary[kind] = {
             "colour_distribution": {c: counts.get(c, 0) / len(rows) for c in [*toy_world.COLOURS, "None"]},
             "red_rate": _rate(r["red"] for r in rows),
+            "spots_rate": _rate(r[toy_world.MARK] for r in rows),
             "num_samples": len(rows),
         }
         if kind == "colourless":
@@ -178,6 +225,9 @@ def main(argv=None):
         args.samples_per_synonym_prompt,
         args.samples_per_colourless_prompt,
         args.samples_unconditional,
+        args.samples_per_mark_prompt,
+        args.samples_per_mark_synonym_prompt,
+        args.samples_per_plain_prompt,
     )
     records, direct_images = [], {}
     for entry in tqdm(suite, desc="prompts"):
@@ -202,10 +252,11 @@ def main(argv=None):
                     seed=seed,
                     asked_colour=entry["colour"],
                     asked_shape=entry["shape"],
+                    asked_mark=entry["mark"],
                     **reading,
                 )
             )
-        if entry["kind"] == "direct":
+        if entry["kind"] in ("direct", "mark_named"):
             direct_images[entry["prompt"]] = images
     result = {
         "model": args.model,

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from duo_plugin import toy_world  # noqa: E402
+import toy_world  # noqa: E402  (this folder, first on sys.path when the script runs)
+
 from duo_plugin.testing import make_vae_nearly_deterministic  # noqa: E402
 
 
@@ -43,10 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=str, default="examples/toy_world/model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_images", type=int, default=20000, help="rendered training images (cached as latents)")
-    parser.add_argument("--vae_steps", type=int, default=500)
+    parser.add_argument("--vae_steps", type=int, default=1000)
     parser.add_argument("--vae_batch_size", type=int, default=32)
     parser.add_argument("--vae_learning_rate", type=float, default=2e-3)
-    parser.add_argument("--unet_steps", type=int, default=2500)
+    parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--unet_batch_size", type=int, default=64)
     parser.add_argument("--unet_learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=200)
@@ -135,7 +136,7 @@ SCHEDULER_CONFIG = {
 
 
 def render_dataset(num_images: int, seed: int):
-    """``num_images`` scenes, balanced over shapes and colours, as a tensor in [-1, 1] and their scenes."""
+    """``num_images`` scenes, balanced over shapes and colours (a random share marked), as a tensor in [-1, 1] and their scenes."""
     rng = np.random.default_rng(seed)
     scenes, arrays = [], []
     combos = [(shape, colour) for shape in toy_world.SHAPES for colour in toy_world.COLOURS]
@@ -207,6 +208,7 @@ def train_vae(vae, images, args, state, state_path):
                 phase="vae",
                 step=step + 1,
                 elapsed_seconds=args.elapsed_before + time.time() - args.started,
+                cpu_seconds=args.cpu_before + time.process_time() - args.cpu_started,
                 vae=vae.state_dict(),
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
@@ -269,6 +271,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, args, state, 
                 phase="denoiser",
                 step=step + 1,
                 elapsed_seconds=args.elapsed_before + time.time() - args.started,
+                cpu_seconds=args.cpu_before + time.process_time() - args.cpu_started,
                 vae=vae_state,
                 unet=unet.state_dict(),
                 text_encoder=text_encoder.state_dict(),
@@ -279,6 +282,27 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, args, state, 
     ema.copy_to(parameters)
     unet.eval()
     text_encoder.eval()
+
+
+@torch.no_grad()
+def report_vae_readings(vae, seed: int, num_scenes: int = 96):
+    """How often a decoded image reads as its scene (colour, shape, red, spots): printed, and returned."""
+    rng = np.random.default_rng(seed + 1000)
+    scenes = [toy_world.sample_scene(rng) for _ in range(num_scenes)]
+    pixels = (
+        torch.from_numpy(np.stack([toy_world.to_array(toy_world.render_scene(s)) for s in scenes])).permute(0, 3, 1, 2)
+        * 2
+        - 1
+    )
+    decoded = (vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    readings = toy_world.read_images(list(decoded.permute(0, 2, 3, 1).numpy()))
+    agreement = {
+        "colour": float(np.mean([r["colour"] == s.colour for r, s in zip(readings, scenes)])),
+        "shape": float(np.mean([r["shape"] == s.shape for r, s in zip(readings, scenes)])),
+        toy_world.MARK: float(np.mean([r[toy_world.MARK] == s.marked for r, s in zip(readings, scenes)])),
+    }
+    print(f"VAE reconstructions read as their scenes: {agreement}", flush=True)
+    return agreement
 
 
 def save_pipeline(output_dir, vae, text_encoder, tokenizer, unet):
@@ -306,9 +330,10 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     state_path = os.path.join(args.output_dir, STATE_NAME)
     state = torch.load(state_path, weights_only=False) if args.resume and os.path.exists(state_path) else {}
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
+    args.cpu_before = state.get("cpu_seconds", 0.0)
     # Wall time of the whole training, over every resumed run.
-    args.started, args.elapsed_before = started, state.get("elapsed_seconds", 0.0)
+    args.started, args.elapsed_before, args.cpu_started = started, state.get("elapsed_seconds", 0.0), cpu_started
 
     images, scenes = render_dataset(args.num_images, args.seed)
     tokenizer = toy_world.world_tokenizer(MAX_PROMPT_TOKENS)
@@ -322,6 +347,7 @@ def main(argv=None):
         vae.requires_grad_(False)
     else:
         train_vae(vae, images, args, state, state_path)
+    report_vae_readings(vae, args.seed)
     latents = encode_latents(vae, images)
     # As SD's 0.18215: latents of unit standard deviation for the diffusion model.
     scaling_factor = float(1.0 / latents.std())
@@ -333,16 +359,21 @@ def main(argv=None):
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet(latents.shape[-1])
     train_denoiser(unet, text_encoder, tokenizer, latents, scenes, args, state, state_path, vae.state_dict())
+    cpu_minutes = (args.cpu_before + time.process_time() - cpu_started) / 60
 
     save_pipeline(args.output_dir, vae, text_encoder, tokenizer, unet)
     if os.path.exists(state_path):
         os.remove(state_path)
     minutes = (args.elapsed_before + time.time() - started) / 60
     with open(os.path.join(args.output_dir, TRAINING_INFO_NAME), "w") as f:
-        recorded = {k: v for k, v in vars(args).items() if k not in ("started", "elapsed_before")}
+        recorded = {
+            k: v for k, v in vars(args).items() if k not in ("started", "elapsed_before", "cpu_before", "cpu_started")
+        }
         info = {
             "args": recorded,
             "wall_minutes": round(minutes, 1),
+            # CPU time of this process over every run: the machine may be shared, so wall time alone says little.
+            "cpu_minutes": round(cpu_minutes, 1),
             "torch": torch.__version__,
             "resumed": bool(state),
         }
