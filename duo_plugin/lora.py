@@ -1,7 +1,6 @@
 """The DUO LoRA adapter: which layers get it, adding it, switching it off for the reference model, its weights."""
 
 import contextlib
-import os
 import re
 from typing import Dict, List
 
@@ -92,11 +91,14 @@ def lora_state_dict(model) -> Dict[str, torch.Tensor]:
 
 def load_lora_state_dict(model, lora_dir: str, prefix: str):
     """Restore adapter weights saved by ``save_lora_weights`` into a model that has the adapter."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(os.path.join(lora_dir, LORA_WEIGHT_NAME))
+    # The family's own LoRA reader: the same key handling as ``load_lora_weights``. With the metadata asked
+    # for, both families return a tuple whose first item is the state dict.
+    pipeline_class = StableDiffusion3Pipeline if prefix == "transformer" else StableDiffusionPipeline
+    state = pipeline_class.lora_state_dict(lora_dir, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)[0]
     state = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     state = convert_unet_state_dict_to_peft(state)
     result = set_peft_model_state_dict(model, state, adapter_name="default")

@@ -41,11 +41,13 @@ def test_readme_set_up_is_install_then_quickstart_then_tests():
     assert install_and_run.startswith("pip install -r requirements.txt && pip install -e .")
     assert install_and_run.endswith("&& python -m duo_plugin.quickstart")
     assert tests.splitlines()[0].split("#")[0].strip() == "python -m pytest -q"
-    # CI runs both, after its own install, on a CPU machine: the quickstart's CPU side.
+    # CI runs both, after its own install, on a CPU machine: the tests, whose slow tier runs the quickstart's
+    # CPU side (the toy demo, with its --quick evaluation) once.
     with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
         ci = f.read()
-    assert "python3 -m duo_plugin.quickstart" in ci and "python3 -m pytest -q" in ci
-    assert ci.index("duo_plugin.quickstart") < ci.index("pytest -q")
+    assert "python3 -m pytest -q\n" in ci and "python3 -m pytest -q -m slow" in ci
+    with open(os.path.join(REPO_ROOT, "tests", "test_toy_world.py")) as f:
+        assert '"duo_plugin.quickstart", "--cpu", "--quick"' in f.read()
 
 
 def test_quickstart_without_a_gpu_says_so_and_runs_the_cpu_demo(monkeypatch, capsys):

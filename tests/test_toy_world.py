@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, run_script, train_in_process
+from conftest import REPO_ROOT, run_process, run_script, train_in_process
 from PIL import Image
 
 from duo_plugin.detectors import get_detector
@@ -366,12 +366,10 @@ def test_demo_stages_use_the_world_detectors_in_module_factory_form(tmp_path):
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
-    result = run_script(
-        "examples/toy_world/run_demo.py",
-        ["--quick", "--output_dir", str(out)],
-        accelerate=False,
-        env={"OMP_NUM_THREADS": "2"},
-    )
+    # Through the README's first command (its CPU side), with the demo's --quick evaluation: CI runs it once, here.
+    command = [sys.executable, "-m", "duo_plugin.quickstart", "--cpu", "--quick", "--output_dir", str(out)]
+    result = run_process(command, env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
+    assert "running the CPU toy demo" in result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, {name: json.loads((out / name / "report.json").read_text()) for name in ("spots", "red")}
 
