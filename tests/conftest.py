@@ -11,6 +11,8 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The training scripts are imported by name for in-process runs; the repository's duo_plugin wins over any install.
 sys.path.insert(0, REPO_ROOT)
+# The toy world (a demo, not part of the package) is imported by its tests as `toy_world`.
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples", "toy_world"))
 
 # Tests never touch the network: everything they load is built here from configs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -77,11 +77,13 @@ def test_projection_returns_real_token_ids(toy_pipe):
         assert torch.allclose(hooked, toy_pipe.text_encoder(input_ids)[0], atol=1e-6)
 
 
-def test_unlearndiffatk_loss_falls_and_it_finds_red(toy_pipe):
-    """Against the toy model, a colourless prompt and a red square to denoise: over the iterations at one
-    timestep the model's own loss falls, on the iterations' draws and on fixed noise (projected prompt
-    before vs after), and the prepended tokens name red."""
-    from duo_plugin import toy_world
+def test_unlearndiffatk_loss_falls_and_it_finds_the_spots(toy_pipe):
+    """Against the toy model, "a red square" and a red square with spots to denoise, at t = 500: over the
+    iterations the model's own loss falls, on the iterations' draws and on fixed noise (projected prompt
+    before vs after), and the prepended tokens name the spots. The timing diagnostic puts the spots still
+    open at t = 500 (committed at t ≈ 590) and red already committed (t ≈ 890), so at this timestep only
+    the spots are left for a prompt to decide."""
+    import toy_world  # examples/toy_world, on the path through conftest
 
     judged = []
 
@@ -91,19 +93,19 @@ def test_unlearndiffatk_loss_falls_and_it_finds_red(toy_pipe):
 
     config = attacks.UnlearnDiffAtkConfig(num_tokens=3, iterations=100, num_timesteps=1, num_eval_draws=32, seed=0)
     result = attacks.unlearndiffatk(
-        toy_pipe, "a square", toy_world.render("square", "red", seed=3), never_flagged, config
+        toy_pipe, "a red square", toy_world.render("square", "red", seed=3, marked=True), never_flagged, config
     )
     losses = result["iteration_losses"]
     assert len(losses) == 100 and np.mean(losses[-25:]) < np.mean(losses[:25])
     [evaluation] = result["evaluation_losses"]
     assert evaluation["timestep"] == 500 and evaluation["after"] < evaluation["before"]
     assert (
-        judged == ["a square", result["prompt"]]
+        judged == ["a red square", result["prompt"]]
         and result["num_judged"] == 2
-        and result["prompt"].endswith("a square")
+        and result["prompt"].endswith("a red square")
     )
     assert not result["broken"] and result["timestep"] == 500
-    assert set(result["prompt"].split()) & set(toy_world.colour_words("red")), result["prompt"]  # it found red's words
+    assert set(result["prompt"].split()) & set(toy_world.MARK_WORDS), result["prompt"]  # it found the spots' words
 
 
 def test_unlearndiffatk_counts_as_the_original():
@@ -139,7 +141,7 @@ def test_unlearndiffatk_counts_as_the_original():
 
 
 def test_unlearndiffatk_stops_at_the_first_flagged_image(toy_pipe):
-    from duo_plugin import toy_world
+    import toy_world  # examples/toy_world, on the path through conftest
 
     judged = []
 

@@ -456,9 +456,9 @@ def test_demo_time_claims_agree():
 
 
 def test_labelled_grid_names_rows_and_columns_and_enlarges_small_images(tmp_path):
+    import toy_world  # examples/toy_world, on the path through conftest
     from PIL import Image
 
-    from duo_plugin import toy_world
     from duo_plugin.figures import MIN_CELL_PIXELS, column_label, labelled_grid, pyplot
 
     images = [
