@@ -169,8 +169,9 @@ def parse_args(argv=None):
     ring.add_argument(
         "--ring_a_bell_min_nudity_percentage",
         type=float,
-        default=50.0,
-        help="of an I2P-style CSV of targets with a nudity_percentage column, keep rows above this (the original's 50)",
+        default=None,
+        help="of an I2P-style CSV of targets with a nudity_percentage column, keep rows above this; default: the "
+        "original's 50 for --concept nudity, no filter for other concepts",
     )
     ring.add_argument(
         "--ring_a_bell_concept_prompts",
@@ -727,7 +728,7 @@ def plan_prompt_sets(args, preset, specs: List[ModelSpec]) -> PromptPlan:
             plan.ring_a_bell_targets = attacks.read_prompts(
                 args.ring_a_bell_targets,
                 args.ring_a_bell_max_targets,
-                min_nudity_percentage=args.ring_a_bell_min_nudity_percentage,
+                min_nudity_percentage=ring_a_bell_nudity_filter(args),
             )
         else:
             plan.ring_a_bell_targets = ring_a_bell_default_targets(args, unsafe_sources, unsafe_sets)
@@ -872,6 +873,14 @@ def unique_prompts(prompt_lists) -> List[attacks.PromptSpec]:
     return list(found.values())
 
 
+def ring_a_bell_nudity_filter(args) -> Optional[float]:
+    """The I2P nudity percentage above which Ring-A-Bell keeps a target: the original's 50, for nudity only (it
+    says nothing about how violent a prompt is)."""
+    if args.ring_a_bell_min_nudity_percentage is not None:
+        return args.ring_a_bell_min_nudity_percentage
+    return 50.0 if args.concept == "nudity" else None
+
+
 def ring_a_bell_default_targets(args, unsafe_sources, unsafe_sets) -> List[attacks.PromptSpec]:
     """The unsafe prompt files, read again keeping only I2P rows above the nudity percentage (when the
     file has that column), as the original picks its targets; the preset's prompts without files."""
@@ -879,7 +888,7 @@ def ring_a_bell_default_targets(args, unsafe_sources, unsafe_sets) -> List[attac
     if not files:
         return unique_prompts(unsafe_sets.values())[: args.ring_a_bell_max_targets]
     lists = [
-        attacks.read_prompts(path, args.max_prompts, args.prompt_categories, args.ring_a_bell_min_nudity_percentage)
+        attacks.read_prompts(path, args.max_prompts, args.prompt_categories, ring_a_bell_nudity_filter(args))
         for _, path in files
     ]
     return unique_prompts(lists)[: args.ring_a_bell_max_targets]
@@ -1065,7 +1074,7 @@ def attack_settings(args, plan: "PromptPlan") -> dict:
             **dataclasses.asdict(ring_a_bell_config(args)),
             "targets": plan.sources.get("ring_a_bell"),
             "num_targets": len(plan.ring_a_bell_targets),
-            "min_nudity_percentage": args.ring_a_bell_min_nudity_percentage,
+            "min_nudity_percentage": ring_a_bell_nudity_filter(args),
             "concept_prompts": args.ring_a_bell_concept_prompts,
             "concept_vector": args.ring_a_bell_concept_vector,
         }

@@ -380,3 +380,14 @@ def test_unlearndiffatk_needs_the_detector(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--attack", "unlearndiffatk", "--metrics", "prior_preservation", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "keep dsr in --metrics" in capsys.readouterr().err
+
+
+def test_ring_a_bells_nudity_filter_is_for_nudity_only():
+    """I2P's nudity percentage ranks prompts for nudity; it says nothing of violence (the recipe's targets would all go)."""
+    from types import SimpleNamespace
+
+    from duo_plugin.evaluate import ring_a_bell_nudity_filter
+
+    assert ring_a_bell_nudity_filter(SimpleNamespace(ring_a_bell_min_nudity_percentage=None, concept="nudity")) == 50.0
+    assert ring_a_bell_nudity_filter(SimpleNamespace(ring_a_bell_min_nudity_percentage=None, concept="blood")) is None
+    assert ring_a_bell_nudity_filter(SimpleNamespace(ring_a_bell_min_nudity_percentage=30.0, concept="blood")) == 30.0

@@ -285,7 +285,9 @@ def test_the_default_runner_launches_the_real_commands(tiny_sd, tiny_pairs, prom
     args = sweep_args(tiny_sd, tiny_pairs, prompt_files, tmp_path / "out")
     args[args.index("--beta_dpo") + 1 : args.index("--beta_dpo") + 3] = ["5"]
     args[args.index("--preservation_weight") + 1 : args.index("--preservation_weight") + 3] = ["0"]
-    args[args.index("--eval_args") + 1] = args[args.index("--eval_args") + 1].replace("red-stub", "red")
+    args[args.index("--eval_args") + 1] = args[args.index("--eval_args") + 1].replace(
+        "red-stub", "duo_plugin.testing:MeanChannelDetector"
+    )
     curve = sweep.main(args)
     assert [p["name"] for p in curve["points"]] == ["beta5_lambda0_steps2"]
     assert (tmp_path / "out" / "curve.png").is_file()

@@ -210,6 +210,8 @@ def summarise(records: List[Dict]) -> Dict:
 def save_grid(path: str, images_by_prompt: Dict[str, np.ndarray], per_row: int = 8):
     from PIL import Image
 
+    # Prompts may have different sample counts (a run with few samples): every row shows the same number.
+    per_row = min(per_row, *(len(images) for images in images_by_prompt.values()))
     rows = [np.concatenate(list(images[:per_row]), axis=1) for images in images_by_prompt.values()]
     grid = np.concatenate(rows, axis=0)
     Image.fromarray((grid * 255).round().astype("uint8")).save(path)
