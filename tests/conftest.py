@@ -145,25 +145,28 @@ def no_process_outlives_the_session():
     assert not LEAKED_PROCESSES, f"processes outlived the command that started them (killed): {LEAKED_PROCESSES}"
 
 
+def accelerate_launcher(num_processes=1):
+    """``accelerate launch`` as the tests run it: no config file needed, N CPU processes when N > 1."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    if num_processes > 1:
+        return launcher + ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    return launcher + ["--num_processes", "1"]
+
+
 def run_script(script, args, accelerate=True, num_processes=1, env=None):
     """Run a training script as a user would, in a subprocess; returns the CompletedProcess."""
     if accelerate:
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        if num_processes > 1:
-            launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
-        else:
-            launcher += ["--num_processes", "1"]
-        command = launcher + [os.path.join(REPO_ROOT, script)] + list(args)
+        command = accelerate_launcher(num_processes) + [os.path.join(REPO_ROOT, script)] + list(args)
     else:
         command = [sys.executable, os.path.join(REPO_ROOT, script)] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -2,12 +2,11 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_process
+from conftest import accelerate_launcher, run_process
 from PIL import Image
 
 from duo_plugin import attacks, metrics
@@ -588,20 +587,7 @@ def test_accelerate_launch_splits_prompts_across_processes(tiny_sd, tiny_adapter
         "2",
     ]
     launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
+        *accelerate_launcher(2),
         "-m",
         "duo_plugin.evaluate",
     ]

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, run_process
+from conftest import REPO_ROOT, accelerate_launcher, run_process
 
 from duo_plugin import families, outputs, quickstart
 from duo_plugin.errors import NetworkError, UsageError
@@ -366,19 +366,7 @@ def test_recipe_dry_run_needs_no_files():
 def test_refusal_through_accelerate_launch_is_as_documented():
     """README: under `accelerate launch` the line comes with accelerate's traceback and exit code 1;
     `--quiet` makes the line the last thing shown (exit code 1); plain `python` gives exit code 2."""
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = accelerate_launcher(1)
     script = [os.path.join(REPO_ROOT, "train_duo.py"), "--resolution", "33"]
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
     error = "error: --resolution 33 is not a multiple of 8"

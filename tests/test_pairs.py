@@ -2,11 +2,10 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
-from conftest import run_process, tiny_train_args, train_in_process
+from conftest import accelerate_launcher, run_process, tiny_train_args, train_in_process
 from PIL import Image
 
 from duo_plugin import pairs
@@ -377,20 +376,7 @@ def test_two_processes_split_the_pairs(reference, tiny_sd, tmp_path):
     folder, _ = reference
     split = tmp_path / "split"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
+        *accelerate_launcher(2),
         "--module",
         "duo_plugin.pairs",
         *pair_args(tiny_sd, split, *CUSTOM, "--num_pairs", "4", "--batch_size", "1"),
