@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -342,7 +343,7 @@ def test_demo_reads_prompts_and_checks_expectations_with_margins():
         c["claim"]: c["holds"]
         for c in demo.expectations(table, spots, {"committed_timestep": 450.0, "recommended_t_max": 650})
     }
-    assert verdicts["DUO: DSR ≥ 0.9 on named, synonym, unnamed prompts and under both attacks"] is True
+    assert verdicts["DUO: DSR ≥ 0.9 on named, synonym, unnamed prompts and under every attack evaluated"] is True
     assert verdicts["DUO: pixel preservation ≥ 0.95"] is True
     assert verdicts["DUO, λ = 0 loses preservation against " + spots.rows["duo"].label] is False  # within the margin
     assert verdicts["the prompt-based baseline falls under Concept Inversion"] is None  # ESD never removed the concept
@@ -367,6 +368,99 @@ def test_demo_stages_use_the_world_detectors_in_module_factory_form(tmp_path):
         and timing_dir == str(tmp_path / "spots" / "pairs") + "-timing"
     )
     assert commands["duo_seed3"][commands["duo_seed3"].index("--seed") + 1] == "3"
+
+
+def test_demo_adds_unlearndiffatk_to_an_evaluation_already_done(tmp_path):
+    demo = load_example("run_demo")
+    args = demo.parse_args(["--quick", "--output_dir", str(tmp_path), "--unlearndiffatk", "16"])
+    stages, _, eval_dir, _ = demo.concept_stages(args, demo.CONCEPTS["spots"], str(tmp_path / "spots"))
+    name, done_file, command = stages[-1]
+    assert name == "evaluate" and "unlearndiffatk" in command[command.index("--attack") : command.index("--prompts")]
+    assert command[command.index("--unlearndiffatk_targets") + 1].endswith("named.txt")
+    assert command[command.index("--unlearndiffatk_max_targets") + 1] == "16"
+    os.makedirs(eval_dir)
+    measured = {"prompts": {}, "ring_a_bell": {}, "concept_inversion": {}}
+    with open(done_file, "w") as f:
+        json.dump({"attack_settings": measured}, f)
+    # An evaluation made without the attack is redone (it generates only what is missing); with it, it is done.
+    assert not demo.stage_done(name, done_file, command)
+    with open(done_file, "w") as f:
+        json.dump({"attack_settings": {**measured, "unlearndiffatk": {}}}, f)
+    assert demo.stage_done(name, done_file, command)
+    quick = demo.parse_args(["--quick", "--output_dir", str(tmp_path)])
+    _, _, plain = demo.concept_stages(quick, demo.CONCEPTS["spots"], str(tmp_path / "spots"))[0][-1]
+    assert "unlearndiffatk" not in plain and demo.stage_done(name, done_file, plain)
+
+
+def stage_command(record, name, seconds, exit_code=0, *extra):
+    """A stand-in stage: notes when it starts and ends, and the threads it was given, in ``record``."""
+    code = (
+        "import json, os, sys, time\n"
+        "def note(event): open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], event, time.time(), os.environ.get('OMP_NUM_THREADS')]) + chr(10))\n"
+        "note('start'); time.sleep(float(sys.argv[3])); code = int(sys.argv[4])\n"
+        "code or note('end'); sys.exit(code)\n"
+    )
+    return [sys.executable, "-c", code, str(record), name, str(seconds), str(exit_code), *extra]
+
+
+def stage_events(record):
+    events = {}
+    for line in record.read_text().splitlines():
+        name, event, when, threads = json.loads(line)
+        events.setdefault(name, {})[event] = when
+        events[name]["threads"] = threads
+    return events
+
+
+def test_demo_runs_independent_stages_side_by_side_after_what_they_need(tmp_path):
+    demo = load_example("run_demo")
+    record = tmp_path / "record.jsonl"
+    names = ["pairs", "timing", "duo", "duo_lambda0", "duo_tauto", "esd", "evaluate"]
+    stages = [
+        (
+            name,
+            stage_command(record, name, 0.6, 0, *(["--t_max", "auto"] if name == "duo_tauto" else [])),
+            str(tmp_path / f"{name}.log"),
+        )
+        for name in names
+    ]
+    started = []
+    timings = demo.run_stages(stages, workers=2, before=lambda command: started.append(command[4]))
+    events = stage_events(record)
+    assert set(timings) == set(names) and started[0] == "pairs" and started[-1] == "evaluate"
+    middle = [n for n in names if n not in ("pairs", "evaluate")]
+    assert all(events[n]["start"] >= events["pairs"]["end"] for n in middle)
+    assert events["duo_tauto"]["start"] >= events["timing"]["end"]
+    assert all(events["evaluate"]["start"] >= events[n]["end"] for n in middle)
+    # Two stages at a time: some pair of the middle stages overlapped, and never three.
+    spans = [(events[n]["start"], events[n]["end"]) for n in middle]
+    overlaps = lambda a, b: a[0] < b[1] and b[0] < a[1]  # noqa: E731
+    assert any(overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :])
+    for t in [s for s, _ in spans]:
+        assert sum(s <= t < e for s, e in spans) <= 2
+    # Side by side, each stage gets its share of the cores; the pairs and the evaluation get them all.
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert all(events[n]["threads"] == share for n in middle)
+    assert events["evaluate"]["threads"] == os.environ.get("OMP_NUM_THREADS")
+
+
+def test_demo_stage_failure_stops_the_stages_beside_it(tmp_path):
+    demo = load_example("run_demo")
+    from duo_plugin.errors import UsageError
+
+    record = tmp_path / "record.jsonl"
+    stages = [
+        ("pairs", stage_command(record, "pairs", 0), str(tmp_path / "pairs.log")),
+        ("duo", stage_command(record, "duo", 60), str(tmp_path / "duo.log")),
+        ("esd", stage_command(record, "esd", 0.3, 1), str(tmp_path / "esd.log")),
+        ("evaluate", stage_command(record, "evaluate", 0), str(tmp_path / "evaluate.log")),
+    ]
+    began = time.time()
+    with pytest.raises(UsageError, match="exit 1"):
+        demo.run_stages(stages, workers=2)
+    events = stage_events(record)
+    # The long stage was stopped, not waited for, and nothing ran after the failure.
+    assert time.time() - began < 30 and "end" not in events["duo"] and "evaluate" not in events
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ A rerun skips every finished step (delete a step's folder to redo it).
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -36,9 +37,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -105,7 +107,7 @@ CONCEPTS = {
         title='removing "red" (DSR: share of images without red)',
     ),
 }
-ATTACK_SETS = ("ring_a_bell", "concept_inversion")
+ATTACK_SETS = ("ring_a_bell", "concept_inversion", "unlearndiffatk")
 
 FULL = {
     "num_pairs": 48,
@@ -174,12 +176,28 @@ def parse_args(argv=None):
     )
     parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help="of DUO and ESD alike")
     parser.add_argument(
+        "--unlearndiffatk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also attack every model with UnlearnDiffAtk at the original's settings, on the first N targets of "
+        "the first prompt set (each image seed of a prompt is one target); 0: not run (it takes minutes per model)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="stages run side by side (trainings, ESD, timing), the cores shared between them",
+    )
+    parser.add_argument(
         "--ablations",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="train and evaluate the ablations and ESD too",
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: give at least 1")
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -208,14 +226,26 @@ def latest_progress(text: str) -> Optional[Tuple[str, int, int]]:
     return (last["desc"] or "").strip(), int(last["n"]), int(last["total"])
 
 
-def follow_progress(process: subprocess.Popen, log_path: str, stage: str, poll_seconds: float = 0.5) -> int:
+def follow_progress(
+    process: subprocess.Popen,
+    log_path: str,
+    stage: str,
+    poll_seconds: float = 0.5,
+    position: int = 0,
+    stop: Optional[threading.Event] = None,
+) -> int:
     """Until ``process`` ends, mirror the progress bar it writes to its log as one console bar named
-    after the stage (and the command's own bar), with an ETA; returns the exit code."""
+    after the stage (and the command's own bar), with an ETA; returns the exit code. A set ``stop`` (another
+    stage failed) ends the process."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=stage, total=None, file=sys.stderr, dynamic_ncols=True, mininterval=poll_seconds)
+    bar = tqdm(
+        desc=stage, total=None, file=sys.stderr, dynamic_ncols=True, mininterval=poll_seconds, position=position
+    )
     phase, offset, tail = None, 0, ""
     while True:
+        if stop is not None and stop.is_set() and process.poll() is None:
+            process.kill()
         returncode = process.poll()
         with open(log_path, "rb") as log:
             log.seek(offset)
@@ -236,24 +266,35 @@ def follow_progress(process: subprocess.Popen, log_path: str, stage: str, poll_s
         time.sleep(poll_seconds)
 
 
-def run(command: List[str], log_path: str):
+def run(
+    command: List[str],
+    log_path: str,
+    threads: Optional[int] = None,
+    position: int = 0,
+    stop: Optional[threading.Event] = None,
+):
     """Print the command and where its log goes, run it with a console progress bar (the command's own
-    bars go to the log); stop the demo with the log's tail on failure."""
+    bars go to the log); stop the demo with the log's tail on failure. ``threads`` caps the command's
+    CPU threads (stages that run side by side share the cores)."""
     stage = os.path.splitext(os.path.basename(log_path))[0]
     print("+ " + shlex.join(command), flush=True)
     print(f"  {stage}: log in {log_path}", flush=True)
     started = time.time()
     # This folder on the path: the commands load the world's detectors as toy_world:Factory.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TOY_DIR, os.environ.get("PYTHONPATH", "")])}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         try:
-            returncode = follow_progress(process, log_path, stage)
+            returncode = follow_progress(process, log_path, stage, position=position, stop=stop)
         except BaseException:
             # Interrupted (Ctrl-C) or failed here: the command must not outlive the demo.
             process.kill()
             process.wait()
             raise
+    if stop is not None and stop.is_set():
+        raise UsageError(f"{stage} stopped: another stage failed")
     if returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
@@ -261,6 +302,81 @@ def run(command: List[str], log_path: str):
             f"{command[0]} {command[1]} failed (exit {returncode}); its log {log_path} ends with:\n{tail}"
         )
     print(f"  {stage}: done in {time.time() - started:.0f} s", flush=True)
+
+
+def stage_done(stage: str, done_file: str, command: List[str]) -> bool:
+    """A stage is done when its last file exists; the evaluation, when it also measured every attack asked
+    (a rerun with another attack adds it: the evaluation generates only what is missing)."""
+    if not os.path.exists(done_file):
+        return False
+    if stage != "evaluate":
+        return True
+    with open(done_file) as f:
+        measured = json.load(f).get("attack_settings", {})
+    asked = command[command.index("--attack") + 1 :]
+    asked = asked[: next((i for i, a in enumerate(asked) if a.startswith("--")), len(asked))]
+    return all(attack in measured for attack in asked if attack != "prompts")
+
+
+def stage_needs(name: str, command: List[str], names: List[str]) -> List[str]:
+    """The stages a stage waits for: everything needs the pairs, ``--t_max auto`` the timing, the evaluation all."""
+    if name == "pairs":
+        return []
+    if name == "evaluate":
+        return [n for n in names if n != name]
+    return ["pairs", *(["timing"] if "auto" in command and "--t_max" in command else [])]
+
+
+def run_stages(
+    stages: List[Tuple[str, List[str], str]], workers: int, before: Optional[Callable[[List[str]], None]] = None
+) -> Dict[str, float]:
+    """Run ``(name, command, log)`` stages, up to ``workers`` at a time once what each needs is done, each on
+    its share of the cores; the first failure stops the others. ``before(command)`` runs just before a stage
+    starts. Returns each stage's wall time."""
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    names = [name for name, _, _ in stages]
+    pending = {name: (command, log) for name, command, log in stages}
+    stop, lock = threading.Event(), threading.Lock()
+    free_positions = list(range(workers))
+    timings = {}
+
+    def one(name, command, log_path):
+        with lock:
+            position = free_positions.pop(0)
+        started = time.time()
+        try:
+            # The pairs and the evaluation always run alone: they get every core.
+            alone = name in ("pairs", "evaluate")
+            run(command, log_path, threads=None if alone else threads, position=position, stop=stop)
+        finally:
+            with lock:
+                free_positions.append(position)
+        timings[name] = round(time.time() - started, 1)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        running = {}
+        try:
+            while pending or running:
+                ready = [
+                    n
+                    for n in list(pending)
+                    if all(
+                        d not in pending and d not in running.values() for d in stage_needs(n, pending[n][0], names)
+                    )
+                ]
+                for name in ready[: workers - len(running)]:
+                    command, log_path = pending.pop(name)
+                    if before is not None:
+                        before(command)
+                    running[pool.submit(one, name, command, log_path)] = name
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    running.pop(future)
+                    future.result()
+        except BaseException:
+            stop.set()
+            raise
+    return timings
 
 
 def write_lines(path: str, lines: List[str]) -> str:
@@ -420,8 +536,12 @@ def preservation_readings(eval_dir: str, manifest, models: List[str]) -> Dict[st
 MARGIN = 0.01  # a difference smaller than this is no difference
 
 
-def dsr_sets(concept: Concept) -> Tuple[str, ...]:
-    return (*concept.dsr_sets, *ATTACK_SETS)
+def dsr_sets(concept: Concept, table: Optional[Dict[str, dict]] = None) -> Tuple[str, ...]:
+    """The concept's prompt sets and the attacks; with ``table``, only those some row of it measured."""
+    sets = (*concept.dsr_sets, *ATTACK_SETS)
+    if table is None:
+        return sets
+    return tuple(s for s in sets if any(s in row["dsr"] for row in table.values()))
 
 
 def seed_summary(table: Dict[str, dict], names: List[str], concept: Concept) -> Optional[dict]:
@@ -467,7 +587,7 @@ def expectations(table: Dict[str, dict], concept: Concept, timing: Optional[dict
         sets = dsr_sets(concept)
         worst = min((duo["dsr"][s], s) for s in sets if s in duo["dsr"])
         check(
-            f"DUO: DSR ≥ 0.9 on {', '.join(concept.dsr_sets)} prompts and under both attacks",
+            f"DUO: DSR ≥ 0.9 on {', '.join(concept.dsr_sets)} prompts and under every attack evaluated",
             worst[0] >= 0.9,
             f"lowest: {worst[1]} {worst[0]:.3f}",
         )
@@ -518,7 +638,7 @@ def expectations(table: Dict[str, dict], concept: Concept, timing: Optional[dict
 
 
 def markdown_table(table: Dict[str, dict], concept: Concept, labels: Dict[str, str]) -> str:
-    sets = dsr_sets(concept)
+    sets = dsr_sets(concept, table)
     header = [
         "model",
         *[f"DSR {s}" for s in sets],
@@ -549,7 +669,7 @@ def plot_table(table: Dict[str, dict], concept: Concept, labels: Dict[str, str],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = dsr_sets(concept)
+    sets = dsr_sets(concept, table)
     columns = [*sets, "same_reading_as_base", "pixel_preservation"]
     names = [*[f"DSR\n{s}" for s in sets], "same as\nbase", "pixel\npreservation"]
     figure, axes = plt.subplots(figsize=(11, 4.2))
@@ -661,7 +781,9 @@ def write_report(
             "same_reading_as_base": "colour, shape and spots read by the world's rules equal the base image's of the same prompt and seed",
             "ring_a_bell": results["attacks"].get("ring_a_bell"),
             "concept_inversion": results["attacks"].get("concept_inversion"),
+            "unlearndiffatk": results["attack_settings"].get("unlearndiffatk"),
         },
+        "unlearndiffatk": results["attacks"].get("unlearndiffatk"),
         "timings_seconds": timings,
         "files": {
             "evaluation": os.path.relpath(os.path.join(eval_dir, "results.json"), out),
@@ -679,6 +801,18 @@ def write_report(
         lines += [
             f"Recipe over seeds {args.seeds} (mean [min, max]): "
             + "; ".join(f"{k} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in summary.items()),
+            "",
+        ]
+    attacked = results["attacks"].get("unlearndiffatk")
+    if attacked:
+        lines += [
+            "UnlearnDiffAtk (the original's settings; ASR = prompts flagged without attack + prompts the attack "
+            "broke, over all targets; its DSR column is 1 − ASR): "
+            + "; ".join(
+                f"{labels.get(m, m)}: ASR {a['asr']:.2f} ({a['num_broken']}/{a['num_prompts']}, "
+                f"{a['num_broken_without_attack']} without attack), {a['seconds']:.0f} s"
+                for m, a in attacked.items()
+            ),
             "",
         ]
     if report["timing"]:
@@ -699,11 +833,109 @@ def write_report(
 # --------------------------------------------------------------------------------------------------
 
 
+def generation_flags(args) -> List[str]:
+    return ["--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale)]
+
+
+def training_flags(args, concept: Concept, seed: int) -> List[str]:
+    """The train_duo.py flags every DUO row shares (on top of the model, the concept, the data and the output)."""
+    return [
+        "--resolution",
+        "32",
+        # The official 4 pairs a step, as one batch rather than 4 accumulated micro-steps (same gradient, less overhead).
+        "--train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--skip_validation",
+        "--verifier",
+        concept.detector,
+        "--guidance_scale",
+        str(args.guidance_scale),
+    ]
+
+
+def evaluation_flags(args, concept: Concept, prompts: Dict[str, str], pairs_dir: str) -> List[str]:
+    """The duo_plugin.evaluate flags of a concept (on top of the models, the concept and the output)."""
+    templates = concept_prompts(concept.name)["inversion_templates"]
+    return [
+        "--detector",
+        concept.detector,
+        "--attack",
+        "prompts",
+        "ring_a_bell",
+        "concept_inversion",
+        *(["unlearndiffatk"] if args.unlearndiffatk else []),
+        *[flag for name in concept.dsr_sets for flag in ("--prompts", f"{name}={prompts[name]}")],
+        # Ring-A-Bell turns prompts that do not name the concept into token prompts pulled toward it.
+        "--ring_a_bell_targets",
+        prompts["ring_a_bell_targets"],
+        "--ring_a_bell_length",
+        "4",
+        "--ring_a_bell_population",
+        "64",
+        "--ring_a_bell_generations",
+        str(args.ring_a_bell_generations),
+        # Concept Inversion learns a word from the pairs' unsafe images, starting from the neutral word "a".
+        "--inversion_images",
+        pairs_dir,
+        "--inversion_initializer",
+        "a",
+        *[f for t in templates for f in ("--inversion_template", t)],
+        "--inversion_steps",
+        str(args.inversion_steps),
+        "--inversion_batch_size",
+        "8",
+        "--inversion_num_prompts",
+        str(len(templates)),
+        # The demo's fast attack settings; the originals' defaults are measured in README.md, "Attacks".
+        "--ring_a_bell_search",
+        "tournament",
+        "--ring_a_bell_vocabulary",
+        "retokenizable",
+        "--inversion_gradient_accumulation_steps",
+        "1",
+        "--no-inversion_scale_lr",
+        "--inversion_weight_decay",
+        "0",
+        *(
+            [
+                "--unlearndiffatk_targets",
+                prompts[concept.dsr_sets[0]],
+                "--unlearndiffatk_max_targets",
+                str(args.unlearndiffatk),
+            ]
+            if args.unlearndiffatk
+            else []
+        ),
+        "--unrelated_prompts",
+        prompts["unrelated"],
+        "--metrics",
+        "dsr",
+        "prior_preservation",
+        "--lpips_random_trunk",
+        "--num_images_per_prompt",
+        str(args.num_images_per_prompt),
+        *generation_flags(args),
+        "--batch_size",
+        "64",
+        "--seed",
+        str(args.seed),
+    ]
+
+
 def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
     """(name, file that exists once the stage is done, command) for every stage, in order."""
     python = sys.executable
     prompts = prompt_files(os.path.join(out, "prompts"), concept.name)
-    templates = concept_prompts(concept.name)["inversion_templates"]
     launch = [
         python,
         "-m",
@@ -728,7 +960,7 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
     pairs_dir = os.path.join(out, "pairs")
     # train_duo.py --t_max auto caches its measurement beside the pairs: the timing stage writes it there.
     timing_dir = pairs_dir + "-timing"
-    generation = ["--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale)]
+    generation = generation_flags(args)
     stages = [
         (
             "pairs",
@@ -808,26 +1040,7 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
                     dataset,
                     "--output_dir",
                     adapter,
-                    "--resolution",
-                    "32",
-                    # The official 4 pairs a step, as one batch rather than 4 accumulated micro-steps (same gradient, less overhead).
-                    "--train_batch_size",
-                    "4",
-                    "--gradient_accumulation_steps",
-                    "1",
-                    "--max_train_steps",
-                    str(args.max_train_steps),
-                    "--learning_rate",
-                    str(args.learning_rate),
-                    "--seed",
-                    str(seed),
-                    "--report_to",
-                    "none",
-                    "--skip_validation",
-                    "--verifier",
-                    concept.detector,
-                    "--guidance_scale",
-                    str(args.guidance_scale),
+                    *training_flags(args, concept, seed),
                     *row.flags,
                 ],
             )
@@ -876,57 +1089,7 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
                 args.model,
                 *model_flags,
                 *flags,
-                "--detector",
-                concept.detector,
-                "--attack",
-                "prompts",
-                "ring_a_bell",
-                "concept_inversion",
-                *[flag for name in concept.dsr_sets for flag in ("--prompts", f"{name}={prompts[name]}")],
-                # Ring-A-Bell turns prompts that do not name the concept into token prompts pulled toward it.
-                "--ring_a_bell_targets",
-                prompts["ring_a_bell_targets"],
-                "--ring_a_bell_length",
-                "4",
-                "--ring_a_bell_population",
-                "64",
-                "--ring_a_bell_generations",
-                str(args.ring_a_bell_generations),
-                # Concept Inversion learns a word from the pairs' unsafe images, starting from the neutral word "a".
-                "--inversion_images",
-                pairs_dir,
-                "--inversion_initializer",
-                "a",
-                *[f for t in templates for f in ("--inversion_template", t)],
-                "--inversion_steps",
-                str(args.inversion_steps),
-                "--inversion_batch_size",
-                "8",
-                "--inversion_num_prompts",
-                str(len(templates)),
-                # The demo's fast attack settings; the originals' defaults are measured in README.md, "Attacks".
-                "--ring_a_bell_search",
-                "tournament",
-                "--ring_a_bell_vocabulary",
-                "retokenizable",
-                "--inversion_gradient_accumulation_steps",
-                "1",
-                "--no-inversion_scale_lr",
-                "--inversion_weight_decay",
-                "0",
-                "--unrelated_prompts",
-                prompts["unrelated"],
-                "--metrics",
-                "dsr",
-                "prior_preservation",
-                "--lpips_random_trunk",
-                "--num_images_per_prompt",
-                str(args.num_images_per_prompt),
-                *generation,
-                "--batch_size",
-                "64",
-                "--seed",
-                str(args.seed),
+                *evaluation_flags(args, concept, prompts, pairs_dir),
                 "--output_dir",
                 eval_dir,
             ],
@@ -949,16 +1112,18 @@ def main(argv=None):
         logs = os.path.join(out, "logs")
         os.makedirs(logs, exist_ok=True)
         stages, models, eval_dir, timing_dir = concept_stages(args, concept, out)
-        timings = {}
+        todo = []
         for stage, done_file, command in stages:
-            if os.path.exists(done_file):
+            if stage_done(stage, done_file, command):
                 print(f"= {name}/{stage}: done already ({done_file})")
-                continue
+            else:
+                todo.append((stage, command, os.path.join(logs, f"{stage}.log")))
+
+        def before(command, out=out):
             if os.path.join(out, "pairs_unpaired") in command:
                 make_unpaired_folder(os.path.join(out, "pairs"), os.path.join(out, "pairs_unpaired"), args.seed)
-            started = time.time()
-            run(command, os.path.join(logs, f"{stage}.log"))
-            timings[stage] = round(time.time() - started, 1)
+
+        timings = run_stages(todo, args.jobs, before)
         with open(os.path.join(timing_dir, "timing.json")) as f:
             timing_result = json.load(f)
         shutil.copy(os.path.join(timing_dir, "timing.png"), os.path.join(out, "timing.png"))

@@ -1,0 +1,331 @@
+"""The paper's main figure in the toy world: DSR against preservation over β × λ, several training seeds.
+
+Runs ``python -m duo_plugin.sweep`` (the product's sweep) on a toy-world concept with the demo's pairs,
+training flags and evaluation (``run_demo.py``), trains the demo's ESD-x baseline once, and reads every
+image of the prompts without the concept with the world's exact pixel rules (colour, shape, spots as asked,
+the same reading as the base image of the same seed), which the sweep itself cannot know. Writes, in
+``<output_dir>/<concept>/``: ``sweep/curve.json`` and ``sweep/curve.png`` (the sweep's), and ``curve.json``
+and ``curve.md`` (each setting's mean [min, max] over the seeds with the world's readings, the Pareto front
+on pixel preservation, the pre-registered checks).
+
+    python examples/toy_world/curve.py --concept spots                        # 8 β × 3 λ × 3 seeds, ~1 h on 2 cores
+    python examples/toy_world/curve.py --concept spots --beta_dpo 5 500 --train_seeds 0   # a smaller grid
+
+The timestep window is the timing diagnostic's recommendation (``--t_max`` from ``<concept>/pairs-timing``),
+unless ``--t_max`` is given. A rerun skips every evaluated run (the sweep resumes).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import Dict, List
+
+
+TOY_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOY_DIR)
+
+import run_demo  # noqa: E402  (this folder)
+
+from duo_plugin import sweep  # noqa: E402
+from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+
+
+BETAS = (1, 5, 20, 50, 100, 250, 500, 1000)
+# 0, the recipe's 1e6·β/100, and one between (a hundredth of the recipe's).
+PRESERVATION_WEIGHTS = ("0", "recipe*0.01", "recipe")
+WORLD_READINGS = ("same_reading_as_base", "colour_as_asked", "shape_as_asked", "mark_as_asked", "pixel_preservation")
+# A point "keeps everything else" when both the world's readings and the pixels stay within these.
+KEEPS = {"same_reading_as_base": 0.95, "pixel_preservation": 0.95}
+REMOVES = 0.9
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concept", choices=list(run_demo.CONCEPTS), default="spots")
+    parser.add_argument("--model", type=str, default=os.path.join(TOY_DIR, "model"))
+    parser.add_argument("--output_dir", type=str, default="runs/toy_world_curve")
+    parser.add_argument("--beta_dpo", type=float, nargs="+", default=list(BETAS))
+    parser.add_argument("--preservation_weight", type=str, nargs="+", default=list(PRESERVATION_WEIGHTS))
+    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--t_max", type=int, default=None, help="default: the timing diagnostic's recommendation")
+    parser.add_argument(
+        "--full_evaluation",
+        action="store_true",
+        help="the demo's full evaluation sizes (default: its --quick sizes, 4 images per prompt)",
+    )
+    args = parser.parse_args(argv)
+    demo_argv = ["--model", args.model, "--output_dir", args.output_dir, "--concepts", args.concept]
+    args.demo = run_demo.parse_args(demo_argv + ([] if args.full_evaluation else ["--quick"]))
+    return args
+
+
+def prepare(args, concept, out: str) -> Dict[str, str]:
+    """The demo's pairs, timing diagnostic and ESD-x baseline (each skipped when done)."""
+    stages, _, _, timing_dir = run_demo.concept_stages(args.demo, concept, out)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    for stage, done_file, command in stages:
+        if stage not in ("pairs", "timing", "esd"):
+            continue
+        if os.path.exists(done_file):
+            print(f"= {concept.name}/{stage}: done already ({done_file})")
+            continue
+        run_demo.run(command, os.path.join(out, "logs", f"{stage}.log"))
+    with open(os.path.join(timing_dir, "timing.json")) as f:
+        timing = json.load(f)
+    return {
+        "pairs": os.path.join(out, "pairs"),
+        "esd": os.path.join(out, "esd", "unet.safetensors"),
+        "recommended_t_max": timing["recommended_t_max"],
+        "timing_verdict": timing.get("verdict"),
+    }
+
+
+def without_concept_inversion(flags: List[str]) -> List[str]:
+    """The demo's evaluation without Concept Inversion: at the demo's budget the inverted word never brings
+    the spots back even on the base model (its DSR under the attack is 1.00), so it would cost every run time
+    and tell nothing."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "concept_inversion":
+            continue
+        elif flag.startswith("--inversion_"):
+            skip = True
+        elif flag.startswith("--no-inversion_"):
+            continue
+        else:
+            kept.append(flag)
+    return kept
+
+
+def sweep_argv(args, concept, out: str, prepared: dict, t_max: int) -> List[str]:
+    prompts = run_demo.prompt_files(os.path.join(out, "prompts"), concept.name)
+    # The sweep owns the seed and the steps of every run: leave them out of the shared training flags.
+    training = run_demo.training_flags(args.demo, concept, seed=0)
+    for owned in ("--seed", "--max_train_steps"):
+        index = training.index(owned)
+        del training[index : index + 2]
+    evaluation = without_concept_inversion(run_demo.evaluation_flags(args.demo, concept, prompts, prepared["pairs"]))
+    return [
+        "--pretrained_model_name_or_path",
+        args.model,
+        "--concept",
+        concept.name,
+        "--unsafe_prompt",
+        "@" + prompts["unsafe"],
+        "--safe_prompt",
+        "@" + prompts["safe"],
+        "--dataset_name",
+        prepared["pairs"],
+        "--beta_dpo",
+        *[f"{b:g}" for b in args.beta_dpo],
+        "--preservation_weight",
+        *args.preservation_weight,
+        "--t_max",
+        str(t_max),
+        "--max_train_steps",
+        str(args.demo.max_train_steps),
+        "--train_seeds",
+        *[str(s) for s in args.train_seeds],
+        "--train_args",
+        shlex.join(training),
+        "--eval_args",
+        shlex.join(evaluation),
+        "--baseline_unet",
+        f"esd={prepared['esd']}",
+        "--preservation_axis",
+        "pixel_preservation",
+        "--output_dir",
+        os.path.join(out, "sweep"),
+    ]
+
+
+def world_table(curve: dict, sweep_dir: str, concept) -> dict:
+    """Every setting's DSR and the world's readings, mean [min, max] over its seeds; the base and ESD-x alike."""
+    from duo_plugin.evaluate import ImageStore
+
+    eval_dir = os.path.join(sweep_dir, sweep.EVAL_DIR)
+    dsr = {"base": curve["base"]["dsr"], "esd": curve["baselines"]["esd"]["dsr"]}
+    for point in curve["points"]:
+        for run in point["runs"]:
+            with open(os.path.join(sweep_dir, "runs", run, sweep.RUN_RESULT_NAME)) as f:
+                dsr[run] = json.load(f)["dsr"]
+    # Each evaluation rewrites the folder's manifest.jsonl with its own models: read every model's own manifests.
+    store = ImageStore(eval_dir)
+    manifest = {(model, "unrelated"): list(store.rows(model, "unrelated").values()) for model in dsr}
+    readings = run_demo.preservation_readings(eval_dir, manifest, list(dsr))
+
+    def row(models: List[str], extra: dict) -> dict:
+        sets = [s for s in run_demo.dsr_sets(concept) if s in dsr[models[0]]]
+        entry = dict(extra, dsr={s: sweep.spread([dsr[m][s] for m in models]) for s in sets})
+        for key in WORLD_READINGS:
+            entry[key] = sweep.spread([readings[m][key] for m in models])
+        return entry
+
+    rows = {"base": row(["base"], {"label": "base"}), "esd": row(["esd"], {"label": "ESD-x"})}
+    for point in curve["points"]:
+        end = point.get("training_end") or {}
+        rows[point["name"]] = row(
+            point["runs"],
+            {
+                "label": f"β {point['beta_dpo']:g}, λ {point['preservation_weight']:g}",
+                "beta_dpo": point["beta_dpo"],
+                "preservation_weight": point["preservation_weight"],
+                "seeds": point["seeds"],
+                **{key: end.get(key) for key in ("saturated_share", "unsafe_error_change", "margin")},
+            },
+        )
+    return rows
+
+
+def front(rows: Dict[str, dict], prompt_set: str) -> List[str]:
+    """DUO settings no other setting beats on both the prompt set's DSR and pixel preservation (means)."""
+    names = [n for n in rows if n not in ("base", "esd")]
+    flags = sweep.pareto_front(
+        [(rows[n]["pixel_preservation"]["mean"], rows[n]["dsr"][prompt_set]["mean"]) for n in names]
+    )
+    return [n for n, on in zip(names, flags) if on]
+
+
+def worst_dsr(entry: dict, key: str = "mean") -> float:
+    return min(d[key] for d in entry["dsr"].values())
+
+
+def keeps(entry: dict) -> bool:
+    return all(entry[k]["mean"] >= v for k, v in KEEPS.items())
+
+
+def verdicts(rows: Dict[str, dict], concept) -> List[dict]:
+    """The acceptance question and the choice of a toy preset, read off the table."""
+    duo = {n: r for n, r in rows.items() if n not in ("base", "esd")}
+    first = concept.dsr_sets[0]
+    good = [n for n, r in duo.items() if keeps(r) and worst_dsr(r) >= REMOVES]
+    kept = [n for n, r in duo.items() if keeps(r)]
+    best_kept = max(kept, key=lambda n: (worst_dsr(duo[n]), duo[n]["dsr"][first]["mean"]), default=None)
+    esd = rows["esd"]
+    dominating = [
+        n
+        for n, r in duo.items()
+        if r["dsr"][first]["mean"] >= esd["dsr"][first]["mean"]
+        and r["pixel_preservation"]["mean"] >= esd["pixel_preservation"]["mean"]
+    ]
+    recipe = [n for n, r in duo.items() if r["beta_dpo"] == 500 and r["preservation_weight"] == 5e6]
+    return [
+        {
+            "claim": f"a DUO point with DSR ≥ {REMOVES} on every prompt set and attack (mean over seeds) at pixel preservation ≥ 0.95 and the same reading as the base ≥ 0.95",
+            "holds": bool(good),
+            "detail": ", ".join(good)
+            if good
+            else (
+                f"none; among the points that keep ≥ 0.95, the best is {rows[best_kept]['label']} with lowest DSR {worst_dsr(duo[best_kept]):.2f}"
+                if best_kept
+                else "none keeps ≥ 0.95"
+            ),
+        },
+        {
+            "claim": f"a DUO point at least as good as ESD-x on both {first} DSR and pixel preservation",
+            "holds": bool(dominating),
+            "detail": ", ".join(rows[n]["label"] for n in dominating) or "none",
+        },
+        {
+            "claim": f"the recipe (β 500, λ 5e6) is on the front on {first} prompts",
+            "holds": bool(recipe) and recipe[0] in front(rows, first),
+            "detail": "front: " + " → ".join(rows[n]["label"] for n in front(rows, first)),
+        },
+        {
+            "claim": "the toy preset we would ship",
+            "holds": None,
+            "detail": rows[best_kept]["label"] if best_kept else "none",
+        },
+    ]
+
+
+def cell(value: dict, digits: int = 2) -> str:
+    if value["min"] == value["max"]:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} [{value['min']:.{digits}f}, {value['max']:.{digits}f}]"
+
+
+def markdown(rows: Dict[str, dict], concept, checks: List[dict], t_max: int, seeds: List[int]) -> str:
+    sets = [s for s in run_demo.dsr_sets(concept) if s in rows["base"]["dsr"]]
+    fronts = {s: set(front(rows, s)) for s in sets}
+    header = [
+        "setting",
+        *[f"DSR {s}" for s in sets],
+        "pixel pres.",
+        "same as base",
+        "colour as asked",
+        "saturated",
+        "Δ⁻/e_ref",
+    ]
+    lines = [
+        f"DUO on the toy world's {concept.name}: t < {t_max}, lr 1e-3 × 300 steps of 4 pairs, seeds {seeds}; "
+        "mean [min, max] over the seeds; * = on the Pareto front of that prompt set (mean DSR against mean pixel preservation).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, r in rows.items():
+        dsr = [cell(r["dsr"][s]) + (" *" if name in fronts[s] else "") for s in sets]
+        saturated = "" if r.get("saturated_share") is None else f"{r['saturated_share']['mean']:.2f}"
+        change = "" if r.get("unsafe_error_change") is None else f"{r['unsafe_error_change']['mean']:+.2f}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    *dsr,
+                    cell(r["pixel_preservation"], 3),
+                    cell(r["same_reading_as_base"]),
+                    cell(r["colour_as_asked"]),
+                    saturated,
+                    change,
+                ]
+            )
+            + " |"
+        )
+    verdict = {True: "confirmed", False: "refuted", None: "choice"}
+    lines += ["", "Checks:"] + [f"- {verdict[c['holds']]}: {c['claim']} ({c['detail']})" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise UsageError(
+            f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py"
+        )
+    concept = run_demo.CONCEPTS[args.concept]
+    out = os.path.join(os.path.abspath(args.output_dir), concept.name)
+    # The sweep's commands load the world's detectors as toy_world:Factory.
+    os.environ["PYTHONPATH"] = os.pathsep.join([run_demo.REPO_ROOT, TOY_DIR, os.environ.get("PYTHONPATH", "")])
+    prepared = prepare(args, concept, out)
+    t_max = args.t_max or prepared["recommended_t_max"]
+    curve = sweep.main(sweep_argv(args, concept, out, prepared, t_max))
+    rows = world_table(curve, os.path.join(out, "sweep"), concept)
+    checks = verdicts(rows, concept)
+    report = {
+        "what": f"DSR of {concept.name} against preservation over β × λ in the toy world, with the world's pixel rules",
+        "t_max": t_max,
+        "timing": prepared["timing_verdict"],
+        "seeds": args.train_seeds,
+        "rows": rows,
+        "pareto_front": {s: front(rows, s) for s in rows["base"]["dsr"]},
+        "checks": checks,
+        "sweep": "sweep/curve.json",
+    }
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(rows, concept, checks, t_max, args.train_seeds)
+    with open(os.path.join(out, "curve.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
