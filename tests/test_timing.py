@@ -1,6 +1,9 @@
 """duo_plugin.timing: where a concept is decided, and --t_max auto."""
 
+import argparse
+import functools
 import json
+import math
 import os
 import shutil
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_train_args, train_in_process
 
-from duo_plugin import timing
+from duo_plugin import detectors, timing
 from duo_plugin.testing import MeanChannelDetector
 
 
@@ -36,6 +39,24 @@ def test_window_of_a_concept_decided_midway():
     sigmas = list(np.linspace(1.0, 0.001, 1000))
     # σ ≤ 0.1 from table index 901 on: the window must reach index 901.
     assert timing.recommended_t_max_sd3(window, sigmas, 1000) == 950
+
+
+def test_sd3_t_max_is_the_sigma_table_index_where_the_concept_is_committed():
+    # A hand table of 120 descending σ, σ_i = 1 − i/120. Committed at t = 410 of 1000, σ = 0.41:
+    # σ_70 ≈ 0.4167 > 0.41 ≥ σ_71 ≈ 0.4083, so the window must reach index 71: t_max = 72 rounded up to 50.
+    table = [1 - i / 120 for i in range(120)]
+    assert table[70] > 0.41 >= table[71]
+    assert timing.recommended_t_max_sd3({"done_timestep": 410.0}, table, 1000) == 100
+    assert timing.recommended_t_max_sd3({"done_timestep": 1000.0}, table, 1000) == 50  # σ = 1: index 0
+    assert timing.recommended_t_max_sd3({"done_timestep": None}, table, 1000) == 1000  # nothing located
+    # SD3's own table (shift 3: σ_i = 3u/(1 + 2u), u = (1000 − i)/1000). σ = 0.6 at u = σ/(3 − 2σ) = 1/3:
+    # σ_666 ≈ 0.6007 > 0.6 ≥ σ_667 ≈ 0.5996, so index 667 → 668 → 700 (the SD1 reading of t = 600 gives 650).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = [float(s) for s in FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas]
+    assert len(sigmas) == 1000 and sigmas[666] > 0.6 >= sigmas[667]
+    assert timing.recommended_t_max_sd3({"done_timestep": 600.0}, sigmas, 1000) == 700
+    assert timing.recommended_t_max_sd({"open_timestep": 600.0}, 1000) == 650
 
 
 def test_window_of_a_concept_decided_at_the_first_step_is_everything():
@@ -217,3 +238,158 @@ def test_train_duo_t_max_auto_measures_first_and_records_it(tiny_sd, tiny_pairs,
     assert config["t_max_measurement"]["recommended_t_max"] == measured["recommended_t_max"]
     assert config["t_max_measurement"]["verdict"] == measured["verdict"]
     assert measured["verdict"] in (out / "README.md").read_text()
+
+
+# --- --t_max auto for SD3: the σ-table reading ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from duo_plugin.testing import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
+
+
+class NearReferenceDetector:
+    """Flags an image whose mean absolute pixel difference (in [0, 1]) to one of ``references`` is below ``threshold``.
+
+    With the unswitched samples as references, a prompt switch is flagged when it came late enough to leave the
+    image as it was: on a tiny random model the prompt barely moves a channel mean, but the switch step moves
+    the image by amounts far apart from step to step.
+    """
+
+    name = "near_reference"
+
+    def __init__(self, references, threshold=0.01):
+        self.references = [np.asarray(r.convert("RGB"), dtype=np.float32) / 255.0 for r in references]
+        self.threshold = threshold
+
+    def distance(self, image) -> float:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return min(float(np.abs(pixels - r).mean()) for r in self.references)
+
+    def __call__(self, images):
+        distances = [self.distance(image) for image in images]
+        return [detectors.Detection(flagged=d < self.threshold, score=-d) for d in distances]
+
+
+def test_train_duo_sd3_t_max_auto_reads_the_sigma_table(tiny_sd3, tiny_pairs, tmp_path, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from PIL import Image
+
+    num_steps, num_images, guidance = 4, 8, 7.5  # the diagnostic's 8 images per prompt, in one batch
+    pairs = str(tmp_path / "pairs")
+    shutil.copytree(tiny_pairs, pairs)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # The diagnostic's own sampling, beforehand: the unswitched samples and the switches to "" at steps 0…2.
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+        pipe.set_progress_bar_config(disable=True)
+        sampling = argparse.Namespace(num_inference_steps=num_steps, guidance_scale=guidance)
+        size = {"height": 32, "width": 32}
+        seeds = [timing.image_seed(0, 0, j) for j in range(num_images)]
+        unsafe = ["a red square"] * num_images
+        unswitched = timing.sample_with_switch(pipe, unsafe, None, num_steps, seeds, sampling, size)
+        empty = timing.prompt_embeddings(pipe, [""] * num_images, guidance, size)
+        switched = [timing.sample_with_switch(pipe, [""] * num_images, None, 0, seeds, sampling, size)]
+        switched += [timing.sample_with_switch(pipe, unsafe, empty, k, seeds, sampling, size) for k in (1, 2)]
+        del pipe
+        pair_unsafe = [
+            Image.open(os.path.join(pairs, json.loads(line)["unsafe_file_name"]))
+            for line in open(os.path.join(pairs, "metadata.jsonl"))
+            if line.strip()
+        ]
+        # References: the unswitched samples, and the pair folder's unsafe images (the re-noise sources).
+        references = [*unswitched, *pair_unsafe]
+        measure = NearReferenceDetector(references)
+        distances = [[measure.distance(image) for image in images] for images in switched]
+        # Switching at steps 0 and 1 changes the images far more than switching at step 2: a threshold between
+        # makes the concept committed at switch step 2, a point in the middle of the σ table.
+        assert max(distances[2]) < min(distances[0] + distances[1])
+        threshold = (max(distances[2]) + min(distances[0] + distances[1])) / 2
+        monkeypatch.setitem(
+            detectors.DETECTORS, NearReferenceDetector.name, functools.partial(NearReferenceDetector, references)
+        )
+        out = tmp_path / "out"
+        train_in_process(
+            "train_duo_sd3.py",
+            tiny_train_args(
+                tiny_sd3,
+                pairs,
+                out,
+                "--max_sequence_length",
+                "16",
+                *CONCEPT,
+                "--t_max",
+                "auto",
+                "--verifier",
+                NearReferenceDetector.name,
+                "--detector_threshold",
+                str(threshold),
+                "--guidance_scale",
+                str(guidance),
+                "--num_inference_steps",
+                str(num_steps),
+                "--skip_validation",
+                "--max_train_steps",
+                "2",
+            ),
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    # Measured first, cached beside the pair folder (not in it: a pair folder is read as an image dataset).
+    cache = tmp_path / "pairs-timing"
+    measured = json.loads((cache / "timing.json").read_text())
+    assert (cache / "timing.png").stat().st_size > 0 and not os.path.exists(os.path.join(pairs, "timing.json"))
+    settings = measured["settings"]
+    assert (settings["num_inference_steps"], settings["num_images_per_prompt"], settings["guidance_scale"]) == (
+        num_steps,
+        num_images,
+        guidance,
+    )
+    assert settings["detector"] == NearReferenceDetector.name and settings["window"] == [1, 750]  # SD3's recipe
+    assert measured["family"] == "sd3" and settings["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+    # The curve's points are 1000·σ of the pipeline's own sampling schedule (no σ is stored: t/1000 is σ).
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3, subfolder="scheduler")
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    assert measured["num_train_timesteps"] == num_train_timesteps == 1000
+    sampler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(num_steps)
+    t = measured["sampling_timesteps"]
+    assert t == pytest.approx([float(x) for x in sampler.timesteps])
+    assert [x / num_train_timesteps for x in t] == pytest.approx([float(s) for s in sampler.sigmas[:-1]], abs=1e-6)
+    curve = measured["curves"]["empty"]
+    assert curve["timestep"] == [*t, 0.0]
+    assert curve["still_flagged"] == [0.0, 0.0, 1.0, 1.0, 1.0]  # as the distances above say
+    assert measured["done_timestep"] == t[2] and measured["open_timestep"] == t[1]
+
+    # The recommendation reads the training σ table (descending, 1000 entries), recomputed here from the
+    # JSON's own window: the first index whose σ is at most done_timestep/1000, plus one, rounded up to 50.
+    sigma_table = [float(s) for s in scheduler.sigmas]
+    assert len(sigma_table) == num_train_timesteps and sigma_table == sorted(sigma_table, reverse=True)
+    window = {"done_timestep": measured["done_timestep"], "open_timestep": measured["open_timestep"]}
+    recommended = measured["recommended_t_max"]
+    assert recommended == timing.recommended_t_max_sd3(window, sigma_table, num_train_timesteps)
+    index = next(i for i, s in enumerate(sigma_table) if s <= measured["done_timestep"] / num_train_timesteps)
+    assert sigma_table[index - 1] > measured["done_timestep"] / num_train_timesteps
+    assert recommended == min(num_train_timesteps, math.ceil((index + 1) / 50) * 50)
+    assert recommended < num_train_timesteps  # a real reading of the table, not the nothing-located default
+    assert recommended != timing.recommended_t_max_sd(window, num_train_timesteps)  # not the SD1 reading of t
+
+    # Trained with it, and recorded.
+    config = json.loads((out / "duo_config.json").read_text())
+    assert config["t_max"] == recommended and config["t_min"] == 1
+    assert "sigma table" in config["timestep_range_indexes"]
+    record = config["t_max_measurement"]
+    assert record["recommended_t_max"] == recommended and record["verdict"] == measured["verdict"]
+    assert record["file"] == os.path.abspath(cache / "timing.json")
+    assert (record["committed_timestep"], record["open_timestep"]) == (
+        measured["committed_timestep"],
+        measured["open_timestep"],
+    )
+    assert f"recommended --t_max {recommended}" in measured["verdict"]
+    card = (out / "README.md").read_text()
+    assert measured["verdict"] in card and f"[1, {recommended})" in card
