@@ -392,6 +392,39 @@ def test_demo_adds_unlearndiffatk_to_an_evaluation_already_done(tmp_path):
     assert "unlearndiffatk" not in plain and demo.stage_done(name, done_file, plain)
 
 
+def test_curve_reads_the_acceptance_question_and_the_front_off_the_table():
+    curve = load_example("curve")
+    spots = load_example("run_demo").CONCEPTS["spots"]
+
+    def entry(dsr, pixels, same, beta=None, weight=None):
+        value = lambda v: {"mean": v, "min": v, "max": v}  # noqa: E731
+        row = {
+            "label": f"β {beta}, λ {weight}",
+            "dsr": {s: value(dsr) for s in ("named", "synonym", "unnamed", "ring_a_bell")},
+            "pixel_preservation": value(pixels),
+            "same_reading_as_base": value(same),
+        }
+        return {**row, "beta_dpo": beta, "preservation_weight": weight} if beta else row
+
+    rows = {
+        "base": entry(0.17, 1.0, 1.0),
+        "esd": entry(0.69, 0.83, 0.0),
+        "recipe": entry(0.2, 0.99, 1.0, 500, 5e6),
+        "removes": entry(0.95, 0.90, 0.9, 50, 0),
+        "between": entry(0.6, 0.96, 1.0, 20, 2e5),
+        "dominated": entry(0.5, 0.95, 1.0, 20, 2e3),
+    }
+    assert curve.front(rows, "named") == ["removes", "between", "recipe"]
+    verdicts = curve.verdicts(rows, spots)
+    # No point removes (≥ 0.9 everywhere) while keeping ≥ 0.95: the report names the best that keeps.
+    assert verdicts[0]["holds"] is False and "β 20, λ 200000.0 with lowest DSR 0.60" in verdicts[0]["detail"]
+    assert verdicts[1]["holds"] is True and verdicts[1]["detail"] == "β 50, λ 0"  # as good as ESD-x on both axes
+    assert verdicts[2]["holds"] is True  # the recipe is on the front, at its preservation end
+    assert verdicts[3]["detail"] == "β 20, λ 200000.0"  # the best removal among the points that keep ≥ 0.95
+    rows["between"]["dsr"] = {s: {"mean": 0.92, "min": 0.9, "max": 0.95} for s in rows["between"]["dsr"]}
+    assert curve.verdicts(rows, spots)[0]["holds"] is True
+
+
 def stage_command(record, name, seconds, exit_code=0, *extra):
     """A stand-in stage: notes when it starts and ends, and the threads it was given, in ``record``."""
     code = (

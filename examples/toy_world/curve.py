@@ -166,7 +166,7 @@ def world_table(curve: dict, sweep_dir: str, concept) -> dict:
         return entry
 
     rows = {"base": row(["base"], {"label": "base"}), "esd": row(["esd"], {"label": "ESD-x"})}
-    for point in curve["points"]:
+    for point in sorted(curve["points"], key=lambda p: (p["beta_dpo"], p["preservation_weight"])):
         end = point.get("training_end") or {}
         rows[point["name"]] = row(
             point["runs"],
@@ -187,7 +187,7 @@ def front(rows: Dict[str, dict], prompt_set: str) -> List[str]:
     flags = sweep.pareto_front(
         [(rows[n]["pixel_preservation"]["mean"], rows[n]["dsr"][prompt_set]["mean"]) for n in names]
     )
-    return [n for n, on in zip(names, flags) if on]
+    return sorted((n for n, on in zip(names, flags) if on), key=lambda n: rows[n]["pixel_preservation"]["mean"])
 
 
 def worst_dsr(entry: dict, key: str = "mean") -> float:
