@@ -482,18 +482,30 @@ def test_demo_stage_failure_stops_the_stages_beside_it(tmp_path):
     from duo_plugin.errors import UsageError
 
     record = tmp_path / "record.jsonl"
+    # Like `accelerate launch`, the long stage runs its work in a child process.
+    grandchild = tmp_path / "grandchild.pid"
+    launcher = (
+        "import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(grandchild)!r}, 'w').write(str(child.pid)); child.wait()"
+    )
     stages = [
         ("pairs", stage_command(record, "pairs", 0), str(tmp_path / "pairs.log")),
         ("duo", stage_command(record, "duo", 60), str(tmp_path / "duo.log")),
-        ("esd", stage_command(record, "esd", 0.3, 1), str(tmp_path / "esd.log")),
+        ("duo_lambda0", [sys.executable, "-c", launcher], str(tmp_path / "duo_lambda0.log")),
+        ("esd", stage_command(record, "esd", 1.5, 1), str(tmp_path / "esd.log")),
         ("evaluate", stage_command(record, "evaluate", 0), str(tmp_path / "evaluate.log")),
     ]
     began = time.time()
     with pytest.raises(UsageError, match="exit 1"):
-        demo.run_stages(stages, workers=2)
+        demo.run_stages(stages, workers=3)
     events = stage_events(record)
     # The long stage was stopped, not waited for, and nothing ran after the failure.
     assert time.time() - began < 30 and "end" not in events["duo"] and "evaluate" not in events
+    # So was the child of the launcher-like stage (its whole process group).
+    pid = int(grandchild.read_text())
+    time.sleep(0.5)
+    status = f"/proc/{pid}/status"
+    assert not os.path.exists(status) or "State:\tZ" in open(status).read()
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -226,6 +227,15 @@ def latest_progress(text: str) -> Optional[Tuple[str, int, int]]:
     return (last["desc"] or "").strip(), int(last["n"]), int(last["total"])
 
 
+def kill_stage(process: subprocess.Popen):
+    """End a stage's whole process group (a launcher's children too) and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 def follow_progress(
     process: subprocess.Popen,
     log_path: str,
@@ -245,7 +255,7 @@ def follow_progress(
     phase, offset, tail = None, 0, ""
     while True:
         if stop is not None and stop.is_set() and process.poll() is None:
-            process.kill()
+            kill_stage(process)
         returncode = process.poll()
         with open(log_path, "rb") as log:
             log.seek(offset)
@@ -285,13 +295,15 @@ def run(
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        # Its own process group: `accelerate launch` and the script it starts end together.
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+        )
         try:
             returncode = follow_progress(process, log_path, stage, position=position, stop=stop)
         except BaseException:
-            # Interrupted (Ctrl-C) or failed here: the command must not outlive the demo.
-            process.kill()
-            process.wait()
+            # Interrupted (Ctrl-C, kill) or failed here: the command must not outlive the demo.
+            kill_stage(process)
             raise
     if stop is not None and stop.is_set():
         raise UsageError(f"{stage} stopped: another stage failed")
@@ -1101,6 +1113,9 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) ends the demo as Ctrl-C does: the running stages are stopped, not left behind.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise UsageError(
             f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py"
