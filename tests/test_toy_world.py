@@ -477,6 +477,18 @@ def test_demo_runs_independent_stages_side_by_side_after_what_they_need(tmp_path
     assert events["evaluate"]["threads"] == os.environ.get("OMP_NUM_THREADS")
 
 
+def test_demo_stages_of_two_concepts_wait_only_for_their_own():
+    demo = load_example("run_demo")
+    names = [f"{c}/{s}" for c in ("spots", "red") for s in ("pairs", "timing", "duo", "duo_tauto", "evaluate")]
+    auto = ["train_duo.py", "--t_max", "auto"]
+    assert demo.stage_needs("red/pairs", [], names) == []
+    assert demo.stage_needs("red/duo", [], names) == ["red/pairs"]
+    assert demo.stage_needs("spots/duo_tauto", auto, names) == ["spots/pairs", "spots/timing"]
+    assert demo.stage_needs("spots/evaluate", [], names) == [
+        f"spots/{s}" for s in ("pairs", "timing", "duo", "duo_tauto")
+    ]
+
+
 def test_demo_stage_failure_stops_the_stages_beside_it(tmp_path):
     demo = load_example("run_demo")
     from duo_plugin.errors import UsageError

@@ -114,13 +114,13 @@ FULL = {
     "num_pairs": 48,
     "max_train_steps": 300,
     "esd_steps": 200,
-    "num_images_per_prompt": 12,
+    "num_images_per_prompt": 6,
     "inversion_steps": 300,
     "ring_a_bell_generations": 60,
-    "timing_images": 8,
+    "timing_images": 4,
 }
 # --quick trains the same models (fewer steps or pairs leave every DUO row at the base's DSR) and
-# evaluates them on fewer images (the first 4 of the 12 seeds of each prompt); its timing diagnostic
+# evaluates them on fewer images (the first 4 of the 6 seeds of each prompt); its timing diagnostic
 # measures only the switch to the empty prompt, on 2 images per prompt.
 QUICK = dict(FULL, num_images_per_prompt=4, inversion_steps=100, ring_a_bell_generations=20, timing_images=2)
 # The recipe's 6e-5 is sized for 1000 steps on SD's weights; the toy model is trained at 1e-3, and the
@@ -282,11 +282,12 @@ def run(
     threads: Optional[int] = None,
     position: int = 0,
     stop: Optional[threading.Event] = None,
+    name: Optional[str] = None,
 ):
     """Print the command and where its log goes, run it with a console progress bar (the command's own
     bars go to the log); stop the demo with the log's tail on failure. ``threads`` caps the command's
     CPU threads (stages that run side by side share the cores)."""
-    stage = os.path.splitext(os.path.basename(log_path))[0]
+    stage = name or os.path.splitext(os.path.basename(log_path))[0]
     print("+ " + shlex.join(command), flush=True)
     print(f"  {stage}: log in {log_path}", flush=True)
     started = time.time()
@@ -331,35 +332,36 @@ def stage_done(stage: str, done_file: str, command: List[str]) -> bool:
 
 
 def stage_needs(name: str, command: List[str], names: List[str]) -> List[str]:
-    """The stages a stage waits for: everything needs the pairs, ``--t_max auto`` the timing, the evaluation all."""
-    if name == "pairs":
+    """The stages a stage waits for, within its concept (names are ``concept/stage``): everything needs the
+    pairs, ``--t_max auto`` the timing, the evaluation every other stage of its concept."""
+    concept, _, stage = name.rpartition("/")
+    prefix = f"{concept}/" if concept else ""
+    if stage == "pairs":
         return []
-    if name == "evaluate":
-        return [n for n in names if n != name]
-    return ["pairs", *(["timing"] if "auto" in command and "--t_max" in command else [])]
+    if stage == "evaluate":
+        return [n for n in names if n != name and n.startswith(prefix) and "/" not in n[len(prefix) :]]
+    return [prefix + "pairs", *([prefix + "timing"] if "auto" in command and "--t_max" in command else [])]
 
 
 def run_stages(
     stages: List[Tuple[str, List[str], str]], workers: int, before: Optional[Callable[[List[str]], None]] = None
 ) -> Dict[str, float]:
-    """Run ``(name, command, log)`` stages, up to ``workers`` at a time once what each needs is done, each on
-    its share of the cores; the first failure stops the others. ``before(command)`` runs just before a stage
-    starts. Returns each stage's wall time."""
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    """Run ``(name, command, log)`` stages, up to ``workers`` at a time once what each needs is done; the first
+    failure stops the others. Side by side, each stage gets its share of the cores; a stage left to run
+    alone gets them all. ``before(command)`` runs just before a stage starts. Returns each stage's wall time."""
+    share = max(1, (os.cpu_count() or 1) // workers)
     names = [name for name, _, _ in stages]
     pending = {name: (command, log) for name, command, log in stages}
     stop, lock = threading.Event(), threading.Lock()
     free_positions = list(range(workers))
     timings = {}
 
-    def one(name, command, log_path):
+    def one(name, command, log_path, threads):
         with lock:
             position = free_positions.pop(0)
         started = time.time()
         try:
-            # The pairs and the evaluation always run alone: they get every core.
-            alone = name in ("pairs", "evaluate")
-            run(command, log_path, threads=None if alone else threads, position=position, stop=stop)
+            run(command, log_path, threads=threads, position=position, stop=stop, name=name)
         finally:
             with lock:
                 free_positions.append(position)
@@ -380,7 +382,8 @@ def run_stages(
                     command, log_path = pending.pop(name)
                     if before is not None:
                         before(command)
-                    running[pool.submit(one, name, command, log_path)] = name
+                    alone = workers == 1 or (not pending and not running)
+                    running[pool.submit(one, name, command, log_path, None if alone else share)] = name
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     running.pop(future)
@@ -1120,29 +1123,34 @@ def main(argv=None):
         raise UsageError(
             f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py"
         )
-    reports = {}
+    # Both concepts' stages in one schedule: one concept's trainings run beside the other's timing and evaluation.
+    todo, plans = [], {}
     for name in args.concepts:
         concept = CONCEPTS[name]
         out = os.path.join(os.path.abspath(args.output_dir), name)
         logs = os.path.join(out, "logs")
         os.makedirs(logs, exist_ok=True)
         stages, models, eval_dir, timing_dir = concept_stages(args, concept, out)
-        todo = []
+        plans[name] = (concept, out, models, eval_dir, timing_dir)
         for stage, done_file, command in stages:
             if stage_done(stage, done_file, command):
                 print(f"= {name}/{stage}: done already ({done_file})")
             else:
-                todo.append((stage, command, os.path.join(logs, f"{stage}.log")))
+                todo.append((f"{name}/{stage}", command, os.path.join(logs, f"{stage}.log")))
 
-        def before(command, out=out):
+    def before(command):
+        for _, out, _, _, _ in plans.values():
             if os.path.join(out, "pairs_unpaired") in command:
                 make_unpaired_folder(os.path.join(out, "pairs"), os.path.join(out, "pairs_unpaired"), args.seed)
 
-        timings = run_stages(todo, args.jobs, before)
+    timings = run_stages(todo, args.jobs, before)
+    reports = {}
+    for name, (concept, out, models, eval_dir, timing_dir) in plans.items():
         with open(os.path.join(timing_dir, "timing.json")) as f:
             timing_result = json.load(f)
         shutil.copy(os.path.join(timing_dir, "timing.png"), os.path.join(out, "timing.png"))
-        reports[name] = write_report(args, concept, out, eval_dir, ["base", *models], timings, timing_result)
+        own = {stage.partition("/")[2]: t for stage, t in timings.items() if stage.startswith(name + "/")}
+        reports[name] = write_report(args, concept, out, eval_dir, ["base", *models], own, timing_result)
     return reports
 
 
