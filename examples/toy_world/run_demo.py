@@ -705,6 +705,14 @@ def plot_table(table: Dict[str, dict], concept: Concept, labels: Dict[str, str],
     plt.close(figure)
 
 
+def grid_label(label: str, width: int = 38) -> str:
+    """A row label PIL's default font can draw in the grid's margin: Greek letters spelled out, the recipe's
+    settings left to the report's table."""
+    label = re.sub(r"\(recipe: [^)]*\)", "(recipe)", label)
+    label = label.replace("β", "beta").replace("λ", "lambda").replace("≥", ">=")
+    return label if len(label) <= width else label[: width - 3] + "..."
+
+
 def sample_grid(
     eval_dir: str, manifest, models: List[str], concept: Concept, labels: Dict[str, str], path: str, per_set: int = 3
 ):
@@ -725,7 +733,7 @@ def sample_grid(
         )
     for i, model in enumerate(models):
         y = header + i * (tile + 2)
-        draw.text((4, y + tile // 2 - 6), labels.get(model, model)[:38], fill="black")
+        draw.text((4, y + tile // 2 - 6), grid_label(labels.get(model, model)), fill="black")
         for j, prompt_set in enumerate(sets):
             chosen = sorted(
                 manifest.get((model, prompt_set), []), key=lambda r: (r["image_index"], r["prompt_index"])
