@@ -236,6 +236,7 @@ def adapted(world, recipe_args):
     """(ours, official): our UNet with our adapter (lora.prepare_denoiser_for_training, as train_duo.py), the
     official one with the official LoraConfig, both with our initial LoRA weights and the same non-zero B."""
     ours = copy.deepcopy(world.base_unet)
+    torch.manual_seed(0)  # the gaussian A init draws from the global generator: the same adapter whatever ran before
     lora.prepare_denoiser_for_training(recipe_args, ours)
     perturb_lora_b(ours)
     official = copy.deepcopy(world.base_unet)
