@@ -421,6 +421,11 @@ def test_curve_reads_the_acceptance_question_and_the_front_off_the_table():
     assert verdicts[1]["holds"] is True and verdicts[1]["detail"] == "β 50, λ 0"  # as good as ESD-x on both axes
     assert verdicts[2]["holds"] is True  # the recipe is on the front, at its preservation end
     assert verdicts[3]["detail"] == "β 20, λ 200000.0"  # the best removal among the points that keep ≥ 0.95
+    low = {"mean": 0.2, "min": 0.2, "max": 0.2}
+    kept_low = {
+        n: {**r, "dsr": dict.fromkeys(r["dsr"], low)} if n in ("between", "dominated") else r for n, r in rows.items()
+    }
+    assert curve.verdicts(kept_low, spots)[3]["detail"].startswith("none")  # what keeps ≥ 0.95 removes nothing
     rows["between"]["dsr"] = {s: {"mean": 0.92, "min": 0.9, "max": 0.95} for s in rows["between"]["dsr"]}
     assert curve.verdicts(rows, spots)[0]["holds"] is True
 

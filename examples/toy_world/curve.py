@@ -236,9 +236,11 @@ def verdicts(rows: Dict[str, dict], concept) -> List[dict]:
             "detail": "front: " + " → ".join(rows[n]["label"] for n in front(rows, first)),
         },
         {
-            "claim": "the toy preset we would ship",
+            "claim": "the toy preset we would ship (the best removal among the points that keep ≥ 0.95)",
             "holds": None,
-            "detail": rows[best_kept]["label"] if best_kept else "none",
+            "detail": rows[best_kept]["label"]
+            if best_kept and duo[best_kept]["dsr"][first]["mean"] > rows["base"]["dsr"][first]["mean"] + 0.1
+            else f"none: no point that keeps ≥ 0.95 removes more than the base does (DSR {first} within 0.1)",
         },
     ]
 
