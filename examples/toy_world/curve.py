@@ -144,32 +144,36 @@ def sweep_argv(args, concept, out: str, prepared: dict, t_max: int) -> List[str]
 
 
 def world_table(curve: dict, sweep_dir: str, concept) -> dict:
-    """Every setting's DSR and the world's readings, mean [min, max] over its seeds; the base and ESD-x alike."""
+    """Every setting's DSR (the sweep's spread over its seeds) and the world's readings, mean [min, max] over its
+    seeds; the base and ESD-x alike."""
     from duo_plugin.evaluate import ImageStore
 
     eval_dir = os.path.join(sweep_dir, sweep.EVAL_DIR)
-    dsr = {"base": curve["base"]["dsr"], "esd": curve["baselines"]["esd"]["dsr"]}
-    for point in curve["points"]:
-        for run in point["runs"]:
-            with open(os.path.join(sweep_dir, "runs", run, sweep.RUN_RESULT_NAME)) as f:
-                dsr[run] = json.load(f)["dsr"]
+    models = ["base", "esd", *(run for point in curve["points"] for run in point["runs"])]
     # Each evaluation rewrites the folder's manifest.jsonl with its own models: read every model's own manifests.
     store = ImageStore(eval_dir)
-    manifest = {(model, "unrelated"): list(store.rows(model, "unrelated").values()) for model in dsr}
-    readings = run_demo.preservation_readings(eval_dir, manifest, list(dsr))
+    manifest = {(model, "unrelated"): list(store.rows(model, "unrelated").values()) for model in models}
+    readings = run_demo.preservation_readings(eval_dir, manifest, models)
+    sets = run_demo.dsr_sets(concept)
 
-    def row(models: List[str], extra: dict) -> dict:
-        sets = [s for s in run_demo.dsr_sets(concept) if s in dsr[models[0]]]
-        entry = dict(extra, dsr={s: sweep.spread([dsr[m][s] for m in models]) for s in sets})
+    def row(runs: List[str], dsr: Dict[str, dict], extra: dict) -> dict:
+        entry = dict(extra, dsr={s: dsr[s] for s in sets if s in dsr})
         for key in WORLD_READINGS:
-            entry[key] = sweep.spread([readings[m][key] for m in models])
+            entry[key] = sweep.spread([readings[m][key] for m in runs])
         return entry
 
-    rows = {"base": row(["base"], {"label": "base"}), "esd": row(["esd"], {"label": "ESD-x"})}
+    def single(record: dict) -> Dict[str, dict]:
+        return {s: sweep.spread([value]) for s, value in record["dsr"].items()}
+
+    rows = {
+        "base": row(["base"], single(curve["base"]), {"label": "base"}),
+        "esd": row(["esd"], single(curve["baselines"]["esd"]), {"label": "ESD-x"}),
+    }
     for point in sorted(curve["points"], key=lambda p: (p["beta_dpo"], p["preservation_weight"])):
         end = point.get("training_end") or {}
         rows[point["name"]] = row(
             point["runs"],
+            point["dsr"],
             {
                 "label": f"β {point['beta_dpo']:g}, λ {point['preservation_weight']:g}",
                 "beta_dpo": point["beta_dpo"],
