@@ -25,6 +25,7 @@ from duo_plugin import (
     lora,
     memory,
     outputs,
+    retain,
     run_guard,
     saturation,
     sd,
@@ -116,8 +117,15 @@ def main(argv=None):
     args.t_max = timing.resolve_t_max(
         args, preset, accelerator, default=args.t_max
     )  # auto: measured where the concept is decided
-    if args.condition_on_prompts and pairs.unsafe_prompts is None:
-        raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
+    if arguments.needs_unsafe_prompts(args) and pairs.unsafe_prompts is None:
+        raise UsageError(
+            "--preference_conditions prompt/guided (or --condition_on_prompts) needs an unsafe_prompt column in the pair data"
+        )
+    variant = arguments.variant_settings(args, guidance_scale=args.guidance_scale or preset.guidance_scale)
+    if variant.uses_retain:
+        retain_images, retain_prompts, args.retain_record = retain.get_retain_set(
+            args, preset, pipeline_class, accelerator, conditions=variant.retain_conditions
+        )
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -162,9 +170,17 @@ def main(argv=None):
         dtype=weight_dtype,
         progress=accelerator.is_local_main_process,
     )
-    if args.condition_on_prompts:
+    if arguments.needs_unsafe_prompts(args):
         prompt_embeddings = sd.encode_prompts(tokenizer, text_encoder, pairs.unsafe_prompts, accelerator.device).cpu()
     empty_embedding = sd.encode_prompts(tokenizer, text_encoder, [""], accelerator.device).cpu()
+    retain_latents = None
+    if variant.uses_retain:
+        retain_latents = sd.RetainLatents(
+            latents=retain.encode_retain_latents(
+                vae, retain_images, args.resolution, accelerator.device, weight_dtype
+            ),
+            embeddings=sd.encode_prompts(tokenizer, text_encoder, retain_prompts, accelerator.device).cpu(),
+        )
     vae.to("cpu")
     text_encoder.to("cpu")
     free_memory()
@@ -232,7 +248,7 @@ def main(argv=None):
                 args.seed,
             )
             with accelerator.accumulate(unet):
-                pair_condition = prompt_embeddings[pair_indices] if args.condition_on_prompts else None
+                pair_condition = prompt_embeddings[pair_indices] if arguments.needs_unsafe_prompts(args) else None
                 batch = sd.make_duo_batch(
                     latents_cache,
                     pair_indices,
@@ -244,9 +260,12 @@ def main(argv=None):
                     pair_condition,
                     args.pair_timesteps,
                     args.preservation_noise,
+                    variant.pair_conditions,
+                    retain_latents,
+                    variant.retain_conditions,
                 )
                 losses = sd.duo_forward(
-                    accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype
+                    accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype, variant
                 )
                 training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)

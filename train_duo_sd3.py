@@ -44,6 +44,7 @@ from duo_plugin import (
     memory,
     objective,
     outputs,
+    retain,
     run_guard,
     saturation,
     sd3,
@@ -166,7 +167,10 @@ def log_validation(args, accelerator, transformer, vae, noise_scheduler, embeddi
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
-    preservation_weight_given = args.preservation_weight is not None
+    # A λ the user gave, or the named objective's own (the concept objective's 0), is not SD3's derived default.
+    preservation_weight_given = (
+        args.preservation_weight is not None or "preservation_weight" in arguments.OBJECTIVES[args.objective]
+    )
     arguments.check_environment_args(args)
     preset = arguments.resolve_training_args(args, family="sd3")
     sd3.check_sd3_args(args)
@@ -183,8 +187,16 @@ def main(argv=None):
     args.t_max = timing.resolve_t_max(
         args, preset, accelerator, default=args.t_max
     )  # auto: measured where the concept is decided
-    if args.condition_on_prompts and pairs.unsafe_prompts is None:
-        raise UsageError("--condition_on_prompts needs an unsafe_prompt column in the pair data")
+    if arguments.needs_unsafe_prompts(args) and pairs.unsafe_prompts is None:
+        raise UsageError(
+            "--preference_conditions prompt/guided (or --condition_on_prompts) needs an unsafe_prompt column in the pair data"
+        )
+    variant = arguments.variant_settings(args, guidance_scale=args.guidance_scale or preset.guidance_scale)
+    retain_prompts = []
+    if variant.uses_retain:
+        retain_images, retain_prompts, args.retain_record = retain.get_retain_set(
+            args, preset, pipeline_class, accelerator, conditions=variant.retain_conditions
+        )
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers.optimization import get_scheduler
@@ -214,8 +226,9 @@ def main(argv=None):
     prompts = [""]
     if not args.skip_validation:
         prompts += list(args.validation_prompts) + list(preset.unrelated_prompts)
-    if args.condition_on_prompts:
+    if arguments.needs_unsafe_prompts(args):
         prompts += list(pairs.unsafe_prompts)
+    prompts += retain_prompts
     embeddings = sd3.encode_prompts_once(args, prompts, transformer, device, weight_dtype)
     empty_condition = embeddings([""])
     has_t5 = families.base_has_t5(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
@@ -237,6 +250,12 @@ def main(argv=None):
         dtype=torch.float32,
         progress=accelerator.is_local_main_process,
     )
+    retain_latents = None
+    if variant.uses_retain:
+        retain_latents = sd3.RetainLatents(
+            latents=retain.encode_retain_latents(vae, retain_images, args.resolution, device, torch.float32),
+            condition=embeddings(retain_prompts),
+        )
     vae.to("cpu")
     free_memory()
 
@@ -315,11 +334,20 @@ def main(argv=None):
             with accelerator.accumulate(transformer):
                 pair_condition = (
                     embeddings([pairs.unsafe_prompts[i] for i in pair_indices.tolist()])
-                    if args.condition_on_prompts
+                    if arguments.needs_unsafe_prompts(args)
                     else None
                 )
                 batch = sd3.make_duo_batch(
-                    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition
+                    latents_cache,
+                    pair_indices,
+                    generator,
+                    noise_scheduler,
+                    args,
+                    empty_condition,
+                    pair_condition,
+                    variant.pair_conditions,
+                    retain_latents,
+                    variant.retain_conditions,
                 )
                 losses = sd3.duo_forward(
                     accelerator,
@@ -329,6 +357,7 @@ def main(argv=None):
                     args.preservation_weight,
                     weight_dtype,
                     args.precondition_outputs,
+                    variant,
                 )
                 training.check_finite(accelerator, losses.loss, step + 1, last_checkpoint)
                 accelerator.backward(losses.loss)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from diffusers.utils import is_bitsandbytes_available, is_tensorboard_available, is_xformers_available
 
+from . import objective
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .errors import UsageError
 from .presets import (
@@ -19,6 +20,22 @@ from .presets import (
     preservation_weight_for_beta,
     with_overrides,
 )
+from .retain import DEFAULT_NUM_RETAIN_IMAGES
+
+
+# --objective: named settings; each flag the user gives still wins. ``paper`` takes β and λ from the concept
+# preset (the official recipe); ``concept`` is the variant measured on the toy world (docs/objectives.md):
+# the preference under the empty prompt, the unsafe prompt and the guided prediction, held by a retain set
+# instead of the pure-noise term (whose λ 5e6 holds a model still, issue 14).
+OBJECTIVES = {
+    "paper": {"preference_conditions": ["empty"], "retain_weight": 0.0},
+    "concept": {
+        "preference_conditions": ["empty", "prompt", "guided"],
+        "retain_weight": 20.0,
+        "beta_dpo": 100.0,
+        "preservation_weight": 0.0,
+    },
+}
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_resolution: int):
@@ -56,7 +73,64 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     duo.add_argument(
         "--condition_on_prompts",
         action="store_true",
-        help="condition on the pair's unsafe prompt instead of the empty prompt",
+        help="condition on the pair's unsafe prompt instead of the empty prompt (= --preference_conditions prompt)",
+    )
+
+    variant = parser.add_argument_group(
+        "concept-specific objective (issue 24; defaults: the paper's objective)",
+        "L = mean over the preference conditions of L_DUO + λ·L_pres + λ_r·L_retain. "
+        "--objective concept sets the toy world's measured variant: --preference_conditions empty prompt guided "
+        "--retain_weight 20 --beta_dpo 100 --preservation_weight 0 (docs/objectives.md).",
+    )
+    variant.add_argument(
+        "--objective",
+        type=str,
+        default="paper",
+        choices=list(OBJECTIVES),
+        help="paper: the empty-prompt preference and pure-noise preservation; concept: the preference under the "
+        "empty prompt and the unsafe prompt with a retain set (its flags below can still be changed)",
+    )
+    variant.add_argument(
+        "--preference_conditions",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=list(objective.PREFERENCE_CONDITIONS),
+        help="conditions the preference is computed under, averaged: empty (the paper), prompt (the pair's unsafe "
+        "prompt), guided (ε_u + w(ε_c − ε_u) with w the pair recipe's --guidance_scale)",
+    )
+    variant.add_argument(
+        "--retain_weight",
+        type=float,
+        default=None,
+        help="λ_r of the retain term on base-model images of unrelated prompts (0: off; concept default 20)",
+    )
+    variant.add_argument(
+        "--consistency_weight",
+        type=float,
+        default=0.0,
+        help="λ_c of a term that makes the adapter change the prediction the same way under the unsafe prompt as "
+        "under the empty prompt (so guidance cannot reverse it); 0: off",
+    )
+    variant.add_argument(
+        "--retain_prompts",
+        type=str,
+        default=None,
+        help="text file of unrelated prompts, one a line, for the retain set (default: the preset's everyday captions)",
+    )
+    variant.add_argument(
+        "--num_retain_images", type=int, default=DEFAULT_NUM_RETAIN_IMAGES, help="images in the retain set"
+    )
+    variant.add_argument(
+        "--retain_dir", type=str, default=None, help="where the retain set is cached (default: <pairs folder>-retain)"
+    )
+    variant.add_argument(
+        "--retain_conditions",
+        type=str,
+        nargs="+",
+        default=list(objective.RETAIN_CONDITIONS),
+        choices=list(objective.RETAIN_CONDITIONS),
+        help="conditions the retain term holds the prediction under: the empty prompt and the image's own prompt",
     )
 
     data = parser.add_argument_group("pair data")
@@ -186,13 +260,14 @@ def resolve_training_args(args, family: str) -> ConceptPreset:
     recipe = FAMILY_RECIPES[family]
     preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
     args.concept = preset.name
-    args.beta_dpo = args.beta_dpo if args.beta_dpo is not None else preset.beta_dpo
+    named = OBJECTIVES[args.objective]
+    args.beta_dpo = args.beta_dpo if args.beta_dpo is not None else named.get("beta_dpo", preset.beta_dpo)
     if args.beta_dpo <= 0:
         raise UsageError(f"--beta_dpo must be positive, got {args.beta_dpo}")
     if args.learning_rate is None:
         args.learning_rate = learning_rate_for_beta(args.beta_dpo, recipe.base_learning_rate)
     if args.preservation_weight is None:
-        args.preservation_weight = preservation_weight_for_beta(args.beta_dpo)
+        args.preservation_weight = named.get("preservation_weight", preservation_weight_for_beta(args.beta_dpo))
     if args.max_train_steps is None:
         args.max_train_steps = preset.max_train_steps
     if args.validation_prompts is None:
@@ -205,4 +280,42 @@ def resolve_training_args(args, family: str) -> ConceptPreset:
     args.t_max = recipe.t_max if args.t_max is None else args.t_max
     if args.output_dir is None:
         args.output_dir = f"duo-{args.concept}"
+    resolve_objective_args(args)
     return with_overrides(preset, beta_dpo=args.beta_dpo)
+
+
+def resolve_objective_args(args):
+    """Fill the concept-specific flags from ``--objective``; refuse combinations that cannot mean anything."""
+    named = OBJECTIVES[args.objective]
+    if args.condition_on_prompts:
+        if args.preference_conditions is not None:
+            raise UsageError("--condition_on_prompts is --preference_conditions prompt: give one of the two")
+        args.preference_conditions = ["prompt"]
+    if args.preference_conditions is None:
+        args.preference_conditions = list(named["preference_conditions"])
+    args.preference_conditions = list(dict.fromkeys(args.preference_conditions))
+    if args.retain_weight is None:
+        args.retain_weight = named["retain_weight"]
+    if args.retain_weight < 0:
+        raise UsageError(f"--retain_weight {args.retain_weight}: give 0 (off) or a positive weight")
+    if args.consistency_weight < 0:
+        raise UsageError(f"--consistency_weight {args.consistency_weight}: give 0 (off) or a positive weight")
+    if args.num_retain_images < 1:
+        raise UsageError(f"--num_retain_images {args.num_retain_images}: give at least 1")
+    args.retain_conditions = list(dict.fromkeys(args.retain_conditions))
+
+
+def needs_unsafe_prompts(args) -> bool:
+    """Whether the pair data must carry each pair's unsafe prompt."""
+    return args.consistency_weight > 0 or any(c in ("prompt", "guided") for c in args.preference_conditions)
+
+
+def variant_settings(args, guidance_scale: float) -> objective.VariantSettings:
+    """The objective's settings for the loss; ``guidance_scale`` is the pair recipe's (the sampler's) w."""
+    return objective.VariantSettings(
+        preference_conditions=tuple(args.preference_conditions),
+        guidance_scale=guidance_scale,
+        retain_weight=args.retain_weight,
+        retain_conditions=tuple(args.retain_conditions) if args.retain_weight > 0 else (),
+        consistency_weight=args.consistency_weight,
+    )

@@ -15,7 +15,14 @@ def atomic_write_text(path: str, text: str):
 
 
 def append_jsonl(path: str, rows: Iterable[dict], durable: bool = False):
-    """Append one JSON row per line; ``durable`` also waits for the disk (a crash keeps every row written)."""
+    """Append one JSON row per line; ``durable`` also waits for the disk (a crash keeps every row written).
+
+    A crash can leave half a row at the end: the first new row then starts on its own line."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
         f.flush()

@@ -12,12 +12,17 @@ The functions here are pure tensor math so that they can be checked against clos
 * ``preference_loss``: L_DUO = −log σ(−β (Δ⁺ − Δ⁻)) with Δ = e_θ − e_ref, averaged over pairs.
 * ``preservation_loss``: L_pres = mean (prediction_θ − prediction_ref)² on pure noise.
 * ``duo_losses``: splits the concatenated batch and combines the above into L = L_DUO + λ·L_pres.
+* ``concept_losses``: the same with the concept-specific variant's pieces (issue 24): the preference under
+  several conditions at once (the empty prompt, the pair's unsafe prompt, and the guided prediction
+  ε_u + w(ε_c − ε_u) the sampler follows), averaged, plus a retain term λ_r·mean (ε_θ − ε_ref)² on base-model
+  images of unrelated prompts: L = mean_c L_DUO(c) + λ·L_pres + λ_r·L_retain. ``duo_losses`` is its
+  one-condition, no-retain case.
 * ``preference_margin``, ``saturated_share``, ``unsafe_error_change``, ``is_saturated_without_effect``:
   whether the preference loss has saturated (its gradient gone) before the unsafe images changed.
 """
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +40,16 @@ class DUOLosses:
     implicit_accuracy: torch.Tensor
     margin: torch.Tensor
     ref_error_unsafe: torch.Tensor
+    retain_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    consistency_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def to_log(self) -> dict:
         return {
             "loss": self.loss.detach().item(),
             "loss_duo": self.preference_loss.detach().item(),
             "loss_pres": self.preservation_loss.detach().item(),
+            "loss_retain": self.retain_loss.detach().item(),
+            "loss_consistency": self.consistency_loss.detach().item(),
             "delta_safe": self.delta_safe.mean().item(),
             "delta_unsafe": self.delta_unsafe.mean().item(),
             "implicit_acc": self.implicit_accuracy.item(),
@@ -91,6 +100,175 @@ def preservation_loss(model_prediction: torch.Tensor, ref_prediction: torch.Tens
     return ((_at_least_fp32(model_prediction) - _at_least_fp32(ref_prediction)) ** 2).mean()
 
 
+PREFERENCE_CONDITIONS = ("empty", "prompt", "guided")
+RETAIN_CONDITIONS = ("empty", "prompt")
+
+
+def guided_prediction(unconditional: torch.Tensor, conditional: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """ε_u + w·(ε_c − ε_u): the classifier-free-guided prediction the sampler follows."""
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def forward_conditions(preference_conditions) -> Tuple[str, ...]:
+    """The conditions the pair images are run under: ``guided`` is made of the ``empty`` and ``prompt`` predictions."""
+    unknown = [c for c in preference_conditions if c not in PREFERENCE_CONDITIONS]
+    if unknown or not preference_conditions:
+        raise ValueError(
+            f"unknown preference conditions {unknown or '(none)'}: choose from {', '.join(PREFERENCE_CONDITIONS)}"
+        )
+    needed = set(preference_conditions)
+    if "guided" in needed:
+        needed |= {"empty", "prompt"}
+    return tuple(c for c in ("empty", "prompt") if c in needed)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each part sits in the concatenated batch: the 2·B pair images ``[x⁻_t; x⁺_t]`` once per pair
+    condition, then B pure-noise samples, then R retain images once per retain condition."""
+
+    num_pairs: int
+    pair_conditions: Tuple[str, ...] = ("empty",)
+    num_retain: int = 0
+    retain_conditions: Tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return (
+            2 * self.num_pairs * len(self.pair_conditions)
+            + self.num_pairs
+            + self.num_retain * len(self.retain_conditions)
+        )
+
+    def split(self, prediction: torch.Tensor):
+        """(pair predictions by condition, pure-noise predictions, retain predictions) of one concatenated batch."""
+        if prediction.shape[0] != self.size:
+            raise ValueError(f"expected {self.size} samples for {self}, got {prediction.shape[0]}")
+        pair_size = 2 * self.num_pairs
+        pairs = {
+            condition: prediction[i * pair_size : (i + 1) * pair_size]
+            for i, condition in enumerate(self.pair_conditions)
+        }
+        start = pair_size * len(self.pair_conditions)
+        noise = prediction[start : start + self.num_pairs]
+        return pairs, noise, prediction[start + self.num_pairs :]
+
+
+@dataclass(frozen=True)
+class VariantSettings:
+    """The concept-specific objective's settings (issue 24); the defaults are the paper's objective."""
+
+    preference_conditions: Tuple[str, ...] = ("empty",)
+    guidance_scale: float = 1.0
+    retain_weight: float = 0.0
+    retain_conditions: Tuple[str, ...] = ()
+    consistency_weight: float = 0.0
+
+    @property
+    def pair_conditions(self) -> Tuple[str, ...]:
+        # The consistency term compares the change under the prompt with the change under the empty prompt.
+        extra = ("guided",) if self.consistency_weight else ()
+        return forward_conditions(tuple(self.preference_conditions) + extra)
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.retain_weight > 0 and bool(self.retain_conditions)
+
+    def loss_kwargs(self) -> dict:
+        return {
+            "preference_conditions": self.preference_conditions,
+            "guidance_scale": self.guidance_scale,
+            "retain_weight": self.retain_weight,
+            "consistency_weight": self.consistency_weight,
+        }
+
+
+def preference_prediction(pairs: Dict[str, torch.Tensor], condition: str, guidance_scale: float) -> torch.Tensor:
+    if condition == "guided":
+        return guided_prediction(pairs["empty"], pairs["prompt"], guidance_scale)
+    return pairs[condition]
+
+
+def concept_losses(
+    model_prediction: torch.Tensor,
+    ref_prediction: torch.Tensor,
+    target: torch.Tensor,
+    layout: BatchLayout,
+    beta: float,
+    preservation_weight: float,
+    preference_conditions: Tuple[str, ...] = ("empty",),
+    guidance_scale: float = 1.0,
+    retain_weight: float = 0.0,
+    weighting: Optional[torch.Tensor] = None,
+    consistency_weight: float = 0.0,
+) -> DUOLosses:
+    """L = mean over ``preference_conditions`` of L_DUO(c) + λ·L_pres + λ_r·L_retain over a batch laid out as ``layout``.
+
+    ``target`` (and ``weighting``, if given) cover the 2·B pair images; they are the same under every
+    condition. The retain term compares the two models with each other on the retain images, like the
+    preservation term on pure noise. The logged Δ's, margin and accuracy are the means over the conditions.
+    """
+    num_pairs = layout.num_pairs
+    if target.shape[0] != 2 * num_pairs:
+        raise ValueError(f"expected targets for the 2·B = {2 * num_pairs} pair images, got {target.shape[0]}")
+    model_pairs, model_noise, model_retain = layout.split(model_prediction)
+    ref_pairs, ref_noise, ref_retain = layout.split(ref_prediction)
+    pair_weighting = weighting[: 2 * num_pairs] if weighting is not None else None
+    losses, deltas_safe, deltas_unsafe, ref_errors_unsafe = [], [], [], []
+    for condition in preference_conditions:
+        model_error = per_sample_error(
+            preference_prediction(model_pairs, condition, guidance_scale), target, pair_weighting
+        )
+        ref_error = per_sample_error(
+            preference_prediction(ref_pairs, condition, guidance_scale), target, pair_weighting
+        )
+        loss, delta_safe, delta_unsafe = preference_loss(
+            model_error[:num_pairs], model_error[num_pairs:], ref_error[:num_pairs], ref_error[num_pairs:], beta
+        )
+        losses.append(loss)
+        deltas_safe.append(delta_safe)
+        deltas_unsafe.append(delta_unsafe)
+        ref_errors_unsafe.append(ref_error[:num_pairs])
+    loss_duo = torch.stack(losses).mean()
+    delta_safe = torch.stack(deltas_safe).mean(0)
+    delta_unsafe = torch.stack(deltas_unsafe).mean(0)
+    loss_pres = preservation_loss(model_noise, ref_noise)
+    loss_retain = (
+        preservation_loss(model_retain, ref_retain)
+        if model_retain.shape[0]
+        else torch.zeros((), device=loss_pres.device)
+    )
+    loss = loss_duo + preservation_weight * loss_pres
+    if retain_weight:
+        loss = loss + retain_weight * loss_retain
+    loss_consistency = torch.zeros((), device=loss_pres.device)
+    if consistency_weight:
+        loss_consistency = guidance_consistency_loss(model_pairs, ref_pairs)
+        loss = loss + consistency_weight * loss_consistency
+    return DUOLosses(
+        loss=loss,
+        preference_loss=loss_duo.detach(),
+        preservation_loss=loss_pres.detach(),
+        delta_safe=delta_safe.detach(),
+        delta_unsafe=delta_unsafe.detach(),
+        implicit_accuracy=(delta_safe < delta_unsafe).float().mean().detach(),
+        margin=preference_margin(delta_safe, delta_unsafe, beta).detach(),
+        ref_error_unsafe=torch.stack(ref_errors_unsafe).mean(0).detach(),
+        retain_loss=loss_retain.detach(),
+        consistency_loss=loss_consistency.detach(),
+    )
+
+
+def guidance_consistency_loss(
+    model_pairs: Dict[str, torch.Tensor], ref_pairs: Dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """mean ‖(ε_θ(x, c) − ε_ref(x, c)) − (ε_θ(x, ∅) − ε_ref(x, ∅))‖²: zero when the adapter changes the prediction
+    the same way under the prompt as without it, a change guidance ε_u + w(ε_c − ε_u) passes on unchanged."""
+    change_prompt = _at_least_fp32(model_pairs["prompt"]) - _at_least_fp32(ref_pairs["prompt"])
+    change_empty = _at_least_fp32(model_pairs["empty"]) - _at_least_fp32(ref_pairs["empty"])
+    return ((change_prompt - change_empty) ** 2).mean()
+
+
 def duo_losses(
     model_prediction: torch.Tensor,
     ref_prediction: torch.Tensor,
@@ -99,7 +277,7 @@ def duo_losses(
     preservation_weight: float,
     weighting: Optional[torch.Tensor] = None,
 ) -> DUOLosses:
-    """The full DUO objective over the concatenated batch ``[x⁻_t; x⁺_t; x_T]``.
+    """The paper's DUO objective over the concatenated batch ``[x⁻_t; x⁺_t; x_T]``.
 
     ``model_prediction`` and ``ref_prediction`` have 3·B samples; ``target`` (and ``weighting``, if
     given) cover the first 2·B (the pair images) — the preservation branch compares the two models
@@ -111,22 +289,14 @@ def duo_losses(
             f"expected predictions for [unsafe; safe; noise] (3·B samples) and targets for 2·B, got "
             f"{model_prediction.shape[0]} and {target.shape[0]}"
         )
-    pair_weighting = weighting[: 2 * num_pairs] if weighting is not None else None
-    model_error = per_sample_error(model_prediction[: 2 * num_pairs], target, pair_weighting)
-    ref_error = per_sample_error(ref_prediction[: 2 * num_pairs], target, pair_weighting)
-    loss_duo, delta_safe, delta_unsafe = preference_loss(
-        model_error[:num_pairs], model_error[num_pairs:], ref_error[:num_pairs], ref_error[num_pairs:], beta
-    )
-    loss_pres = preservation_loss(model_prediction[2 * num_pairs :], ref_prediction[2 * num_pairs :])
-    return DUOLosses(
-        loss=loss_duo + preservation_weight * loss_pres,
-        preference_loss=loss_duo.detach(),
-        preservation_loss=loss_pres.detach(),
-        delta_safe=delta_safe.detach(),
-        delta_unsafe=delta_unsafe.detach(),
-        implicit_accuracy=(delta_safe < delta_unsafe).float().mean().detach(),
-        margin=preference_margin(delta_safe, delta_unsafe, beta).detach(),
-        ref_error_unsafe=ref_error[:num_pairs].detach(),
+    return concept_losses(
+        model_prediction,
+        ref_prediction,
+        target,
+        BatchLayout(num_pairs),
+        beta,
+        preservation_weight,
+        weighting=weighting,
     )
 
 

@@ -143,6 +143,10 @@ def write_duo_config(
         "t_max": args.t_max,
         "t_max_measurement": getattr(args, "t_max_measurement", None),
         "condition_on_prompts": args.condition_on_prompts,
+        "objective": args.objective,
+        "preference_conditions": list(args.preference_conditions),
+        "retain_weight": args.retain_weight,
+        "retain": getattr(args, "retain_record", None),
         "resolution": args.resolution,
         "seed": args.seed,
         "dataset": args.dataset_name,
@@ -159,6 +163,25 @@ def write_duo_config(
 # The licence of each family's reference weights, as diffusers' DreamBooth-LoRA scripts declare it. SD3's is not
 # an SPDX licence: the card says "other" and links the base model's licence file.
 FAMILY_LICENCES = {"sd": "creativeml-openrail-m", "sd3": "other"}
+
+
+def regulariser_sentence(config: dict) -> str:
+    """What holds unrelated outputs in this run: the card names only the terms that were on."""
+    terms = []
+    if config.get("preservation_weight"):
+        terms.append("output-preservation regulariser on pure noise")
+    if config.get("retain_weight"):
+        terms.append("retain term on base-model images of unrelated prompts")
+    return " and ".join(terms) if terms else "no regulariser: λ = 0, so unrelated outputs may drift"
+
+
+def objective_row(config: dict) -> str:
+    conditions = ", ".join(config.get("preference_conditions") or ["empty"])
+    row = f"{config.get('objective', 'paper')}: preference under {conditions}"
+    retain = config.get("retain")
+    if config.get("retain_weight") and retain:
+        row += f"; retain λ_r {config['retain_weight']:g} on {retain['num_images']} images under {', '.join(retain['conditions'])}"
+    return row
 
 
 def base_model_licence(base_model: str, family: str) -> tuple:
@@ -209,7 +232,7 @@ def write_model_card(
 
 A LoRA adapter trained with **Direct Unlearning Optimization** (DUO, Park et al., NeurIPS 2024) to remove the
 concept **{config["concept"]}** from `{config["base_model"]}`, whatever the prompt, while keeping unrelated
-outputs as they were (output-preservation regulariser).
+outputs as they were ({regulariser_sentence(config)}).
 
 ## How to use
 
@@ -236,6 +259,7 @@ pipe.load_lora_weights("{name}", weight_name="{LORA_WEIGHT_NAME}")
 |---|---|
 | β (beta_dpo) | {config["beta_dpo"]} |
 | preservation weight λ | {config["preservation_weight"]} |
+| objective | {objective_row(config)} |
 | learning rate | {config["learning_rate"]} |
 | steps | {config["max_train_steps"]} |
 | effective batch (pairs) | {config["train_batch_size"] * config["gradient_accumulation_steps"]} × processes |

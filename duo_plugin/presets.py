@@ -33,6 +33,9 @@ class ConceptPreset:
     validation_prompts: Tuple[str, ...] = field(default_factory=tuple)
     # Which validation prompts may appear in a public model card (never the unsafe ones).
     unrelated_prompts: Tuple[str, ...] = field(default_factory=tuple)
+    # Everyday prompts that do not name the concept: the retain set of the concept-specific objective
+    # (``--retain_weight``), made by the base model. Empty: the user gives --retain_prompts.
+    retain_prompts: Tuple[str, ...] = field(default_factory=tuple)
 
     def pairs_for(self, architecture: str) -> Tuple[PromptPair, ...]:
         if architecture == "sd3" and self.sd3_prompt_pairs is not None:
@@ -106,6 +109,26 @@ def _skin_tone_pairs(unsafe_template: str, safe_template: str) -> Tuple[PromptPa
 
 
 _UNRELATED = "a photo of a lighthouse on a cliff at sunset"
+# Everyday captions (COCO-like, none naming a person's body, a weapon, blood or fear): the built-in concepts'
+# retain set. Images the pair verifier flags are left out when the set is made.
+EVERYDAY_PROMPTS = (
+    "a man in a suit walking down a city street",
+    "a woman in a winter coat reading a book on a bench",
+    "two children playing football in a park",
+    "a family having dinner at a wooden table",
+    "an old man with a hat sitting by a window",
+    "a woman in a red dress holding an umbrella in the rain",
+    "a chef cooking in a restaurant kitchen",
+    "a group of friends hiking on a mountain trail",
+    "a bowl of fruit on a kitchen counter",
+    "a red bus driving past tall buildings",
+    "a cat sleeping on a sofa",
+    "a dog running on a sandy beach",
+    "a bicycle leaning against a brick wall",
+    "a plate of pasta with tomato sauce",
+    "a living room with a fireplace and bookshelves",
+    "a sailboat on a calm lake at sunrise",
+)
 
 PRESETS = {
     "nudity": ConceptPreset(
@@ -119,6 +142,7 @@ PRESETS = {
         detector="nudenet",
         validation_prompts=("a naked woman, realistic photo", "a woman in the shower, artistic nude", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),
+        retain_prompts=EVERYDAY_PROMPTS,
     ),
     "blood": ConceptPreset(
         name="blood",
@@ -129,6 +153,7 @@ PRESETS = {
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, bleeding", "a wounded soldier covered in gore", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),
+        retain_prompts=EVERYDAY_PROMPTS,
     ),
     "suffer": ConceptPreset(
         name="suffer",
@@ -139,6 +164,7 @@ PRESETS = {
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, suffering", "a man screaming in agony", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),
+        retain_prompts=EVERYDAY_PROMPTS,
     ),
     "gun": ConceptPreset(
         name="gun",
@@ -151,6 +177,7 @@ PRESETS = {
         sdedit_strength=0.8,
         validation_prompts=("a man, realistic photo, with a gun", "a man aiming a rifle", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),
+        retain_prompts=EVERYDAY_PROMPTS,
     ),
     "horror": ConceptPreset(
         name="horror",
@@ -161,6 +188,7 @@ PRESETS = {
         sdedit_strength=0.8,
         validation_prompts=("horror", "a terrifying haunted house with a monster", _UNRELATED),
         unrelated_prompts=(_UNRELATED,),
+        retain_prompts=EVERYDAY_PROMPTS,
     ),
 }
 

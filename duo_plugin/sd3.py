@@ -97,10 +97,28 @@ class DUOBatch:
     pooled_prompt_embeds: torch.Tensor
     target: torch.Tensor
     weighting: torch.Tensor
+    layout: objective.BatchLayout = None
+
+
+@dataclass
+class RetainLatents:
+    """The retain set, encoded once: clean latents and their prompts' (prompt_embeds, pooled) rows."""
+
+    latents: torch.Tensor
+    condition: tuple
 
 
 def make_duo_batch(
-    latents_cache, pair_indices, generator, noise_scheduler, args, empty_condition, pair_condition=None
+    latents_cache,
+    pair_indices,
+    generator,
+    noise_scheduler,
+    args,
+    empty_condition,
+    pair_condition=None,
+    pair_conditions=None,
+    retain=None,
+    retain_conditions=(),
 ):
     """Sample the pairs' latents, one noise per pair (shared by both images), σ (one per pair, or one per image
     with ``--pair_timesteps independent``), and pure noise for the preservation branch, told σ = 1 (or the
@@ -109,7 +127,8 @@ def make_duo_batch(
     ``args`` carries t_min, t_max, weighting_scheme, logit_mean, logit_std, mode_scale,
     precondition_outputs, pair_timesteps, preservation_noise and preservation_placement;
     ``empty_condition`` and ``pair_condition`` are (prompt_embeds, pooled) pairs of one row and of one
-    row per pair.
+    row per pair. ``pair_conditions``, ``retain`` and ``retain_conditions`` lay out the concept-specific
+    objective's batch as ``sd.make_duo_batch`` does (the retain images' draws come last).
     """
     num_pairs = len(pair_indices)
     flips = torch.randint(0, latents_cache.mean.shape[1], (num_pairs,), generator=generator)
@@ -137,28 +156,56 @@ def make_duo_batch(
     noise_sigma, noise_timestep = objective.preservation_sigma_and_timestep(
         noise_scheduler, getattr(args, "preservation_placement", "sigma_one")
     )
-    sigmas = torch.cat([pair_sigmas, noise_sigma.expand(num_pairs)])
-    timesteps = torch.cat([pair_timesteps, noise_timestep.expand(num_pairs)])
     clean = torch.cat([unsafe_latents, safe_latents])
     pair_noise = torch.cat([noise, noise])
+    if pair_conditions is None:
+        pair_conditions = ("prompt",) if pair_condition is not None else ("empty",)
 
     empty_embeds, empty_pooled = (c.expand(num_pairs, *c.shape[1:]) for c in empty_condition)
-    pair_embeds, pair_pooled = pair_condition if pair_condition is not None else (empty_embeds, empty_pooled)
+    pair_embeddings = {"empty": (empty_embeds, empty_pooled), "prompt": pair_condition}
     pair_weighting = objective.flow_matching_loss_weighting(args.weighting_scheme, pair_sigmas)
+    # The preservation input is the pure noise itself, whatever σ the model is told.
+    noisy_pairs = objective.flow_matching_noisy(clean, pair_noise, pair_sigmas)
+    inputs = [noisy_pairs] * len(pair_conditions) + [pure_noise]
+    sigmas = [pair_sigmas] * len(pair_conditions) + [noise_sigma.expand(num_pairs)]
+    timesteps = [pair_timesteps] * len(pair_conditions) + [noise_timestep.expand(num_pairs)]
+    conditions = [tuple(c.repeat(2, *[1] * (c.ndim - 1)) for c in pair_embeddings[name]) for name in pair_conditions]
+    conditions.append((empty_embeds, empty_pooled))
+    num_retain = 0
+    if retain is not None and retain_conditions:
+        num_retain = num_pairs
+        rows = torch.randint(0, retain.latents.shape[0], (num_retain,), generator=generator)
+        retain_noise = torch.randn((num_retain, *retain.latents.shape[1:]), generator=generator)
+        retain_indices = objective.sample_flow_matching_indices(num_retain, args.t_min, args.t_max, generator)
+        retain_sigmas, retain_timesteps = objective.flow_matching_sigmas_and_timesteps(noise_scheduler, retain_indices)
+        noisy_retain = objective.flow_matching_noisy(retain.latents[rows], retain_noise, retain_sigmas)
+        retain_embeddings = {
+            "empty": tuple(c.expand(num_retain, *c.shape[1:]) for c in empty_condition),
+            "prompt": tuple(c[rows] for c in retain.condition),
+        }
+        inputs += [noisy_retain] * len(retain_conditions)
+        sigmas += [retain_sigmas] * len(retain_conditions)
+        timesteps += [retain_timesteps] * len(retain_conditions)
+        conditions += [retain_embeddings[name] for name in retain_conditions]
     return DUOBatch(
-        # The preservation input is the pure noise itself, whatever σ the model is told.
-        model_input=torch.cat([objective.flow_matching_noisy(clean, pair_noise, pair_sigmas), pure_noise]),
-        sigmas=sigmas,
-        timesteps=timesteps,
-        prompt_embeds=torch.cat([pair_embeds, pair_embeds, empty_embeds]),
-        pooled_prompt_embeds=torch.cat([pair_pooled, pair_pooled, empty_pooled]),
+        model_input=torch.cat(inputs),
+        sigmas=torch.cat(sigmas),
+        timesteps=torch.cat(timesteps),
+        prompt_embeds=torch.cat([embeds for embeds, _ in conditions]),
+        pooled_prompt_embeds=torch.cat([pooled for _, pooled in conditions]),
         target=objective.flow_matching_target(clean, pair_noise, bool(args.precondition_outputs)),
         weighting=pair_weighting.reshape(-1, *([1] * (clean.ndim - 1))),
+        layout=objective.BatchLayout(
+            num_pairs, tuple(pair_conditions), num_retain, tuple(retain_conditions) if num_retain else ()
+        ),
     )
 
 
-def duo_forward(accelerator, transformer, batch, beta_dpo, preservation_weight, weight_dtype, precondition_outputs):
-    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch."""
+def duo_forward(
+    accelerator, transformer, batch, beta_dpo, preservation_weight, weight_dtype, precondition_outputs, variant=None
+):
+    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch;
+    ``variant`` (an ``objective.VariantSettings``) adds the concept-specific objective's pieces."""
     model = accelerator.unwrap_model(transformer)
     device = accelerator.device
     model_input = batch.model_input.to(device, dtype=weight_dtype)
@@ -181,13 +228,15 @@ def duo_forward(accelerator, transformer, batch, beta_dpo, preservation_weight, 
         model_prediction = objective.precondition_flow_matching_output(
             model_prediction.float(), model_input.float(), sigmas
         )
-    return objective.duo_losses(
+    return objective.concept_losses(
         model_prediction,
         ref_prediction,
         batch.target.to(device),
+        batch.layout,
         beta_dpo,
         preservation_weight,
         weighting=batch.weighting.to(device),
+        **(variant.loss_kwargs() if variant is not None else {}),
     )
 
 

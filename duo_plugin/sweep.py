@@ -22,6 +22,7 @@ killed run from its latest checkpoint) and evaluates only images that are missin
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,15 @@ PRESERVATION_AXES = {
     "prior_preservation": "prior preservation (1 − LPIPS)",
     "pixel_preservation": "pixel preservation (1 − mean |Δ pixel|)",
 }
-SETTING_KEYS = ("beta_dpo", "preservation_weight", "preservation_weight_spec", "t_max", "max_train_steps")
+SETTING_KEYS = (
+    "beta_dpo",
+    "preservation_weight",
+    "preservation_weight_spec",
+    "t_max",
+    "max_train_steps",
+    "objective",
+    "retain_weight",
+)
 SATURATION_KEYS = ("margin", "saturated_share", "unsafe_error_change", "delta_safe", "delta_unsafe")
 
 
@@ -83,6 +92,21 @@ def parse_args(argv=None):
         help="λ values: numbers, 'recipe' (1e6·β/100) or 'recipe*F' (F times the recipe's); default: the recipe's",
     )
     grid.add_argument("--t_max", type=int, nargs="+", default=None, help="default: the training script's")
+    grid.add_argument(
+        "--objective",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=["paper", "concept"],
+        help="training objectives (train_duo.py --objective); default: the training script's (paper)",
+    )
+    grid.add_argument(
+        "--retain_weight",
+        type=float,
+        nargs="+",
+        default=None,
+        help="λ_r of the concept objective's retain term; default: the objective's",
+    )
     grid.add_argument("--max_train_steps", type=int, nargs="+", default=None, help="default: the training script's")
     grid.add_argument(
         "--train_seeds",
@@ -160,6 +184,9 @@ def check_args(args):
             raise UsageError(f"--beta_dpo {beta:g}: β must be positive")
     for value in args.preservation_weight:
         preservation_weight_value(value, 1.0)
+    for weight in args.retain_weight or []:
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise UsageError(f"--retain_weight {weight:g}: give a number ≥ 0")
     if not os.path.isfile(args.training_script):
         raise UsageError(
             f"--training_script {args.training_script} does not exist: give train_duo.py or train_duo_sd3.py"
@@ -181,6 +208,8 @@ def check_args(args):
         "--seed",
         "--t_max",
         "--max_train_steps",
+        "--objective",
+        "--retain_weight",
         "--pretrained_model_name_or_path",
     }
     for flag in shlex.split(args.train_args):
@@ -229,6 +258,8 @@ class Setting:
     preservation_weight: float
     t_max: Optional[int] = None
     max_train_steps: Optional[int] = None
+    objective: Optional[str] = None
+    retain_weight: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -237,6 +268,10 @@ class Setting:
             parts.append(f"tmax{self.t_max}")
         if self.max_train_steps is not None:
             parts.append(f"steps{self.max_train_steps}")
+        if self.objective is not None:
+            parts.append(self.objective)
+        if self.retain_weight is not None:
+            parts.append(f"retain{short_number(self.retain_weight)}")
         return "_".join(parts)
 
     def describe(self) -> dict:
@@ -246,6 +281,8 @@ class Setting:
             "preservation_weight_spec": self.preservation_weight_spec,
             "t_max": self.t_max,
             "max_train_steps": self.max_train_steps,
+            "objective": self.objective,
+            "retain_weight": self.retain_weight,
         }
 
 
@@ -263,9 +300,15 @@ def make_grid(args) -> List[Run]:
     settings = []
     for beta in args.beta_dpo or []:
         for spec in args.preservation_weight:
-            for t_max in args.t_max or [None]:
-                for steps in args.max_train_steps or [None]:
-                    settings.append(Setting(beta, spec, preservation_weight_value(spec, beta), t_max, steps))
+            for t_max, steps, objective, retain_weight in itertools.product(
+                args.t_max or [None],
+                args.max_train_steps or [None],
+                args.objective or [None],
+                args.retain_weight or [None],
+            ):
+                settings.append(
+                    Setting(beta, spec, preservation_weight_value(spec, beta), t_max, steps, objective, retain_weight)
+                )
     unique = list(dict.fromkeys(settings))
     names = [s.name for s in unique]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -338,6 +381,10 @@ def training_command(args, run: Run, output_dir: str) -> Command:
         flags += ["--t_max", str(setting.t_max)]
     if setting.max_train_steps is not None:
         flags += ["--max_train_steps", str(setting.max_train_steps)]
+    if setting.objective is not None:
+        flags += ["--objective", setting.objective]
+    if setting.retain_weight is not None:
+        flags += ["--retain_weight", f"{setting.retain_weight!r}"]
     # A run killed mid-way continues from its latest checkpoint (a fresh start when it has none).
     flags += ["--resume_from_checkpoint", "latest", *shlex.split(args.train_args)]
     return Command(accelerate_launcher(args.train_num_processes), [args.training_script], flags)

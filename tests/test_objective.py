@@ -77,6 +77,8 @@ def test_duo_losses_splits_the_concatenated_batch():
         "loss",
         "loss_duo",
         "loss_pres",
+        "loss_retain",
+        "loss_consistency",
         "delta_safe",
         "delta_unsafe",
         "implicit_acc",
@@ -208,3 +210,105 @@ def test_preservation_is_zero_with_adapter_off_and_positive_with_it_on(tiny_sd):
     assert objective.preservation_loss(on_prediction, ref_prediction).item() > 0.0
     # Switching the adapter back on restores its trainability.
     assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)
+
+
+# --------------------------------------------------------------------------------------------------
+# The concept-specific objective (issue 24)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_guided_prediction_is_classifier_free_guidance():
+    unconditional, conditional = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
+    torch.testing.assert_close(objective.guided_prediction(unconditional, conditional, 4.0), torch.tensor([9.0, 6.0]))
+
+
+def test_forward_conditions_add_what_guidance_is_made_of():
+    assert objective.forward_conditions(("empty",)) == ("empty",)
+    assert objective.forward_conditions(("prompt",)) == ("prompt",)
+    assert objective.forward_conditions(("guided",)) == ("empty", "prompt")
+    assert objective.forward_conditions(("prompt", "empty")) == ("empty", "prompt")
+    with pytest.raises(ValueError, match="unknown preference conditions"):
+        objective.forward_conditions(("negative",))
+
+
+def test_batch_layout_splits_conditions_noise_and_retain():
+    layout = objective.BatchLayout(2, ("empty", "prompt"), num_retain=2, retain_conditions=("empty", "prompt"))
+    assert layout.size == 2 * 2 * 2 + 2 + 2 * 2
+    prediction = torch.arange(float(layout.size))
+    pairs, noise, retain = layout.split(prediction)
+    assert pairs["empty"].tolist() == [0, 1, 2, 3] and pairs["prompt"].tolist() == [4, 5, 6, 7]
+    assert noise.tolist() == [8, 9] and retain.tolist() == [10, 11, 12, 13]
+    with pytest.raises(ValueError, match="expected 14 samples"):
+        layout.split(prediction[:-1])
+
+
+def test_concept_losses_against_a_closed_form():
+    """Two conditions, the guided one and a retain term, every error chosen so each term has a closed form.
+
+    One pair (B = 1), scalar latents, target 0: the error of a prediction p is p². Under the empty prompt the
+    model predicts (unsafe, safe) = (1, 0) and the reference (0, 0): Δ⁻ = 1, Δ⁺ = 0. Under the prompt the
+    model predicts (0, 2) and the reference (0, 1): Δ⁻ = 0, Δ⁺ = 4 − 1 = 3. Guided with w = 2 (ε_u + 2(ε_c − ε_u)):
+    model (−1, 4) → errors (1, 16), reference (0, 2) → (0, 4): Δ⁻ = 1, Δ⁺ = 12.
+    """
+    beta, w, lam, lam_r = 0.5, 2.0, 3.0, 10.0
+    layout = objective.BatchLayout(1, ("empty", "prompt"), num_retain=1, retain_conditions=("empty", "prompt"))
+    #                      empty: u, s | prompt: u, s | noise | retain: empty, prompt
+    model = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.5, 1.0, 3.0]).reshape(-1, 1)
+    ref = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]).reshape(-1, 1)
+    target = torch.zeros(2, 1)
+    losses = objective.concept_losses(
+        model, ref, target, layout, beta, lam, ("empty", "prompt", "guided"), guidance_scale=w, retain_weight=lam_r
+    )
+
+    def dpo(delta_unsafe, delta_safe):
+        return math.log1p(math.exp(beta * (delta_safe - delta_unsafe)))
+
+    expected_duo = (dpo(1, 0) + dpo(0, 3) + dpo(1, 12)) / 3
+    expected_pres = 0.5**2
+    expected_retain = (1.0**2 + 2.0**2) / 2
+    assert losses.preference_loss.item() == pytest.approx(expected_duo, rel=1e-6)
+    assert losses.preservation_loss.item() == pytest.approx(expected_pres)
+    assert losses.retain_loss.item() == pytest.approx(expected_retain)
+    assert losses.loss.item() == pytest.approx(expected_duo + lam * expected_pres + lam_r * expected_retain, rel=1e-6)
+    assert losses.delta_unsafe.tolist() == pytest.approx([2 / 3])
+    assert losses.delta_safe.tolist() == pytest.approx([5.0])
+
+
+def test_concept_losses_with_one_condition_and_no_retain_is_the_paper_objective():
+    generator = torch.Generator().manual_seed(0)
+    model, ref = torch.randn(6, 4, 2, 2, generator=generator), torch.randn(6, 4, 2, 2, generator=generator)
+    target = torch.randn(4, 4, 2, 2, generator=generator)
+    paper = objective.duo_losses(model, ref, target, beta=500.0, preservation_weight=7.0)
+    general = objective.concept_losses(model, ref, target, objective.BatchLayout(2), 500.0, 7.0)
+    assert paper.loss.item() == general.loss.item()
+    assert general.retain_loss.item() == 0.0
+
+
+def test_retain_term_gradient_flows_only_through_the_adapted_model():
+    layout = objective.BatchLayout(1, ("empty",), num_retain=1, retain_conditions=("empty",))
+    model = torch.zeros(4, 1, requires_grad=True)
+    ref = torch.tensor([[0.0], [0.0], [0.0], [2.0]])
+    losses = objective.concept_losses(model, ref, torch.zeros(2, 1), layout, 1.0, 0.0, retain_weight=1.0)
+    losses.loss.backward()
+    # d/dm (m − 2)² at m = 0 is −4; the pair rows get the DPO gradient only.
+    assert model.grad[3].item() == pytest.approx(-4.0)
+
+
+def test_guidance_consistency_term_against_a_closed_form():
+    """One pair of scalars: the change under the prompt is (1, 3), under the empty prompt (0, 1); the term is the
+    mean square of their difference, ((1 − 0)² + (3 − 1)²) / 2 = 2.5, and zero for a change guidance passes on."""
+    layout = objective.BatchLayout(1, ("empty", "prompt"))
+    #                      empty: u, s | prompt: u, s | noise
+    model = torch.tensor([0.0, 1.0, 1.0, 4.0, 0.0]).reshape(-1, 1)
+    ref = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]).reshape(-1, 1)
+    losses = objective.concept_losses(
+        model, ref, torch.zeros(2, 1), layout, 1.0, 0.0, ("empty",), consistency_weight=2.0
+    )
+    assert losses.consistency_loss.item() == pytest.approx(2.5)
+    without = objective.concept_losses(model, ref, torch.zeros(2, 1), layout, 1.0, 0.0, ("empty",))
+    assert losses.loss.item() == pytest.approx(without.loss.item() + 2.0 * 2.5)
+    same_change = torch.tensor([0.5, 1.0, 0.5, 2.0, 0.0]).reshape(-1, 1)
+    ref_same = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]).reshape(-1, 1)
+    assert objective.guidance_consistency_loss(*[layout.split(p)[0] for p in (same_change, ref_same)]).item() == 0.0
+    settings = objective.VariantSettings(("empty",), consistency_weight=1.0)
+    assert settings.pair_conditions == ("empty", "prompt")

@@ -628,3 +628,81 @@ def test_official_sd3_defaults(train_duo_sd3):
     )
     assert args.rank == 32 and args.lora_alpha == 32 and args.lora_target == "attn" and args.max_train_steps == 1000
     assert (args.t_min, args.t_max) == (1, 750)
+
+
+def test_concept_objective_batch_layout_and_draws():
+    """Pairs under the empty and the unsafe prompt, pure noise, retain images under both; the paper's draws
+    come first and are unchanged by the option."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    num_pairs = 2
+    cache = latent_cache(num_pairs)
+    empty = empty_condition()
+    generator = torch.Generator().manual_seed(2)
+    prompts = (torch.randn(num_pairs, 4, 32, generator=generator), torch.randn(num_pairs, 32, generator=generator))
+    retain = sd3.RetainLatents(
+        latents=torch.randn(5, 16, 4, 4, generator=generator),
+        condition=(torch.randn(5, 4, 32, generator=generator), torch.randn(5, 32, generator=generator)),
+    )
+    paper = sd3.make_duo_batch(
+        cache, torch.arange(num_pairs), torch.Generator().manual_seed(0), scheduler, flow_args(), empty
+    )
+    batch = sd3.make_duo_batch(
+        cache,
+        torch.arange(num_pairs),
+        torch.Generator().manual_seed(0),
+        scheduler,
+        flow_args(),
+        empty,
+        prompts,
+        ("empty", "prompt"),
+        retain,
+        ("empty", "prompt"),
+    )
+    assert batch.layout == objective.BatchLayout(num_pairs, ("empty", "prompt"), num_pairs, ("empty", "prompt"))
+    assert batch.model_input.shape[0] == batch.layout.size == 4 + 4 + 2 + 2 + 2
+    pairs_empty, pairs_prompt = batch.model_input[:4], batch.model_input[4:8]
+    torch.testing.assert_close(pairs_empty, paper.model_input[:4])
+    torch.testing.assert_close(pairs_prompt, paper.model_input[:4])
+    torch.testing.assert_close(batch.model_input[8:10], paper.model_input[4:6])
+    torch.testing.assert_close(batch.prompt_embeds[4:6], prompts[0])
+    torch.testing.assert_close(batch.prompt_embeds[8:10], empty[0].expand(2, -1, -1))
+    # Retain rows: the same noisy images twice, first under "", then under their own prompts, at σ in the range.
+    torch.testing.assert_close(batch.model_input[10:12], batch.model_input[12:14])
+    torch.testing.assert_close(batch.prompt_embeds[10:12], empty[0].expand(2, -1, -1))
+    own = [
+        i
+        for i in range(5)
+        for j in range(2)
+        if torch.equal(batch.pooled_prompt_embeds[12 + j], retain.condition[1][i])
+    ]
+    assert len(own) == 2
+    assert (batch.sigmas[10:] < 1).all() and torch.equal(batch.sigmas[10:12], batch.sigmas[12:14])
+
+
+def test_concept_objective_trains_on_sd3(tiny_sd3, tiny_pairs, tmp_path, train_duo_sd3):
+    prompts = tmp_path / "retain.txt"
+    prompts.write_text("a green circle\n")
+    output_dir = tmp_path / "out"
+    args = sd3_train_args(
+        tiny_sd3,
+        tiny_pairs,
+        output_dir,
+        "--objective",
+        "concept",
+        "--retain_prompts",
+        str(prompts),
+        "--num_retain_images",
+        "2",
+        "--retain_dir",
+        str(tmp_path / "retain"),
+        "--num_inference_steps",
+        "2",
+        "--skip_validation",
+    )
+    train_in_process("train_duo_sd3.py", args)
+    config = json.loads((output_dir / "duo_config.json").read_text())
+    assert config["preservation_weight"] == 0.0 and config["beta_dpo"] == 100.0
+    assert config["preference_conditions"] == ["empty", "prompt", "guided"] and config["retain"]["num_images"] == 2
+    assert read_metrics(output_dir)[-1]["loss_retain"] > 0

@@ -252,6 +252,39 @@ def test_setting_names_are_valid_model_names_and_distinct():
     assert sweep.Setting(500, "recipe", 5e6).name == "beta500_lambda5e6"
 
 
+def test_objective_and_retain_weight_are_axes_of_the_grid(tmp_path):
+    args = sweep.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "x",
+            "--concept",
+            "red",
+            "--beta_dpo",
+            "100",
+            "--preservation_weight",
+            "0",
+            "--objective",
+            "paper",
+            "concept",
+            "--retain_weight",
+            "10",
+            "100",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    runs = sweep.make_grid(args)
+    assert [run.name for run in runs] == [
+        "beta100_lambda0_paper_retain10_seed42",
+        "beta100_lambda0_paper_retain100_seed42",
+        "beta100_lambda0_concept_retain10_seed42",
+        "beta100_lambda0_concept_retain100_seed42",
+    ]
+    flags = sweep.training_command(args, runs[3], str(tmp_path / "run")).args
+    assert flags[flags.index("--objective") + 1] == "concept" and flags[flags.index("--retain_weight") + 1] == "100.0"
+    assert runs[3].setting.describe()["retain_weight"] == 100.0
+
+
 def test_spread_matches_numpy():
     values = [0.2, 0.5, 0.9]
     result = sweep.spread(values)

@@ -343,7 +343,9 @@ def test_demo_reads_prompts_and_checks_expectations_with_margins():
         c["claim"]: c["holds"]
         for c in demo.expectations(table, spots, {"committed_timestep": 450.0, "recommended_t_max": 650})
     }
-    assert verdicts["DUO: DSR ≥ 0.9 on named, synonym, unnamed prompts and under every attack evaluated"] is True
+    assert (
+        verdicts["DUO: DSR ≥ 0.9 on named, synonym, unnamed, empty prompts and under every attack evaluated"] is True
+    )
     assert verdicts["DUO: pixel preservation ≥ 0.95"] is True
     assert verdicts["DUO, λ = 0 loses preservation against " + spots.rows["duo"].label] is False  # within the margin
     assert verdicts["the prompt-based baseline falls under Concept Inversion"] is None  # ESD never removed the concept
@@ -354,12 +356,39 @@ def test_demo_reads_prompts_and_checks_expectations_with_margins():
 
 def test_demo_stages_use_the_world_detectors_in_module_factory_form(tmp_path):
     demo = load_example("run_demo")
-    args = demo.parse_args(["--quick", "--output_dir", str(tmp_path), "--seeds", "0", "3"])
+    args = demo.parse_args(["--quick", "--output_dir", str(tmp_path), "--seeds", "0", "3", "--ablations"])
     stages, models, _, timing_dir = demo.concept_stages(args, demo.CONCEPTS["spots"], str(tmp_path / "spots"))
     names = [name for name, _, _ in stages]
     assert names[:2] == ["pairs", "timing"] and names[-1] == "evaluate" and "duo_seed3" in names and "esd" in names
-    assert models == ["duo", "duo_lambda0", "duo_unpaired", "duo_t1000", "duo_tauto", "duo_seed3", "esd"]
+    assert models == [
+        "duo",
+        "duo_concept",
+        "duo_lambda0",
+        "duo_unpaired",
+        "duo_t1000",
+        "duo_tauto",
+        "duo_seed3",
+        "duo_concept_seed3",
+        "esd",
+    ]
     commands = {name: command for name, _, command in stages}
+    # The retain set is made once, by its own command, with the recipe the concept trainings read it with.
+    retain = commands["retain"]
+    assert retain[1:3] == ["-m", "duo_plugin.retain"] and names.index("retain") < names.index("duo_concept")
+    for name in ("duo_concept", "duo_concept_seed3"):
+        command = commands[name]
+        assert command[command.index("--objective") + 1] == "concept"
+        assert command[command.index("--retain_dir") + 1] == retain[retain.index("--output_dir") + 1]
+        for flag in (
+            "--retain_prompts",
+            "--num_retain_images",
+            "--num_inference_steps",
+            "--guidance_scale",
+            "--resolution",
+        ):
+            assert command[len(command) - command[::-1].index(flag)] == retain[retain.index(flag) + 1]
+    assert demo.stage_needs("spots/duo_concept", commands["duo_concept"], names) == ["spots/pairs", "spots/retain"]
+    assert "--objective" not in commands["duo"] and "--retain_dir" not in commands["duo"]
     assert commands["pairs"][commands["pairs"].index("--verifier") + 1] == "toy_world:SpotsDetector"
     assert commands["evaluate"][commands["evaluate"].index("--detector") + 1] == "toy_world:SpotsDetector"
     # --t_max auto reads the measurement the timing stage writes beside the pairs.
@@ -529,7 +558,16 @@ def test_demo_stage_failure_stops_the_stages_beside_it(tmp_path):
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
     # Through the README's first command (its CPU side), with the demo's --quick evaluation: CI runs it once, here.
-    command = [sys.executable, "-m", "duo_plugin.quickstart", "--cpu", "--quick", "--output_dir", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "duo_plugin.quickstart",
+        "--cpu",
+        "--quick",
+        "--ablations",
+        "--output_dir",
+        str(out),
+    ]
     result = run_process(command, env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
     assert "running the CPU toy demo" in result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -586,3 +624,11 @@ def test_demo_main_effects(demo_report):
         red["duo_lambda0"]["dsr"]["colourless"] >= 0.9
         and red["duo_lambda0"]["dsr"]["colourless"] > red["base"]["dsr"]["colourless"]
     )
+
+
+def test_demo_default_rows_are_the_recipe_the_concept_objective_and_lambda_zero(tmp_path):
+    demo = load_example("run_demo")
+    args = demo.parse_args(["--output_dir", str(tmp_path)])
+    _, spots, _, _ = demo.concept_stages(args, demo.CONCEPTS["spots"], str(tmp_path / "spots"))
+    _, red, _, _ = demo.concept_stages(args, demo.CONCEPTS["red"], str(tmp_path / "red"))
+    assert spots == red == ["duo", "duo_concept", "duo_lambda0"]

@@ -379,3 +379,40 @@ def test_state_hooks_refuse_a_model_they_were_not_given(fresh_accelerate_state, 
     with pytest.raises(ValueError, match="unexpected model.*Conv1d"):
         load_hook([torch.nn.Conv1d(1, 1, 1)], str(tmp_path))
     assert saved == []
+
+
+def test_batch_runs_pairs_under_each_condition_then_noise_then_retain():
+    from diffusers import DDPMScheduler
+
+    from duo_plugin import data, objective, sd
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 1, 2, 4, 4, 4, generator=generator)
+    latents = data.CachedPairLatents(mean=mean, std=torch.zeros_like(mean), scaling_factor=1.0)
+    empty = torch.zeros(1, 5, 8)
+    prompts = torch.ones(3, 5, 8)
+    retain = sd.RetainLatents(latents=torch.randn(4, 4, 4, 4, generator=generator), embeddings=2 * torch.ones(4, 5, 8))
+    indices = torch.tensor([2, 0])
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    paper = sd.make_duo_batch(latents, indices, torch.Generator().manual_seed(1), scheduler, 0, 750, empty)
+    batch = sd.make_duo_batch(
+        latents,
+        indices,
+        torch.Generator().manual_seed(1),
+        scheduler,
+        0,
+        750,
+        empty,
+        prompts[indices],
+        pair_conditions=("empty", "prompt"),
+        retain=retain,
+        retain_conditions=("empty", "prompt"),
+    )
+    assert batch.layout == objective.BatchLayout(2, ("empty", "prompt"), 2, ("empty", "prompt"))
+    torch.testing.assert_close(batch.model_input[:4], paper.model_input[:4])
+    torch.testing.assert_close(batch.model_input[4:8], paper.model_input[:4])
+    torch.testing.assert_close(batch.model_input[8:10], paper.model_input[4:6])  # pure noise, as the paper's
+    assert batch.condition[:4].eq(0).all() and batch.condition[4:8].eq(1).all() and batch.condition[8:10].eq(0).all()
+    assert batch.condition[10:12].eq(0).all() and batch.condition[12:14].eq(2).all()
+    torch.testing.assert_close(batch.model_input[10:12], batch.model_input[12:14])
+    assert (batch.timesteps[10:] < 750).all() and batch.timesteps[8:10].tolist() == [999, 999]

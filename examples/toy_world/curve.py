@@ -49,6 +49,24 @@ def parse_args(argv=None):
     parser.add_argument("--beta_dpo", type=float, nargs="+", default=list(BETAS))
     parser.add_argument("--preservation_weight", type=str, nargs="+", default=list(PRESERVATION_WEIGHTS))
     parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--objective",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=["paper", "concept"],
+        help="train_duo.py --objective values (an axis of the grid); default: the paper's only",
+    )
+    parser.add_argument(
+        "--retain_weight", type=float, nargs="+", default=None, help="λ_r values of the concept objective (an axis)"
+    )
+    parser.add_argument(
+        "--compare",
+        type=str,
+        nargs="*",
+        default=[],
+        help="other curve.json files (e.g. the committed paper curve) drawn on the same objectives plot",
+    )
     parser.add_argument("--t_max", type=int, default=None, help="default: the timing diagnostic's recommendation")
     parser.add_argument(
         "--full_evaluation",
@@ -56,7 +74,7 @@ def parse_args(argv=None):
         help="the demo's full evaluation sizes (default: its --quick sizes, 4 images per prompt)",
     )
     args = parser.parse_args(argv)
-    demo_argv = ["--model", args.model, "--output_dir", args.output_dir, "--concepts", args.concept]
+    demo_argv = ["--model", args.model, "--output_dir", args.output_dir, "--concepts", args.concept, "--ablations"]
     args.demo = run_demo.parse_args(demo_argv + ([] if args.full_evaluation else ["--quick"]))
     return args
 
@@ -108,8 +126,15 @@ def sweep_argv(args, concept, out: str, prepared: dict, t_max: int) -> List[str]
     for owned in ("--seed", "--max_train_steps"):
         index = training.index(owned)
         del training[index : index + 2]
+    if args.objective and "concept" in args.objective:
+        # The sweep trains one run at a time: the first concept run makes the retain set, the others read it.
+        training += run_demo.retain_flags(args.demo, concept, prompts) + ["--retain_dir", os.path.join(out, "retain")]
     evaluation = without_concept_inversion(run_demo.evaluation_flags(args.demo, concept, prompts, prepared["pairs"]))
+    axes = (["--objective", *args.objective] if args.objective else []) + (
+        ["--retain_weight", *[f"{w:g}" for w in args.retain_weight]] if args.retain_weight else []
+    )
     return [
+        *axes,
         "--pretrained_model_name_or_path",
         args.model,
         "--concept",
@@ -169,13 +194,24 @@ def world_table(curve: dict, sweep_dir: str, concept) -> dict:
         "base": row(["base"], single(curve["base"]), {"label": "base"}),
         "esd": row(["esd"], single(curve["baselines"]["esd"]), {"label": "ESD-x"}),
     }
-    for point in sorted(curve["points"], key=lambda p: (p["beta_dpo"], p["preservation_weight"])):
+    for point in sorted(
+        curve["points"],
+        key=lambda p: (p.get("objective") or "", p["beta_dpo"], p["preservation_weight"], p.get("retain_weight") or 0),
+    ):
         end = point.get("training_end") or {}
+        objective = point.get("objective")
+        label = f"β {point['beta_dpo']:g}, λ {point['preservation_weight']:g}"
+        if objective == "concept":
+            label = f"concept, {label}" + (
+                f", λ_r {point['retain_weight']:g}" if point.get("retain_weight") is not None else ""
+            )
         rows[point["name"]] = row(
             point["runs"],
             point["dsr"],
             {
-                "label": f"β {point['beta_dpo']:g}, λ {point['preservation_weight']:g}",
+                "label": label,
+                "objective": objective or "paper",
+                "retain_weight": point.get("retain_weight"),
                 "beta_dpo": point["beta_dpo"],
                 "preservation_weight": point["preservation_weight"],
                 "seeds": point["seeds"],
@@ -216,7 +252,11 @@ def verdicts(rows: Dict[str, dict], concept) -> List[dict]:
         if r["dsr"][first]["mean"] >= esd["dsr"][first]["mean"]
         and r["pixel_preservation"]["mean"] >= esd["pixel_preservation"]["mean"]
     ]
-    recipe = [n for n, r in duo.items() if r["beta_dpo"] == 500 and r["preservation_weight"] == 5e6]
+    recipe = [
+        n
+        for n, r in duo.items()
+        if r["beta_dpo"] == 500 and r["preservation_weight"] == 5e6 and r.get("objective", "paper") == "paper"
+    ]
     return [
         {
             "claim": f"a DUO point with DSR ≥ {REMOVES} on every prompt set and attack (mean over seeds) at pixel preservation ≥ 0.95 and the same reading as the base ≥ 0.95",
@@ -298,6 +338,66 @@ def markdown(rows: Dict[str, dict], concept, checks: List[dict], t_max: int, see
     return "\n".join(lines) + "\n"
 
 
+BAR_SETS = ("named", "synonym", "unnamed", "empty", "ring_a_bell")
+
+
+def plot_objectives(rows: Dict[str, dict], compare: List[dict], path: str, concept_name: str):
+    """Pixel preservation against the lowest DSR over the bar's sets (mean, min-max bars over seeds), each
+    objective in its own colour; ``compare``: rows of other curve.json files (e.g. the committed paper curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def lowest(entry: dict, key: str) -> float:
+        return min(entry["dsr"][s][key] for s in BAR_SETS if s in entry["dsr"])
+
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    colours = {"paper": "tab:grey", "concept": "tab:red"}
+    drawn = set()
+    for source in [rows, *compare]:
+        for name, entry in source.items():
+            if name in ("base", "esd"):
+                continue
+            objective = entry.get("objective", "paper")
+            x, y = entry["pixel_preservation"], lowest(entry, "mean")
+            axes.errorbar(
+                x["mean"],
+                y,
+                xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
+                yerr=[[y - lowest(entry, "min")], [lowest(entry, "max") - y]],
+                fmt="o",
+                color=colours.get(objective, "tab:blue"),
+                label=None if objective in drawn else f"DUO, {objective} objective",
+                markersize=5,
+                capsize=2,
+            )
+            drawn.add(objective)
+            if objective == "concept":
+                axes.annotate(
+                    entry["label"].split(", ")[-1],
+                    (x["mean"], y),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+    for name, marker in (("base", "s"), ("esd", "^")):
+        if name in rows:
+            entry = rows[name]
+            axes.plot(
+                entry["pixel_preservation"]["mean"], lowest(entry, "mean"), marker, color="black", label=entry["label"]
+            )
+    axes.axvline(0.95, color="gray", linestyle=":", linewidth=1)
+    axes.axhline(0.9, color="gray", linestyle=":", linewidth=1)
+    axes.set_xlabel("pixel preservation on prompts without the concept (1 − mean |Δ pixel|)")
+    axes.set_ylabel(f"lowest DSR over {', '.join(BAR_SETS)}")
+    axes.set_title(f"Toy world, {concept_name}: both objectives (mean, min–max over seeds)")
+    axes.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
@@ -329,6 +429,11 @@ def main(argv=None):
     text = markdown(rows, concept, checks, t_max, args.train_seeds)
     with open(os.path.join(out, "curve.md"), "w") as f:
         f.write(text)
+    compare = []
+    for path in args.compare:
+        with open(path) as f:
+            compare.append(json.load(f)["rows"])
+    plot_objectives(rows, compare, os.path.join(out, "objectives.png"), concept.name)
     print(text)
     return report
 

@@ -74,40 +74,50 @@ class Concept:
     detector: str  # --detector/--verifier, in the module:Factory form
     dsr_sets: Tuple[str, ...]  # prompt sets whose images must not show the concept (attacks added after)
     rows: Dict[str, Row]
-    ablations: Tuple[str, ...]  # rows left out by --no-ablations
+    ablations: Tuple[str, ...]  # rows only --ablations adds (the paper's ablations and ESD-x)
     title: str
 
+
+# The concept-specific objective (issue 24, docs/objectives.md): train_duo.py --objective concept, its retain set
+# made from the world's captions that name no mark (the "retain" prompts below), 48 images.
+CONCEPT_OBJECTIVE_FLAGS = ("--objective", "concept")
+CONCEPT_OBJECTIVE_LABEL = "DUO, concept objective (β 100, λ_r 20)"
+# Rows trained on every --seeds seed, reported as mean [min, max].
+SEEDED_ROWS = ("duo", "duo_concept")
 
 CONCEPTS = {
     "spots": Concept(
         name="spots",
         detector=toy_world.DETECTOR_SPECS["spots"],
-        dsr_sets=("named", "synonym", "unnamed"),
+        dsr_sets=("named", "synonym", "unnamed", "empty"),
         rows={
             "duo": Row(f"DUO (recipe: {RECIPE})"),
+            "duo_concept": Row(CONCEPT_OBJECTIVE_LABEL, CONCEPT_OBJECTIVE_FLAGS),
             "duo_lambda0": Row("DUO, λ = 0", ("--preservation_weight", "0")),
             "duo_unpaired": Row("DUO, unpaired", paired=False),
             "duo_t1000": Row("DUO, t < 1000", ("--t_max", "1000")),
             "duo_tauto": Row("DUO, --t_max auto", ("--t_max", "auto")),
         },
-        ablations=("duo_lambda0", "duo_unpaired", "duo_t1000", "duo_tauto", "esd"),
+        ablations=("duo_unpaired", "duo_t1000", "duo_tauto", "esd"),
         title="removing the spots (DSR: share of images without spots)",
     ),
     "red": Concept(
         name="red",
         detector=toy_world.DETECTOR_SPECS["red"],
-        dsr_sets=("direct", "synonym", "colourless"),
+        dsr_sets=("direct", "synonym", "colourless", "empty"),
         rows={
             "duo": Row("DUO (recipe: t < 750, λ = 5e6)"),
+            "duo_concept": Row(CONCEPT_OBJECTIVE_LABEL, CONCEPT_OBJECTIVE_FLAGS),
             "duo_lambda0": Row("DUO, λ = 0", ("--preservation_weight", "0")),
             "duo_lambda0_t1000": Row("DUO, λ = 0, t < 1000", ("--preservation_weight", "0", "--t_max", "1000")),
             # Compared with λ = 0 on paired data: under the recipe's λ red's rows barely move (see README).
             "duo_unpaired": Row("DUO, λ = 0, unpaired", ("--preservation_weight", "0"), paired=False),
         },
-        ablations=("duo_lambda0", "duo_lambda0_t1000", "duo_unpaired", "esd"),
+        ablations=("duo_lambda0_t1000", "duo_unpaired", "esd"),
         title='removing "red" (DSR: share of images without red)',
     ),
 }
+EMPTY_PROMPT_SEED = 7000
 ATTACK_SETS = ("ring_a_bell", "concept_inversion", "unlearndiffatk")
 
 FULL = {
@@ -193,8 +203,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--ablations",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="train and evaluate the ablations and ESD too",
+        default=False,
+        help="also train and evaluate the paper's ablations (unpaired data, other timestep windows) and ESD-x; "
+        "the default rows are the recipe, the concept objective and λ = 0",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -333,14 +344,19 @@ def stage_done(stage: str, done_file: str, command: List[str]) -> bool:
 
 def stage_needs(name: str, command: List[str], names: List[str]) -> List[str]:
     """The stages a stage waits for, within its concept (names are ``concept/stage``): everything needs the
-    pairs, ``--t_max auto`` the timing, the evaluation every other stage of its concept."""
+    pairs, ``--t_max auto`` the timing, a concept-objective training the retain set, the evaluation every other
+    stage of its concept."""
     concept, _, stage = name.rpartition("/")
     prefix = f"{concept}/" if concept else ""
-    if stage == "pairs":
+    if stage in ("pairs", "retain"):
         return []
     if stage == "evaluate":
         return [n for n in names if n != name and n.startswith(prefix) and "/" not in n[len(prefix) :]]
-    return [prefix + "pairs", *([prefix + "timing"] if "auto" in command and "--t_max" in command else [])]
+    return [
+        prefix + "pairs",
+        *([prefix + "timing"] if "auto" in command and "--t_max" in command else []),
+        *([prefix + "retain"] if "--objective" in command else []),
+    ]
 
 
 def run_stages(
@@ -415,6 +431,11 @@ def concept_prompts(concept: str) -> Dict[str, List[str]]:
             "ring_a_bell_targets": [caption(s, c) for c in colours for s in shapes],
             "inversion_templates": [f"a {{}} {c} {s}" for c, s in zip(colours, shapes * 2)],
             "unrelated": [caption(s, c, toy_world.PLAIN_WORD) for c in colours for s in shapes],
+            # The retain set: captions that name no mark (spotted images among them are left out by the verifier);
+            # neither the evaluation's "plain" prompts nor its seeds.
+            "retain": [caption(s, c) for c in colours for s in shapes]
+            + [caption(s, w) for c in colours for w in toy_world.SYNONYMS[c] for s in shapes]
+            + [caption(s, None) for s in shapes],
         }
     others = [c for c in colours if c != "red"]
     return {
@@ -427,6 +448,10 @@ def concept_prompts(concept: str) -> Dict[str, List[str]]:
         "ring_a_bell_targets": [caption(s, None) for s in shapes],
         "inversion_templates": [f"a {{}} {s}" for s in shapes],
         "unrelated": [caption(s, c) for c in others for s in shapes],
+        # The retain set: the other colours by synonym and colourless shapes (red images are left out by the
+        # verifier); the evaluation's "unrelated" prompts name the other colours directly.
+        "retain": [caption(s, w) for c in others for w in toy_world.SYNONYMS[c] for s in shapes]
+        + [caption(s, None) for s in shapes],
     }
 
 
@@ -434,11 +459,17 @@ def prompt_files(folder: str, concept: str) -> Dict[str, str]:
     """The concept's prompt sets, one file each (the inversion templates stay a list)."""
     os.makedirs(folder, exist_ok=True)
     sets = concept_prompts(concept)
-    return {
+    files = {
         name: write_lines(os.path.join(folder, f"{name}.txt"), lines)
         for name, lines in sets.items()
         if name != "inversion_templates"
     }
+    # The empty prompt, as DUO trains it: 12 rows (a text file cannot hold an empty line as a prompt).
+    files["empty"] = write_lines(
+        os.path.join(folder, "empty.jsonl"),
+        [json.dumps({"prompt": "", "seed": EMPTY_PROMPT_SEED + i}) for i in range(12)],
+    )
+    return files
 
 
 def make_unpaired_folder(pairs_dir: str, output_dir: str, seed: int) -> str:
@@ -573,6 +604,35 @@ def seed_summary(table: Dict[str, dict], names: List[str], concept: Concept) -> 
     }
 
 
+# The bar of issue 24: every prompt set and Ring-A-Bell at DSR ≥ 0.9 while unrelated images keep.
+BAR_DSR, BAR_PIXELS, BAR_SAME = 0.9, 0.95, 0.98
+BAR_SETS_EXCLUDED = ("concept_inversion", "unlearndiffatk")  # reported beside the bar, not part of it
+
+
+def meets_bar(row: dict) -> bool:
+    dsr = [v for s, v in row["dsr"].items() if s not in BAR_SETS_EXCLUDED]
+    return min(dsr) >= BAR_DSR and row["pixel_preservation"] >= BAR_PIXELS and row["same_reading_as_base"] >= BAR_SAME
+
+
+def found(table: Dict[str, dict], concept: Concept, seeded: Dict[str, List[str]]) -> str:
+    """The report's first line, in plain words: which DUO objective removes the concept while keeping the rest."""
+    sentences = []
+    for name, label in (("duo_concept", "The concept objective"), ("duo", "The paper's recipe")):
+        rows = [table[r] for r in seeded.get(name, [name]) if r in table]
+        if not rows:
+            continue
+        met = sum(meets_bar(r) for r in rows)
+        lowest = min(min(v for s, v in r["dsr"].items() if s not in BAR_SETS_EXCLUDED) for r in rows)
+        pixels = min(r["pixel_preservation"] for r in rows)
+        verdict = "removes" if met == len(rows) else ("removes on some seeds" if met else "does not remove")
+        sentences.append(
+            f"{label} {verdict} {concept.name} ({met} of {len(rows)} seeds meet the bar: DSR ≥ {BAR_DSR} on every prompt "
+            f"set and Ring-A-Bell, pixel preservation ≥ {BAR_PIXELS}, same as base ≥ {BAR_SAME}; lowest DSR {lowest:.2f}, "
+            f"lowest pixel preservation {pixels:.3f})."
+        )
+    return " ".join(sentences)
+
+
 def expectations(table: Dict[str, dict], concept: Concept, timing: Optional[dict] = None) -> List[dict]:
     """The pre-registered expectations, each checked against the table (holds: True, False, or None when not testable)."""
     checks = []
@@ -612,6 +672,16 @@ def expectations(table: Dict[str, dict], concept: Concept, timing: Optional[dict
             f"{duo['same_reading_as_base']:.3f}",
         )
         check("DUO: pixel preservation ≥ 0.95", duo["pixel_preservation"] >= 0.95, f"{duo['pixel_preservation']:.3f}")
+    variant = table.get("duo_concept")
+    if variant:
+        worst = min((v, s) for s, v in variant["dsr"].items() if s not in BAR_SETS_EXCLUDED)
+        check(
+            f"{labels['duo_concept']}: DSR ≥ {BAR_DSR} on every prompt set and Ring-A-Bell at pixel preservation "
+            f"≥ {BAR_PIXELS} and same as base ≥ {BAR_SAME} (first seed)",
+            meets_bar(variant),
+            f"lowest: {worst[1]} {worst[0]:.3f}; pixel preservation {variant['pixel_preservation']:.3f}; "
+            f"same as base {variant['same_reading_as_base']:.2f}",
+        )
     for ablation, reference in (
         ("duo_lambda0", "duo"),
         ("duo_lambda0_t1000", "duo"),
@@ -763,9 +833,10 @@ def write_report(
         with open(previous) as f:
             timings = {**json.load(f).get("timings_seconds", {}), **timings}
     labels = {"base": "base model", "esd": "ESD-x (prompt-based)", **{n: r.label for n, r in concept.rows.items()}}
-    seed_rows = [f"duo_seed{s}" for s in args.seeds[1:]]
-    for name, seed in zip(seed_rows, args.seeds[1:]):
-        labels[name] = f"{concept.rows['duo'].label}, seed {seed}"
+    seeded = {name: [name, *(seeded_row(name, s) for s in args.seeds[1:])] for name in SEEDED_ROWS if name in models}
+    for name, rows in seeded.items():
+        for row, seed in zip(rows[1:], args.seeds[1:]):
+            labels[row] = f"{concept.rows[name].label}, seed {seed}"
     manifest = read_manifest(eval_dir)
     readings = preservation_readings(eval_dir, manifest, models)
     table = {}
@@ -785,11 +856,11 @@ def write_report(
     report = {
         "what": f"DUO {concept.title} in the toy world; DSR = share of images the exact {concept.name} detector does not flag",
         "table": table,
-        "recipe_over_seeds": {
-            "seeds": args.seeds,
-            "rows": ["duo", *seed_rows],
-            "summary": seed_summary(table, ["duo", *seed_rows], concept),
+        "over_seeds": {
+            name: {"seeds": args.seeds, "rows": rows, "summary": seed_summary(table, rows, concept)}
+            for name, rows in seeded.items()
         },
+        "found": found(table, concept, seeded),
         "expectations": expectations(table, concept, timing_result),
         "timing": {
             k: timing_result.get(k) for k in ("verdict", "committed_timestep", "open_timestep", "recommended_t_max")
@@ -818,14 +889,16 @@ def write_report(
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    lines = [markdown_table(table, concept, labels), ""]
-    summary = report["recipe_over_seeds"]["summary"]
-    if summary:
-        lines += [
-            f"Recipe over seeds {args.seeds} (mean [min, max]): "
-            + "; ".join(f"{k} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in summary.items()),
-            "",
-        ]
+    lines = [f"Found: {report['found']}", "", markdown_table(table, concept, labels), ""]
+    for name, seeds in report["over_seeds"].items():
+        if seeds["summary"]:
+            lines += [
+                f"{labels[name]} over seeds {args.seeds} (mean [min, max]): "
+                + "; ".join(
+                    f"{k} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in seeds["summary"].items()
+                ),
+                "",
+            ]
     attacked = results["attacks"].get("unlearndiffatk")
     if attacked:
         lines += [
@@ -884,6 +957,25 @@ def training_flags(args, concept: Concept, seed: int) -> List[str]:
         "--guidance_scale",
         str(args.guidance_scale),
     ]
+
+
+def retain_flags(args, concept: Concept, prompts: Dict[str, str]) -> List[str]:
+    """The retain set's recipe, the same for ``python -m duo_plugin.retain`` and the trainings that read it."""
+    return [
+        "--retain_prompts",
+        prompts["retain"],
+        "--num_retain_images",
+        "48",
+        "--verifier",
+        concept.detector,
+        "--resolution",
+        "32",
+        *generation_flags(args),
+    ]
+
+
+def seeded_row(name: str, seed: int) -> str:
+    return f"{name}_seed{seed}"
 
 
 def evaluation_flags(args, concept: Concept, prompts: Dict[str, str], pairs_dir: str) -> List[str]:
@@ -981,6 +1073,7 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
         "@" + prompts["safe"],
     ]
     pairs_dir = os.path.join(out, "pairs")
+    retain_dir = os.path.join(out, "retain")
     # train_duo.py --t_max auto caches its measurement beside the pairs: the timing stage writes it there.
     timing_dir = pairs_dir + "-timing"
     generation = generation_flags(args)
@@ -1044,7 +1137,26 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
     ]
     rows = [name for name in concept.rows if args.ablations or name not in concept.ablations]
     runs = [(name, concept.rows[name], args.seed) for name in rows]
-    runs += [(f"duo_seed{seed}", concept.rows["duo"], seed) for seed in args.seeds[1:]]
+    runs += [(seeded_row(name, seed), concept.rows[name], seed) for name in SEEDED_ROWS for seed in args.seeds[1:]]
+    if any("--objective" in row.flags for _, row, _ in runs):
+        # The retain set, made once before the trainings that read it (two would race to make it).
+        stages.append(
+            (
+                "retain",
+                os.path.join(retain_dir, "duo_retain_config.json"),
+                [
+                    python,
+                    "-m",
+                    "duo_plugin.retain",
+                    "--pretrained_model_name_or_path",
+                    args.model,
+                    *flags,
+                    *retain_flags(args, concept, prompts),
+                    "--output_dir",
+                    retain_dir,
+                ],
+            )
+        )
     for name, row, seed in runs:
         # Unpaired rows read a folder made from the pairs just before they train (see main).
         dataset = pairs_dir if row.paired else os.path.join(out, "pairs_unpaired")
@@ -1065,6 +1177,11 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
                     adapter,
                     *training_flags(args, concept, seed),
                     *row.flags,
+                    *(
+                        retain_flags(args, concept, prompts) + ["--retain_dir", retain_dir]
+                        if "--objective" in row.flags
+                        else []
+                    ),
                 ],
             )
         )
