@@ -88,7 +88,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
         default="paper",
         choices=list(OBJECTIVES),
         help="paper: the empty-prompt preference and pure-noise preservation; concept: the preference under the "
-        "empty prompt and the unsafe prompt with a retain set (its flags below can still be changed)",
+        "empty prompt, the unsafe prompt and the guided prediction, held by a retain set (each flag below still wins)",
     )
     variant.add_argument(
         "--preference_conditions",
@@ -104,13 +104,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
         type=float,
         default=None,
         help="λ_r of the retain term on base-model images of unrelated prompts (0: off; concept default 20)",
-    )
-    variant.add_argument(
-        "--consistency_weight",
-        type=float,
-        default=0.0,
-        help="λ_c of a term that makes the adapter change the prediction the same way under the unsafe prompt as "
-        "under the empty prompt (so guidance cannot reverse it); 0: off",
     )
     variant.add_argument(
         "--retain_prompts",
@@ -298,8 +291,6 @@ def resolve_objective_args(args):
         args.retain_weight = named["retain_weight"]
     if args.retain_weight < 0:
         raise UsageError(f"--retain_weight {args.retain_weight}: give 0 (off) or a positive weight")
-    if args.consistency_weight < 0:
-        raise UsageError(f"--consistency_weight {args.consistency_weight}: give 0 (off) or a positive weight")
     if args.num_retain_images < 1:
         raise UsageError(f"--num_retain_images {args.num_retain_images}: give at least 1")
     args.retain_conditions = list(dict.fromkeys(args.retain_conditions))
@@ -307,7 +298,7 @@ def resolve_objective_args(args):
 
 def needs_unsafe_prompts(args) -> bool:
     """Whether the pair data must carry each pair's unsafe prompt."""
-    return args.consistency_weight > 0 or any(c in ("prompt", "guided") for c in args.preference_conditions)
+    return any(c in ("prompt", "guided") for c in args.preference_conditions)
 
 
 def variant_settings(args, guidance_scale: float) -> objective.VariantSettings:
@@ -317,5 +308,4 @@ def variant_settings(args, guidance_scale: float) -> objective.VariantSettings:
         guidance_scale=guidance_scale,
         retain_weight=args.retain_weight,
         retain_conditions=tuple(args.retain_conditions) if args.retain_weight > 0 else (),
-        consistency_weight=args.consistency_weight,
     )

@@ -41,7 +41,6 @@ class DUOLosses:
     margin: torch.Tensor
     ref_error_unsafe: torch.Tensor
     retain_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-    consistency_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def to_log(self) -> dict:
         return {
@@ -49,7 +48,6 @@ class DUOLosses:
             "loss_duo": self.preference_loss.detach().item(),
             "loss_pres": self.preservation_loss.detach().item(),
             "loss_retain": self.retain_loss.detach().item(),
-            "loss_consistency": self.consistency_loss.detach().item(),
             "delta_safe": self.delta_safe.mean().item(),
             "delta_unsafe": self.delta_unsafe.mean().item(),
             "implicit_acc": self.implicit_accuracy.item(),
@@ -162,13 +160,10 @@ class VariantSettings:
     guidance_scale: float = 1.0
     retain_weight: float = 0.0
     retain_conditions: Tuple[str, ...] = ()
-    consistency_weight: float = 0.0
 
     @property
     def pair_conditions(self) -> Tuple[str, ...]:
-        # The consistency term compares the change under the prompt with the change under the empty prompt.
-        extra = ("guided",) if self.consistency_weight else ()
-        return forward_conditions(tuple(self.preference_conditions) + extra)
+        return forward_conditions(self.preference_conditions)
 
     @property
     def uses_retain(self) -> bool:
@@ -179,7 +174,6 @@ class VariantSettings:
             "preference_conditions": self.preference_conditions,
             "guidance_scale": self.guidance_scale,
             "retain_weight": self.retain_weight,
-            "consistency_weight": self.consistency_weight,
         }
 
 
@@ -200,7 +194,6 @@ def concept_losses(
     guidance_scale: float = 1.0,
     retain_weight: float = 0.0,
     weighting: Optional[torch.Tensor] = None,
-    consistency_weight: float = 0.0,
 ) -> DUOLosses:
     """L = mean over ``preference_conditions`` of L_DUO(c) + λ·L_pres + λ_r·L_retain over a batch laid out as ``layout``.
 
@@ -241,10 +234,6 @@ def concept_losses(
     loss = loss_duo + preservation_weight * loss_pres
     if retain_weight:
         loss = loss + retain_weight * loss_retain
-    loss_consistency = torch.zeros((), device=loss_pres.device)
-    if consistency_weight:
-        loss_consistency = guidance_consistency_loss(model_pairs, ref_pairs)
-        loss = loss + consistency_weight * loss_consistency
     return DUOLosses(
         loss=loss,
         preference_loss=loss_duo.detach(),
@@ -255,18 +244,7 @@ def concept_losses(
         margin=preference_margin(delta_safe, delta_unsafe, beta).detach(),
         ref_error_unsafe=torch.stack(ref_errors_unsafe).mean(0).detach(),
         retain_loss=loss_retain.detach(),
-        consistency_loss=loss_consistency.detach(),
     )
-
-
-def guidance_consistency_loss(
-    model_pairs: Dict[str, torch.Tensor], ref_pairs: Dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """mean ‖(ε_θ(x, c) − ε_ref(x, c)) − (ε_θ(x, ∅) − ε_ref(x, ∅))‖²: zero when the adapter changes the prediction
-    the same way under the prompt as without it, a change guidance ε_u + w(ε_c − ε_u) passes on unchanged."""
-    change_prompt = _at_least_fp32(model_pairs["prompt"]) - _at_least_fp32(ref_pairs["prompt"])
-    change_empty = _at_least_fp32(model_pairs["empty"]) - _at_least_fp32(ref_pairs["empty"])
-    return ((change_prompt - change_empty) ** 2).mean()
 
 
 def duo_losses(

@@ -78,7 +78,6 @@ def test_duo_losses_splits_the_concatenated_batch():
         "loss_duo",
         "loss_pres",
         "loss_retain",
-        "loss_consistency",
         "delta_safe",
         "delta_unsafe",
         "implicit_acc",
@@ -292,23 +291,3 @@ def test_retain_term_gradient_flows_only_through_the_adapted_model():
     losses.loss.backward()
     # d/dm (m − 2)² at m = 0 is −4; the pair rows get the DPO gradient only.
     assert model.grad[3].item() == pytest.approx(-4.0)
-
-
-def test_guidance_consistency_term_against_a_closed_form():
-    """One pair of scalars: the change under the prompt is (1, 3), under the empty prompt (0, 1); the term is the
-    mean square of their difference, ((1 − 0)² + (3 − 1)²) / 2 = 2.5, and zero for a change guidance passes on."""
-    layout = objective.BatchLayout(1, ("empty", "prompt"))
-    #                      empty: u, s | prompt: u, s | noise
-    model = torch.tensor([0.0, 1.0, 1.0, 4.0, 0.0]).reshape(-1, 1)
-    ref = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]).reshape(-1, 1)
-    losses = objective.concept_losses(
-        model, ref, torch.zeros(2, 1), layout, 1.0, 0.0, ("empty",), consistency_weight=2.0
-    )
-    assert losses.consistency_loss.item() == pytest.approx(2.5)
-    without = objective.concept_losses(model, ref, torch.zeros(2, 1), layout, 1.0, 0.0, ("empty",))
-    assert losses.loss.item() == pytest.approx(without.loss.item() + 2.0 * 2.5)
-    same_change = torch.tensor([0.5, 1.0, 0.5, 2.0, 0.0]).reshape(-1, 1)
-    ref_same = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]).reshape(-1, 1)
-    assert objective.guidance_consistency_loss(*[layout.split(p)[0] for p in (same_change, ref_same)]).item() == 0.0
-    settings = objective.VariantSettings(("empty",), consistency_weight=1.0)
-    assert settings.pair_conditions == ("empty", "prompt")

@@ -21,7 +21,7 @@ before it runs, so it can be copied). Per concept:
 6. the report: ``<concept>/report.json``, ``report.md``, ``report.png``, ``samples.png`` and the
    timing plot, with the world's pixel rules reading what the other images keep.
 
-    python examples/toy_world/run_demo.py                       # both concepts, about 6.5 min on 2 idle cores
+    python examples/toy_world/run_demo.py                       # both concepts, about 14 min on 2 cores
     python examples/toy_world/run_demo.py --quick               # the same training, a smaller evaluation
     python examples/toy_world/run_demo.py --concepts spots --seeds 0 1 2   # the recipe on 3 seeds
 
