@@ -2,6 +2,7 @@
 name them), the refusals that need nothing loaded, and the defaults a concept preset fills in."""
 
 import argparse
+import math
 import os
 from typing import Optional
 
@@ -289,8 +290,8 @@ def resolve_objective_args(args):
     args.preference_conditions = list(dict.fromkeys(args.preference_conditions))
     if args.retain_weight is None:
         args.retain_weight = named["retain_weight"]
-    if args.retain_weight < 0:
-        raise UsageError(f"--retain_weight {args.retain_weight}: give 0 (off) or a positive weight")
+    if not (args.retain_weight >= 0 and math.isfinite(args.retain_weight)):
+        raise UsageError(f"--retain_weight {args.retain_weight}: give 0 (off) or a positive, finite weight")
     if args.num_retain_images < 1:
         raise UsageError(f"--num_retain_images {args.num_retain_images}: give at least 1")
     args.retain_conditions = list(dict.fromkeys(args.retain_conditions))

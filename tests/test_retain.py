@@ -299,3 +299,35 @@ def test_the_concept_objective_moves_retain_images_less_than_lambda_zero_per_uni
     concept_removal, concept_drift = measure(tmp_path / "concept")
     assert paper_removal > 0 and concept_removal > 0
     assert concept_drift / concept_removal < 0.5 * paper_drift / paper_removal
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--retain_weight", "nan"], "positive, finite weight"),
+        (["--retain_weight", "-1"], "positive, finite weight"),
+        (["--num_retain_images", "0"], "give at least 1"),
+        (["--condition_on_prompts", "--preference_conditions", "empty"], "give one of the two"),
+    ],
+)
+def test_objective_flags_are_refused_with_one_line(flags, message):
+    import train_duo
+    from duo_plugin import arguments
+
+    args = train_duo.parse_args(["--concept", "nudity", *flags])
+    with pytest.raises(UsageError, match=message):
+        arguments.resolve_training_args(args, family="sd")
+
+
+def test_the_concept_objective_fills_its_own_defaults_and_the_users_flags_win():
+    import train_duo
+    from duo_plugin import arguments
+
+    args = train_duo.parse_args(["--concept", "nudity", "--objective", "concept", "--retain_weight", "5"])
+    arguments.resolve_training_args(args, family="sd")
+    assert (args.beta_dpo, args.preservation_weight, args.retain_weight) == (100.0, 0.0, 5.0)
+    assert args.preference_conditions == ["empty", "prompt", "guided"] and args.learning_rate == pytest.approx(3e-4)
+    paper = train_duo.parse_args(["--concept", "nudity"])
+    arguments.resolve_training_args(paper, family="sd")
+    assert (paper.beta_dpo, paper.preservation_weight, paper.retain_weight) == (500.0, 5e6, 0.0)
+    assert paper.preference_conditions == ["empty"]

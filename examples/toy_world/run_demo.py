@@ -757,21 +757,26 @@ def plot_table(table: Dict[str, dict], concept: Concept, labels: Dict[str, str],
     sets = dsr_sets(concept, table)
     columns = [*sets, "same_reading_as_base", "pixel_preservation"]
     names = [*[f"DSR\n{s}" for s in sets], "same as\nbase", "pixel\npreservation"]
-    figure, axes = plt.subplots(figsize=(11, 4.2))
+    figure, axes = plt.subplots(figsize=(12, 5.5))
     width = 0.8 / len(table)
+    # One colour per model (tab20 holds 20; tab10 repeated its colours past 10 models).
+    colours = plt.get_cmap("tab20").colors
     for i, (model, row) in enumerate(table.items()):
         values = [row["dsr"].get(c, np.nan) if c in sets else row[c] for c in columns]
         axes.bar(
-            np.arange(len(columns)) + (i - (len(table) - 1) / 2) * width, values, width, label=labels.get(model, model)
+            np.arange(len(columns)) + (i - (len(table) - 1) / 2) * width,
+            values,
+            width,
+            label=labels.get(model, model),
+            color=colours[i % len(colours)],
         )
     axes.axhline(0.9, color="gray", linestyle=":", linewidth=1)
     axes.set_xticks(np.arange(len(columns)), names, fontsize=8)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("rate")
     axes.set_title(f"Toy world: {concept.title}")
-    axes.legend(fontsize=7, ncol=min(len(table), 4), loc="lower center", bbox_to_anchor=(0.5, -0.42))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    axes.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -779,6 +784,7 @@ def grid_label(label: str, width: int = 38) -> str:
     """A row label PIL's default font can draw in the grid's margin: Greek letters spelled out, the recipe's
     settings left to the report's table."""
     label = re.sub(r"\(recipe: [^)]*\)", "(recipe)", label)
+    label = re.sub(r" \(β [^)]*\)", "", label)
     label = label.replace("β", "beta").replace("λ", "lambda").replace("≥", ">=")
     return label if len(label) <= width else label[: width - 3] + "..."
 
