@@ -29,6 +29,11 @@ class DUOBatch:
     target: torch.Tensor
     layout: objective.BatchLayout = None
 
+    def __post_init__(self):
+        # A batch built without a layout is the paper's [x⁻_t; x⁺_t; x_T].
+        if self.layout is None:
+            self.layout = objective.BatchLayout(self.target.shape[0] // 2)
+
 
 @dataclass
 class RetainLatents:

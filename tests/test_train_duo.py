@@ -416,3 +416,15 @@ def test_batch_runs_pairs_under_each_condition_then_noise_then_retain():
     assert batch.condition[10:12].eq(0).all() and batch.condition[12:14].eq(2).all()
     torch.testing.assert_close(batch.model_input[10:12], batch.model_input[12:14])
     assert (batch.timesteps[10:] < 750).all() and batch.timesteps[8:10].tolist() == [999, 999]
+
+
+def test_a_batch_built_without_a_layout_is_the_papers():
+    from duo_plugin import objective, sd
+
+    batch = sd.DUOBatch(
+        model_input=torch.zeros(6, 4, 2, 2),
+        timesteps=torch.zeros(6),
+        condition=torch.zeros(6, 3, 8),
+        target=torch.zeros(4, 4, 2, 2),
+    )
+    assert batch.layout == objective.BatchLayout(2)
