@@ -114,6 +114,8 @@ def main(argv=None):
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    pair_fingerprint = pairs.fingerprint()
+    run_guard.check_resume_pairs(args, pair_fingerprint)
     args.t_max = timing.resolve_t_max(
         args, preset, accelerator, default=args.t_max
     )  # auto: measured where the concept is decided
@@ -186,6 +188,7 @@ def main(argv=None):
     free_memory()
 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
+    checkpoint_size = run_guard.check_free_space(args, lora_params)
     optimizer = training.make_optimizer(args, lora_params)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -204,8 +207,7 @@ def main(argv=None):
     last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     if last_checkpoint is not None:
         accelerator.print(f"Resuming from {last_checkpoint}")
-        accelerator.load_state(last_checkpoint)
-        first_step = checkpoints.checkpoint_step(last_checkpoint)
+        first_step = checkpoints.load_checkpoint(accelerator, last_checkpoint)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
@@ -286,9 +288,9 @@ def main(argv=None):
         saturation_watch.update(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            settings = run_guard.run_settings(args, accelerator)
+            settings = run_guard.run_settings(args, accelerator, pair_fingerprint)
             last_checkpoint = checkpoints.save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings, checkpoint_size
             )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
@@ -300,7 +302,11 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        sd.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
+        outputs.save_adapter(
+            args.output_dir,
+            lambda folder: sd.save_lora_weights(folder, lora.lora_state_dict(model), model),
+            last_checkpoint,
+        )
         # The config before anything optional (validation images, card, push) can fail: the folder loads.
         config = outputs.write_duo_config(
             args.output_dir, args, sd.architecture_info(pipeline_class, model, noise_scheduler), target_modules

@@ -184,6 +184,8 @@ def main(argv=None):
 
     # Pairs first: bad data is refused before any model weight is loaded.
     pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    pair_fingerprint = pairs.fingerprint()
+    run_guard.check_resume_pairs(args, pair_fingerprint)
     args.t_max = timing.resolve_t_max(
         args, preset, accelerator, default=args.t_max
     )  # auto: measured where the concept is decided
@@ -263,6 +265,7 @@ def main(argv=None):
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
 
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    checkpoint_size = run_guard.check_free_space(args, lora_params)
     optimizer = training.make_optimizer(args, lora_params)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -281,8 +284,7 @@ def main(argv=None):
     last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     if last_checkpoint is not None:
         accelerator.print(f"Resuming from {last_checkpoint}")
-        accelerator.load_state(last_checkpoint)
-        first_step = checkpoints.checkpoint_step(last_checkpoint)
+        first_step = checkpoints.load_checkpoint(accelerator, last_checkpoint)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name, config=training.tracker_config(args))
@@ -378,9 +380,9 @@ def main(argv=None):
         saturation_watch.update(global_step, logs)
 
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            settings = run_guard.run_settings(args, accelerator)
+            settings = run_guard.run_settings(args, accelerator, pair_fingerprint)
             last_checkpoint = checkpoints.save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings, checkpoint_size
             )
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process and not args.skip_validation:
@@ -392,7 +394,11 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        sd3.save_lora_weights(args.output_dir, lora.lora_state_dict(model), model)
+        outputs.save_adapter(
+            args.output_dir,
+            lambda folder: sd3.save_lora_weights(folder, lora.lora_state_dict(model), model),
+            last_checkpoint,
+        )
         # The config before anything optional (validation images, card, push) can fail: the folder loads.
         config = outputs.write_duo_config(
             args.output_dir,

@@ -110,8 +110,15 @@ def _read_csv(
                 raise UsageError(f"{path}, line {row_number}: the seed/guidance columns must hold numbers") from None
             if guidance is not None and not math.isfinite(guidance):
                 raise UsageError(f"{path}, line {row_number}: guidance scale {guidance} is not a finite number")
+            check_seed(seed, path, row_number)
             prompts.append(PromptSpec(text, seed, guidance))
     return prompts
+
+
+def check_seed(seed: Optional[int], path: str, line: int):
+    """torch seeds a generator with 64 bits and wraps what is outside: refuse it rather than make another image."""
+    if seed is not None and not 0 <= seed < 2**32:
+        raise UsageError(f"{path}, line {line}: seed {seed} is outside 0 to 2**32 - 1: give a seed in that range")
 
 
 def _read_json(path: str) -> List[PromptSpec]:
@@ -163,6 +170,8 @@ def _read_jsonl(path: str) -> List[PromptSpec]:
                 raise UsageError(f"{path}, line {line_number}: the seed/guidance fields must hold numbers") from None
             if guidance is not None and not math.isfinite(guidance):
                 raise UsageError(f"{path}, line {line_number}: guidance scale {guidance} is not a finite number")
+            check_seed(seed, path, line_number)
+            # An empty prompt is kept on purpose: it is the condition DUO trains on (a text file cannot hold one).
             prompts.append(PromptSpec(row[column].strip(), seed, guidance))
     return prompts
 
@@ -307,19 +316,15 @@ def load_concept_vector(path: str, shape: Tuple[int, int]) -> torch.Tensor:
     """A saved concept vector (.npy as the Ring-A-Bell repository publishes them, .pt or .safetensors)."""
     if not os.path.isfile(path):
         raise UsageError(f"--ring_a_bell_concept_vector {path} does not exist")
-    if path.endswith(".npy"):
-        import numpy as np
+    from .validation import read_tensor_file
 
-        vector = torch.from_numpy(np.load(path))
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-        if len(tensors) != 1:
-            raise UsageError(f"--ring_a_bell_concept_vector {path} holds {len(tensors)} tensors: save exactly one")
-        vector = next(iter(tensors.values()))
-    else:
-        vector = torch.load(path, map_location="cpu", weights_only=True)
+    vector = read_tensor_file(path, "--ring_a_bell_concept_vector")
+    if isinstance(vector, dict):
+        if len(vector) != 1:
+            raise UsageError(f"--ring_a_bell_concept_vector {path} holds {len(vector)} tensors: save exactly one")
+        vector = next(iter(vector.values()))
+    if not isinstance(vector, torch.Tensor) or not vector.is_floating_point():
+        raise UsageError(f"--ring_a_bell_concept_vector {path} holds no floating-point tensor: save the vector itself")
     vector = vector.float()
     while vector.dim() > 2 and vector.shape[0] == 1:  # the original saves it with a batch axis
         vector = vector[0]

@@ -7,7 +7,7 @@ import shutil
 from typing import List, Optional
 
 from . import run_guard
-from .errors import UsageError
+from .errors import UsageError, storage_reason
 from .lora import load_lora_state_dict, lora_state_dict
 
 
@@ -56,7 +56,12 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
 
 
 def save_checkpoint(
-    accelerator, output_dir: str, step: int, total_limit: Optional[int], settings: Optional[dict] = None
+    accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: Optional[int],
+    settings: Optional[dict] = None,
+    needed_bytes: Optional[int] = None,
 ) -> str:
     """Save accelerate state atomically (into ``*.tmp``, marker last, then renames), then drop the oldest beyond the limit.
 
@@ -77,8 +82,11 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run_guard.finish_checkpoint(staging, final, step, settings)
-    except OSError as error:
-        raise run_guard.save_failed(error, staging, output_dir) from None
+    except Exception as error:
+        # torch's writer reports a full disk as a RuntimeError, safetensors as its own error.
+        if not isinstance(error, OSError) and storage_reason(error) is None:
+            raise
+        raise run_guard.save_failed(error, staging, output_dir, needed_bytes) from None
     if accelerator.is_main_process:
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
@@ -86,6 +94,22 @@ def save_checkpoint(
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, path: str) -> int:
+    """Restore the adapter, optimizer, scheduler and RNG states of ``path``; returns its step. A state file that is
+    not what a DUO run writes (a pickle with code in it, a cut file) is refused with one line; nothing in it runs."""
+    import pickle
+
+    try:
+        accelerator.load_state(path)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"refused checkpoint {path}: a state file is not one a DUO run writes ({type(error).__name__}: {first}); "
+            f"nothing in it was run: resume from another checkpoint, or delete this one"
+        ) from None
+    return checkpoint_step(path)
 
 
 def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_prefix: str):

@@ -4,6 +4,7 @@ A pair is an unsafe image and its safe SDEdit twin. The two are spatially aligne
 transform (resize, crop, flip) is applied to both with the same parameters.
 """
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -28,6 +29,25 @@ class PairImages:
 
     def __len__(self):
         return len(self.unsafe)
+
+    def fingerprint(self) -> dict:
+        """Short content hashes of every image and every pair's prompts, in order: what a checkpoint records of its
+        data, so a resume on changed pairs (edited, swapped, reordered, added) is caught whatever folder or Hub id
+        holds them."""
+
+        def digest(*parts) -> str:
+            content = hashlib.sha256()
+            for part in parts:
+                content.update(part if isinstance(part, bytes) else repr(part).encode())
+            return content.hexdigest()[:16]
+
+        unsafe_prompts = self.unsafe_prompts or [None] * len(self)
+        safe_prompts = self.safe_prompts or [None] * len(self)
+        return {
+            "unsafe": [digest(image.size, image.mode, image.tobytes()) for image in self.unsafe],
+            "safe": [digest(image.size, image.mode, image.tobytes()) for image in self.safe],
+            "prompts": [digest(a, b) for a, b in zip(unsafe_prompts, safe_prompts)],
+        }
 
 
 def _load_hf_dataset(dataset_name: str, revision: Optional[str], cache_dir: Optional[str]):

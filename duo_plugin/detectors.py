@@ -6,6 +6,7 @@ the training scripts to keep flagged images out of model cards.
 """
 
 import importlib
+import inspect
 import io
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -183,11 +184,19 @@ def resolve_detector_factory(name: str) -> Callable[..., object]:
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attribute)
+            factory = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
             raise UsageError(
                 f"cannot import the detector {name!r} ({error}): give an importable package.module:Factory"
             ) from error
+        # Only a class whose instances judge images is called: any other attribute (a function such as
+        # os:system) is refused before it runs.
+        if not (inspect.isclass(factory) and any("__call__" in vars(k) for k in factory.__mro__[:-1])):
+            raise UsageError(
+                f"{name!r} is not a detector: package.module:Factory must name a class whose instances are called "
+                f"on a list of images and return one Detection each (see duo_plugin.detectors)"
+            )
+        return factory
     raise UsageError(f"unknown detector {name!r}: choose one of {', '.join(detector_names())}")
 
 
@@ -209,8 +218,6 @@ def get_detector(name: Optional[str], threshold: Optional[float] = None, unsafe_
 
 
 def _parameters(factory) -> set:
-    import inspect
-
     try:
         return set(inspect.signature(factory).parameters)
     except (TypeError, ValueError):  # a builtin or C factory: it gets the threshold only

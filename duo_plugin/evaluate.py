@@ -33,12 +33,12 @@ from .cli import show_defaults
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .distributed import cpu_only_multi_process
 from .errors import UsageError, exit_on_usage_error
-from .files import append_jsonl, atomic_write_text, read_jsonl
+from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_jsonl, read_state_json
 from .hub import model_source_error
 from .outputs import library_versions
 from .pipeline import fetch_adapter, load_adapters
 from .precision import torch_dtype
-from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir, to_rgb
+from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir, read_tensor_file, to_rgb
 
 
 logger = logging.getLogger("duo_plugin.evaluate")
@@ -426,12 +426,9 @@ def swap_denoiser(pipe, source: str, dtype):
     name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     current = getattr(pipe, name)
     if os.path.isfile(source):
-        if source.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state_dict = load_file(source)
-        else:
-            state_dict = torch.load(source, map_location="cpu", weights_only=True)
+        state_dict = read_tensor_file(source, f"--{name}")
+        if not isinstance(state_dict, dict):
+            raise UsageError(f"--{name} {source} holds a single tensor: give the {name}'s state dict")
         state_dict = state_dict.get("state_dict", state_dict)
         try:
             current.load_state_dict(state_dict, strict=True)
@@ -621,8 +618,10 @@ def check_settings(output_dir: str, settings: dict, is_main: bool):
     path = os.path.join(output_dir, SETTINGS_NAME)
     stored = {}
     if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
+        stored = read_state_json(
+            path,
+            "delete it (the images already made are then checked against the new settings) or choose a new --output_dir",
+        )
     conflicts = []
     for key, value in settings.items():
         if key not in stored:
@@ -780,6 +779,20 @@ def check_prompt_set_names(args):
         raise UsageError(f"--prompts names the set {', '.join(repeated)} twice: give each file its own NAME=PATH")
 
 
+# Every image to make is planned (and its row kept) before generation starts: these bound that plan.
+MAX_IMAGES_PER_PROMPT = 10_000
+MAX_IMAGES = 2_000_000
+
+
+def check_image_count(prompt_sets: dict, num_images_per_prompt: int, num_models: int):
+    total = sum(len(prompts) for prompts in prompt_sets.values()) * num_images_per_prompt * num_models
+    if total > MAX_IMAGES:
+        raise UsageError(
+            f"this evaluation would make {total:,} images (more than {MAX_IMAGES:,}): lower --num_images_per_prompt "
+            f"or --max_prompts, or evaluate fewer models at once"
+        )
+
+
 def check_args(args):
     """Refusals that need nothing loaded."""
     check_finite_flags(args)
@@ -819,6 +832,13 @@ def check_args(args):
         raise UsageError("--prompt_categories filters the rows of --prompts (an I2P-style CSV): pass --prompts")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8 != 0):
         raise UsageError(f"--resolution {args.resolution} is not a positive multiple of 8")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise UsageError(f"--max_prompts {args.max_prompts}: give at least 1 (or leave it out to use every prompt)")
+    if args.num_images_per_prompt > MAX_IMAGES_PER_PROMPT:
+        raise UsageError(
+            f"--num_images_per_prompt {args.num_images_per_prompt} is more than {MAX_IMAGES_PER_PROMPT}: the field's "
+            f"protocols use 1 to 10 images per prompt; give fewer"
+        )
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU: use bf16 or no on CPU")
 
@@ -1108,14 +1128,12 @@ def apply_concept_inversion(pipe, model: str, images, config, output_dir, state)
         result = attacks.concept_inversion(pipe, images(), config, progress=True)
         attacks.save_learned_embedding(result, embedding_path + ".tmp")
         os.replace(embedding_path + ".tmp", embedding_path)
-        with open(log_path, "w") as f:
-            json.dump({**result.to_log(), "losses": result.losses}, f)
+        atomic_write_json(log_path, {**result.to_log(), "losses": result.losses}, indent=None)
         learned_here = True
     state.wait_for_everyone()
     if not learned_here:
         pipe.load_textual_inversion(embedding_path)
-    with open(log_path) as f:
-        log = json.load(f)
+    log = read_state_json(log_path, f"delete {folder} to learn the embedding again")
     return {k: v for k, v in log.items() if k != "losses"}
 
 
@@ -1224,7 +1242,7 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
             )
             if rows:
                 manifest[(spec.name, prompt_set)] = rows
-    with open(os.path.join(args.output_dir, MANIFEST_NAME), "w") as f:
+    with atomic_write(os.path.join(args.output_dir, MANIFEST_NAME)) as f:
         for rows in manifest.values():
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
@@ -1232,7 +1250,7 @@ def compute_metrics(args, specs, prompt_sets, store, networks, device) -> dict:
     detector = networks.get("detector")
     if detector is not None:
         move_detector(detector, device)
-        with open(os.path.join(args.output_dir, "detections.jsonl"), "w") as f:
+        with atomic_write(os.path.join(args.output_dir, "detections.jsonl")) as f:
             for spec in specs:
                 for prompt_set in prompt_sets:
                     if prompt_set == UNRELATED:
@@ -1384,6 +1402,7 @@ def main(argv=None):
             concept_images = attacks.load_concept_images(plan.inversion_images, args.inversion_max_images)
         return concept_images
 
+    check_image_count(prompt_sets, args.num_images_per_prompt, len(specs))
     generated = 0
     for spec in specs:
         logger.info("Evaluating %s (%s: %s)", spec.name, spec.kind, spec.source)
@@ -1421,7 +1440,11 @@ def main(argv=None):
     if ring_targets is not None:
         searched = read_jsonl(os.path.join(args.output_dir, "attacks", "ring_a_bell", "prompts.rank*.jsonl"))
         vector_path = os.path.join(args.output_dir, "attacks", "ring_a_bell", "concept_vector.json")
-        vector_source = json.load(open(vector_path)) if os.path.isfile(vector_path) else None
+        vector_source = (
+            read_state_json(vector_path, "delete it to search the concept vector again")
+            if os.path.isfile(vector_path)
+            else None
+        )
         attack_logs["ring_a_bell"] = {
             "config": generation_settings["ring_a_bell"],
             "concept_vector_source": vector_source,
@@ -1461,8 +1484,7 @@ def main(argv=None):
     results["files"]["grids"] = save_grids(store, computed["manifest"], [s.name for s in specs], args.grid_size)
     plot_path = os.path.join(args.output_dir, PLOT_NAME)
     results["files"]["plot"] = PLOT_NAME if plot_dsr_vs_prior_preservation(results, plot_path) else None
-    with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), results)
     for model, values in results["metrics"].items():
         logger.info("%s: %s", model, summarize(values))
     logger.info("Report written to %s", os.path.join(args.output_dir, RESULTS_NAME))

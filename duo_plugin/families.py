@@ -19,7 +19,13 @@ def detect_pipeline_class(
         raise model_source_error(
             error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path"
         ) from error
-    return config["_class_name"]
+    class_name = config.get("_class_name")
+    if not isinstance(class_name, str) or not class_name:
+        raise UsageError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path}: its model_index.json names the pipeline "
+            f"class as {class_name!r}, not a class name: the file was edited; restore it from the model's source"
+        )
+    return class_name
 
 
 def base_has_t5(

@@ -13,11 +13,11 @@ official runs unless a documented reason says otherwise:
   with the official λ).
 """
 
-import json
 import os
 from typing import Optional
 
 from . import objective
+from .files import read_state_json
 from .presets import preservation_effective_weight, preservation_weight_for_beta, sd3_preservation_weight_for_beta
 
 
@@ -109,9 +109,10 @@ def pair_verifier_record(args) -> dict:
             "name": None,
             "rule": f"unknown: the pairs ({getattr(args, 'dataset_name', None)}) were not made by duo_plugin.pairs",
         }
-    with open(os.path.join(folder, PAIR_RECIPE_FILE)) as f:
-        stored = json.load(f)
-    recipe = stored.get("recipe", {})
+    stored = read_state_json(
+        os.path.join(folder, PAIR_RECIPE_FILE), "restore it, or make the pairs again in a new folder"
+    )
+    recipe = stored.get("recipe") if isinstance(stored.get("recipe"), dict) else {}
     record = {"name": recipe.get("verifier"), "threshold": recipe.get("detector_threshold")}
     record.update(stored.get("verifier") or {})
     record["generation_seed"] = recipe.get("seed")

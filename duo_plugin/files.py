@@ -1,17 +1,59 @@
-"""Files other processes may be reading: whole files replaced atomically, JSON-lines logs appended row by row."""
+"""Files other processes may be reading: whole files replaced atomically, JSON-lines logs appended row by row.
 
+Every whole-file write of the product goes through ``atomic_write``: the new content is written aside, synced,
+then renamed over the old, so a full disk or a kill leaves the previous file intact and no staged file behind.
+"""
+
+import contextlib
 import glob
 import json
 import os
 from typing import Iterable, List
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Open a staged file for writing; on success it replaces ``path``, on any failure it is removed."""
+    staging = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(staging, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(staging)
+        raise
+
+
 def atomic_write_text(path: str, text: str):
     """Write ``text`` aside and rename it over ``path``: a reader sees the old file or the new one, never half."""
-    staging = path + ".tmp"
-    with open(staging, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(staging, path)
+
+
+def atomic_write_json(path: str, value, indent: int = 2):
+    atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+
+
+def read_state_json(path: str, fix: str, kind: type = dict):
+    """A JSON state file the product wrote (settings, results, records), or one line naming the file and ``fix``
+    when it is corrupt, truncated or not what the product writes there."""
+    from .errors import UsageError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} is not readable JSON ({error}): {fix}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not the state file the product writes there: {fix}") from None
+    if not isinstance(value, kind):
+        raise UsageError(
+            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} the product writes: {fix}"
+        )
+    return value
 
 
 def append_jsonl(path: str, rows: Iterable[dict], durable: bool = False):

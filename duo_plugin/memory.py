@@ -89,6 +89,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import UsageError, exit_on_usage_error
+from .files import atomic_write_json
 
 
 GiB = 2**30
@@ -969,9 +970,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_args(args):
+    """The flags an estimate reads, refused before any config is read (as the training scripts refuse them)."""
+    from . import validation
+
+    validation.check_finite_flags(args)
+    validation.check_resolution(args.resolution)
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "rank",
+        "generation_batch_size",
+        "evaluation_batch_size",
+        "max_sequence_length",
+    ):
+        validation.at_least(args, name, 1)
+    if args.json:
+        validation.check_output_file(args.json, "--json")
+
+
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     family = configs.family
     if args.resolution is None:
@@ -1019,12 +1040,9 @@ def main(argv=None):
     for label, estimate in rows:
         print(_format_row(label, estimate))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]},
-                f,
-                indent=2,
-            )
+        atomic_write_json(
+            args.json, {"settings": asdict(settings), "estimates": [{"case": label, **asdict(e)} for label, e in rows]}
+        )
     return rows
 
 

@@ -3,11 +3,13 @@
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+import shutil
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import fidelity, run_guard
-from .errors import NetworkError
-from .files import append_jsonl
+from .errors import NetworkError, storage_error, storage_reason
+from .files import append_jsonl, atomic_write_json, atomic_write_text
 from .lora import LORA_WEIGHT_NAME, adapters_disabled, target_module_patterns
 from .saturation import model_card_section, summary_from_metrics
 
@@ -117,6 +119,39 @@ def library_versions() -> Dict[str, str]:
     return versions
 
 
+def save_adapter(output_dir: str, save: Callable[[str], None], last_checkpoint: Optional[str] = None):
+    """Write the trained adapter with ``save(folder)`` into a staged folder, sync it, then rename its files into
+    ``output_dir``. On a full or read-only disk nothing half-written stays, and the adapter, which exists only in
+    memory, is written to the system's temporary folder instead when that has room; the error line says where."""
+    staging = os.path.join(output_dir, ".adapter.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        os.makedirs(staging)
+        save(staging)
+        for name in sorted(os.listdir(staging)):
+            with open(os.path.join(staging, name), "rb") as f:
+                os.fsync(f.fileno())
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if storage_reason(error) is None:
+            raise
+        rescue = tempfile.mkdtemp(prefix="duo-adapter-")
+        try:
+            save(rescue)
+            kept = f"the adapter was saved to {rescue} instead: move its files into {output_dir}"
+        except Exception:
+            shutil.rmtree(rescue, ignore_errors=True)
+            kept = (
+                f"the adapter could not be kept; the last checkpoint is {last_checkpoint}"
+                if last_checkpoint
+                else "the adapter could not be kept and no checkpoint holds it"
+            )
+        raise storage_error(error, "the adapter", output_dir, kept) from None
+
+
 def write_duo_config(
     output_dir: str, args, architecture: dict, target_modules: List[str], extra: Optional[dict] = None
 ) -> dict:
@@ -155,8 +190,7 @@ def write_duo_config(
     }
     config.update(fidelity.training_record(args))
     config.update(extra or {})
-    with open(os.path.join(output_dir, DUO_CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    atomic_write_json(os.path.join(output_dir, DUO_CONFIG_NAME), config)
     return config
 
 
@@ -301,7 +335,7 @@ prompts (`python -m duo_plugin.evaluate`) before relying on it.
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
-    card.save(os.path.join(output_dir, "README.md"))
+    atomic_write_text(os.path.join(output_dir, "README.md"), str(card))
 
 
 FINAL_ARTIFACT_PATTERNS = [LORA_WEIGHT_NAME, DUO_CONFIG_NAME, "README.md", "samples/*.png", "validation/*.png"]

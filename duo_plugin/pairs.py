@@ -445,12 +445,20 @@ def parse_progress_row(line: str) -> Optional[dict]:
         and row["pair_index"] >= 0
         and isinstance(row.get("accepted"), bool)
         and isinstance(row.get("attempts"), int)
+        and all(_plain_file_name(row.get(key)) for key in ("unsafe_file_name", "safe_file_name") if key in row)
     ):
         raise UsageError(
             f"a progress file in {PROGRESS_DIR}/ holds a row that is not a finished pair ({line.strip()[:80]!r}): "
             f"it was edited; delete that row (its pair is made again) or the whole {PROGRESS_DIR}/ folder"
         )
     return row
+
+
+def _plain_file_name(name) -> bool:
+    """A name of a file inside the pair folder: no folder part, no way out of it (``..``, absolute paths)."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name and "\\" not in name
+    )
 
 
 def _rank(row: dict):
@@ -921,7 +929,7 @@ Pair `i` uses prompt group `i mod {len(recipe.prompt_pairs)}`. The image seeds a
         tags=["duo", "concept-erasure", "sdedit", "synthetic", "not-for-all-audiences"],
     )
     card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
-    card.save(os.path.join(output_dir, CARD_NAME))
+    atomic_write_text(os.path.join(output_dir, CARD_NAME), str(card))
 
 
 def concept_flags(recipe: PairRecipe) -> List[str]:

@@ -28,7 +28,7 @@ from .hub import hub_error, offline_mode
 from .lora import LORA_WEIGHT_NAME
 from .noise import no_text_encoder_lora_notice
 from .outputs import DUO_CONFIG_NAME
-from .validation import check_adapter_weights
+from .validation import check_adapter_weights, is_inside
 
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,26 @@ def _read_config(path: str, source: str) -> dict:
 def _check_adapter_config(config: dict, source: str) -> str:
     """Refuse a config this version cannot use; returns the adapter's weight file name."""
     format_version = config.get("format_version", 1)
-    if not isinstance(format_version, int) or format_version > 1:
+    if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+        raise UsageError(
+            f"adapter {source} has {DUO_CONFIG_NAME} format {format_version!r}, which no duo_plugin writes (a whole "
+            f"number, 1 today): the file was edited; re-run the training script or restore it"
+        )
+    if format_version > 1:
         raise UsageError(
             f"adapter {source} has {DUO_CONFIG_NAME} format {format_version!r}, newer than this duo_plugin reads: pip install -U duo_plugin"
         )
+    if config.get("rank") is not None and (not isinstance(config["rank"], int) or isinstance(config["rank"], bool)):
+        raise UsageError(
+            f"{DUO_CONFIG_NAME} of adapter {source}: rank is {config['rank']!r}, not a whole number: the file was "
+            f"edited; re-run the training script or restore it"
+        )
+    for key in ("weight_name", "base_model", "base_model_revision", "variant"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise UsageError(
+                f"{DUO_CONFIG_NAME} of adapter {source}: {key} is {config[key]!r}, not text: the file was edited; "
+                f"re-run the training script or restore it"
+            )
     architecture = config.get("architecture")
     if not isinstance(architecture, dict) or architecture.get("family") not in SUPPORTED_FAMILIES:
         family = architecture.get("family") if isinstance(architecture, dict) else None
@@ -145,6 +161,11 @@ def _fetch_local_adapter(folder: str) -> DUOAdapter:
     weight_name = _check_adapter_config(config, folder)
     if not os.path.isfile(os.path.join(folder, weight_name)):
         _refuse_missing_weights(folder, weight_name, os.listdir(folder))
+    for name in (DUO_CONFIG_NAME, weight_name):
+        if not is_inside(os.path.join(folder, name), folder):
+            raise UsageError(
+                f"adapter {folder}: {name} is a link that leads out of the folder: copy the file into it instead"
+            )
     return DUOAdapter(
         concept=config["concept"],
         source=folder,
@@ -403,6 +424,10 @@ def _normalize_revisions(revision, named_sources: List[Tuple[Optional[str], str]
     raise UsageError(f"adapter_revision must be a string or a dict per adapter, got {type(revision).__name__}")
 
 
+# Far beyond the trained strength the LoRA delta overflows the denoiser's activations (1e30 gives all-NaN images).
+MAX_ADAPTER_WEIGHT = 10
+
+
 def _normalize_weights(weights: AdapterWeights, names: List[str]) -> List[float]:
     if weights is None:
         values = [1.0] * len(names)
@@ -422,9 +447,10 @@ def _normalize_weights(weights: AdapterWeights, names: List[str]) -> List[float]
             f"give one adapter weight per adapter ({len(names)}: {names}), a single number, or a dict {{concept: weight}}"
         )
     for name, value in zip(names, values):
-        if not math.isfinite(value):
+        if not math.isfinite(value) or abs(value) > MAX_ADAPTER_WEIGHT:
             raise UsageError(
-                f"adapter weight of {name} is {value}: give a finite number (1.0 is the trained strength)"
+                f"adapter weight of {name} is {value:g}: give a finite number between -{MAX_ADAPTER_WEIGHT} and "
+                f"{MAX_ADAPTER_WEIGHT} (1.0 is the trained strength; far beyond it the images come out NaN)"
             )
     return values
 

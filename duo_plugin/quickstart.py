@@ -56,7 +56,7 @@ def choose_job(has_gpu: bool, extra: List[str], repo_root: Path = REPO_ROOT) -> 
         )
     return (
         "No CUDA GPU found: the real recipe needs one; running the CPU toy demo instead "
-        "(about 14 min on 2 cores, reports in runs/toy_world/<concept>/report.md)",
+        "(about 8 min on 2 idle cores, reports in runs/toy_world/<concept>/report.md)",
         command,
     )
 

@@ -10,7 +10,6 @@ a resume that trains with the settings its checkpoint was made with.
 """
 
 import atexit
-import errno
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ import socket
 import time
 from typing import List, Optional
 
-from .errors import TrainingHalted, UsageError
+from .errors import StorageError, TrainingHalted, UsageError, storage_error, storage_reason
+from .lora import LORA_WEIGHT_NAME
 
 
 logger = logging.getLogger(__name__)
@@ -150,10 +150,14 @@ def acquire_output_lock(output_dir: str) -> str:
                 f"since {holder.get('started')}): wait for it or choose another --output_dir; if that process is gone, "
                 f"delete {path}"
             ) from None
-        with os.fdopen(descriptor, "w") as f:
-            json.dump(
-                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f
-            )
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            with os.fdopen(descriptor, "w") as f:
+                json.dump(holder, f)
+        except OSError as error:
+            # An empty lock would block the next run for 10 s and then be taken over: leave none.
+            os.remove(path)
+            raise storage_error(error, "the run's lock", output_dir) or error from None
         atexit.register(release_output_lock, path)
         return path
     raise UsageError(
@@ -166,12 +170,16 @@ def acquire_output_lock(output_dir: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_settings(args, accelerator=None) -> dict:
+def run_settings(args, accelerator=None, pair_data: Optional[dict] = None) -> dict:
+    """What a checkpoint records of its run; ``pair_data`` is ``PairImages.fingerprint()``, checked on resume by
+    ``check_resume_pairs`` (not by the settings comparison, which names flags)."""
     settings = {name: getattr(args, name) for name in TRAINING_SETTINGS if hasattr(args, name)}
     settings["max_train_steps"] = args.max_train_steps
     if accelerator is not None:
         settings["num_processes"] = accelerator.num_processes
         settings["mixed_precision"] = accelerator.mixed_precision
+    if pair_data is not None:
+        settings["pair_data"] = pair_data
     return json.loads(json.dumps(settings))  # as stored: tuples become lists
 
 
@@ -246,18 +254,45 @@ def make_room_for_checkpoint(output_dir: str, total_limit: Optional[int], checkp
         shutil.rmtree(stale)
 
 
-def save_failed(error: OSError, staging: str, output_dir: str) -> TrainingHalted:
-    """Clean a failed save and say what is kept; the caller raises the result."""
+def checkpoint_bytes(adapter_parameters: int) -> int:
+    """The size of one checkpoint: the fp32 adapter, AdamW's two moments of it, and a little for the rest."""
+    return 3 * 4 * adapter_parameters + 64 * 1024
+
+
+def check_free_space(args, adapter_parameters) -> int:
+    """Refuse, before training, an ``--output_dir`` without room for the final adapter and the checkpoints kept on
+    the way (checked on every process: they share the folder). Returns the size of one checkpoint in bytes."""
+    count = (
+        sum(p.numel() for p in adapter_parameters) if not isinstance(adapter_parameters, int) else adapter_parameters
+    )
+    one = checkpoint_bytes(count)
+    saves = max(args.max_train_steps - 1, 0) // args.checkpointing_steps
+    kept = min(saves, args.checkpoints_total_limit) if args.checkpoints_total_limit else saves
+    needed = 4 * count + kept * one + 1024 * 1024
+    free = shutil.disk_usage(args.output_dir).free
+    if free < needed:
+        raise StorageError(
+            f"--output_dir {args.output_dir} has {free / 2**20:.1f} MiB free, the run needs about "
+            f"{needed / 2**20:.1f} MiB (the adapter and {kept} checkpoint(s) of {one / 2**20:.1f} MiB): free space, "
+            f"lower --checkpoints_total_limit or choose another --output_dir"
+        )
+    return one
+
+
+def save_failed(error: Exception, staging: str, output_dir: str, needed_bytes: Optional[int] = None) -> Exception:
+    """Clean a failed save and say what is kept; the caller raises the result (a StorageError when the disk or
+    its permissions were the cause, else a TrainingHalted)."""
     shutil.rmtree(staging, ignore_errors=True)
     kept = complete_checkpoints(output_dir)
-    reason = (
-        "the disk is full" if error.errno == errno.ENOSPC else f"{type(error).__name__}: {error.strerror or error}"
-    )
-    return TrainingHalted(
-        f"could not save {os.path.basename(staging)[: -len(STAGING_SUFFIX)]} ({reason}); "
+    reason = storage_reason(error)
+    line = (
+        f"could not save {os.path.basename(staging)[: -len(STAGING_SUFFIX)]} in {output_dir} "
+        f"({reason or type(error).__name__ + ': ' + str(getattr(error, 'strerror', None) or error)}"
+        f"{f'; one checkpoint needs about {needed_bytes / 2**20:.1f} MiB' if needed_bytes else ''}); "
         f"{'the previous checkpoints are intact, latest ' + kept[-1] if kept else 'no earlier checkpoint exists'}. "
         f"Free space (or set --checkpoints_total_limit) and resume with --resume_from_checkpoint latest"
     )
+    return StorageError(line) if reason else TrainingHalted(line)
 
 
 def finish_checkpoint(staging: str, final: str, step: int, settings: Optional[dict]):
@@ -336,6 +371,83 @@ def check_resume_checkpoint(path: str, args, accelerator=None):
         )
 
 
+# What a run writes at the top of --output_dir, and how to tell that an earlier DUO run wrote it.
+CARD_NAME = "README.md"
+CARD_MARK = "- concept-erasure"  # a tag every DUO model card carries in its metadata
+CONFIG_NAME = "duo_config.json"
+ADAPTER_NAME = LORA_WEIGHT_NAME
+
+
+def check_foreign_files(output_dir: str):
+    """Refuse an ``--output_dir`` holding a model card or an adapter that no DUO run wrote: the run would replace
+    them. Files of an earlier DUO run (the card's tag, ``duo_config.json`` beside the adapter) are replaced."""
+    card = os.path.join(output_dir, CARD_NAME)
+    foreign = []
+    if os.path.isfile(card):
+        with open(card, errors="replace") as f:
+            head = f.read(4096)
+        if not (head.startswith("---") and CARD_MARK in head.split("\n---", 1)[0]):
+            foreign.append(CARD_NAME)
+    if os.path.isfile(os.path.join(output_dir, ADAPTER_NAME)) and not os.path.isfile(
+        os.path.join(output_dir, CONFIG_NAME)
+    ):
+        foreign.append(ADAPTER_NAME)
+    if foreign:
+        raise UsageError(
+            f"--output_dir {output_dir} holds {' and '.join(foreign)} that no DUO run wrote, which this run would "
+            f"replace: choose an empty --output_dir (or move the file(s) away)"
+        )
+
+
+def pair_data_differences(stored: dict, current: dict, limit: int = 5) -> List[str]:
+    """What changed between the pair data a checkpoint was trained on and the data given now, pair by pair."""
+    if stored == current:
+        return []
+    before, now = len(stored.get("unsafe", [])), len(current["unsafe"])
+    changes = [] if before == now else [f"{before} pairs then, {now} now"]
+    old_prompts = stored.get("prompts", [None] * before)
+    for index, (old_unsafe, old_safe, old_prompt, unsafe, safe, prompt) in enumerate(
+        zip(
+            stored.get("unsafe", []),
+            stored.get("safe", []),
+            old_prompts,
+            *(current[k] for k in ("unsafe", "safe", "prompts")),
+        )
+    ):
+        if (old_unsafe, old_safe) == (safe, unsafe) and unsafe != safe:
+            what = ["unsafe and safe images swapped"]
+        else:
+            what = [
+                f"{name} image changed"
+                for name, a, b in (("unsafe", old_unsafe, unsafe), ("safe", old_safe, safe))
+                if a != b
+            ]
+        if old_prompt != prompt:
+            what.append("prompts changed")
+        if what:
+            changes.append(f"pair {index}: {', '.join(what)}")
+    hidden = len(changes) - limit
+    return changes[:limit] + ([f"{hidden} more"] if hidden > 0 else [])
+
+
+def check_resume_pairs(args, fingerprint: dict):
+    """Refuse to resume a checkpoint on pair data other than the data it was trained on (a swap of the safe and
+    unsafe folders would otherwise train the reversed preference without a word)."""
+    from .checkpoints import resolve_resume_path
+
+    path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    record = read_checkpoint_record(path) if path is not None else None
+    stored = (record or {}).get("settings", {}).get("pair_data")
+    if not isinstance(stored, dict):
+        return  # no checkpoint, or one that predates the record (the settings check warned already)
+    changes = pair_data_differences(stored, fingerprint)
+    if changes:
+        raise UsageError(
+            f"checkpoint {path} was trained on other pair data ({'; '.join(changes)}): resume with the data it was "
+            f"trained on, or start a new run in another --output_dir"
+        )
+
+
 def claim_output_dir(args, accelerator):
     """Lock ``--output_dir``, restore interrupted checkpoint saves, and check the checkpoint to resume from,
     before any weight is loaded. Every process gets the same refusal."""
@@ -344,6 +456,8 @@ def claim_output_dir(args, accelerator):
     refusal = None
     if accelerator.is_main_process:
         try:
+            if os.path.isdir(args.output_dir):
+                check_foreign_files(args.output_dir)
             acquire_output_lock(args.output_dir)
             recover_interrupted_saves(args.output_dir)
         except UsageError as error:

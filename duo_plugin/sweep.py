@@ -36,8 +36,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import saturation
 from .errors import UsageError, exit_on_usage_error
-from .files import atomic_write_text
+from .files import atomic_write_text, read_state_json
 from .presets import preservation_weight_for_beta
+from .validation import check_output_dir
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,6 +188,16 @@ def check_args(args):
     for weight in args.retain_weight or []:
         if not (weight >= 0 and math.isfinite(weight)):
             raise UsageError(f"--retain_weight {weight:g}: give a number ≥ 0")
+    for value in args.t_max or []:
+        if not 0 < value <= 1000:
+            raise UsageError(f"--t_max {value}: give timesteps between 1 and 1000")
+    for value in args.max_train_steps or []:
+        if value < 1:
+            raise UsageError(f"--max_train_steps {value}: give at least 1")
+    for seed in args.train_seeds:
+        if not 0 <= seed < 2**32:
+            raise UsageError(f"--train_seeds {seed}: give seeds between 0 and 2**32 - 1")
+    check_output_dir(args.output_dir)
     if not os.path.isfile(args.training_script):
         raise UsageError(
             f"--training_script {args.training_script} does not exist: give train_duo.py or train_duo_sd3.py"
@@ -423,8 +434,7 @@ def write_json(path: str, value):
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return read_state_json(path, "delete it (the sweep redoes what it recorded) or choose a new --output_dir")
 
 
 def check_sweep_settings(args):

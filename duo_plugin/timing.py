@@ -42,7 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import validation
 from .errors import UsageError, exit_on_usage_error
+from .files import atomic_write_json, read_state_json
 
 
 logger = logging.getLogger("duo_plugin.timing")
@@ -353,6 +355,23 @@ def add_timing_arguments(parser):
     return parser
 
 
+def check_args(args):
+    """Flags refused before any model is loaded."""
+
+    validation.check_finite_flags(args)
+    validation.check_resolution(args.resolution)
+    for name in ("max_prompts", "num_images_per_prompt", "max_renoise_images", "num_inference_steps", "batch_size"):
+        validation.at_least(args, name, 1)
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if args.window is not None and not 0 <= args.window[0] < args.window[1]:
+        raise UsageError(f"--window {args.window[0]} {args.window[1]}: give T_MIN T_MAX with 0 <= T_MIN < T_MAX")
+    if not 0 < args.open_level < 1:
+        raise UsageError(f"--open_level {args.open_level}: give a level between 0 and 1")
+    if args.output_dir is not None:
+        validation.check_output_dir(args.output_dir)
+
+
 def resolve_preset(args):
     from .concepts import read_prompt_list
     from .presets import UnknownConceptError, custom_preset, get_preset
@@ -653,8 +672,7 @@ def plot(result: dict, settings: dict, path: str, family: str, num_train_timeste
 def check_settings(output_dir: str, settings: dict, is_main: bool):
     path = os.path.join(output_dir, SETTINGS_NAME)
     if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
+        stored = read_state_json(path, "delete it (or the whole folder) to measure again, or use a new --output_dir")
         changed = sorted(k for k in settings if k in stored and stored[k] != settings[k])
         if changed:
             raise UsageError(
@@ -662,9 +680,7 @@ def check_settings(output_dir: str, settings: dict, is_main: bool):
             )
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, settings)
 
 
 def run_timing(args, state=None) -> dict:
@@ -679,6 +695,7 @@ def run_timing(args, state=None) -> dict:
     detector = make_detector(args.detector or preset.detector, args.detector_threshold, preset.name)
     args.guidance_scale = args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
     args.output_dir = args.output_dir or f"timing-{preset.name}"
+    validation.check_output_dir(args.output_dir)
     prompt_pairs = list(dict.fromkeys(preset.prompt_pairs))[: args.max_prompts]
     if not prompt_pairs:
         raise UsageError(f"the concept {preset.name!r} has no prompt pairs: pass --unsafe_prompt and --safe_prompt")
@@ -801,8 +818,7 @@ def run_timing(args, state=None) -> dict:
         ),
         "files": {"plot": PLOT_NAME, "images": "images/"},
     }
-    with open(os.path.join(args.output_dir, RESULT_NAME), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(os.path.join(args.output_dir, RESULT_NAME), result, indent=1)
     plot(result, settings, os.path.join(args.output_dir, PLOT_NAME), family, num_train_timesteps)
     logger.info(result["verdict"])
     return result
@@ -881,8 +897,7 @@ def resolve_t_max(args, preset, accelerator, default: int) -> int:
     if not os.path.isfile(result_path):
         run_timing(timing_args)
     accelerator.wait_for_everyone()
-    with open(result_path) as f:
-        result = json.load(f)
+    result = read_state_json(result_path, f"delete {cache} to measure again")
     args.t_max_measurement = {
         "file": os.path.abspath(result_path),
         "committed_timestep": result["committed_timestep"],
@@ -897,6 +912,7 @@ def resolve_t_max(args, preset, accelerator, default: int) -> int:
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    check_args(args)
     result = run_timing(args)
     if result is not None:
         print(result["verdict"])

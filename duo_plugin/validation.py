@@ -35,7 +35,7 @@ def check_finite_flags(args, names: Optional[Iterable[str]] = None):
             raise UsageError(f"--{name} {value} is not a finite number: give a real value")
 
 
-def _at_least(args, name: str, minimum: int, hint: str = ""):
+def at_least(args, name: str, minimum: int, hint: str = ""):
     value = getattr(args, name, None)
     if value is not None and value < minimum:
         raise UsageError(f"--{name} must be at least {minimum}, got {value}" + (f": {hint}" if hint else ""))
@@ -60,18 +60,18 @@ def check_training_args(args):
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.preservation_weight < 0:
         raise UsageError(f"--preservation_weight must be at least 0, got {args.preservation_weight}")
-    _at_least(args, "rank", 1, "LoRA rank, e.g. 32")
-    _at_least(args, "lora_alpha", 1)
-    _at_least(args, "max_train_steps", 1, "a run of 0 steps would save an adapter that changes nothing")
-    _at_least(args, "checkpointing_steps", 1, "save a checkpoint every N steps")
-    _at_least(args, "validation_steps", 1)
-    _at_least(args, "num_pairs", 1)
-    _at_least(args, "lr_warmup_steps", 0)
-    _at_least(args, "lr_num_cycles", 1)
-    _at_least(args, "t_min", 0)
+    at_least(args, "rank", 1, "LoRA rank, e.g. 32")
+    at_least(args, "lora_alpha", 1)
+    at_least(args, "max_train_steps", 1, "a run of 0 steps would save an adapter that changes nothing")
+    at_least(args, "checkpointing_steps", 1, "save a checkpoint every N steps")
+    at_least(args, "validation_steps", 1)
+    at_least(args, "num_pairs", 1)
+    at_least(args, "lr_warmup_steps", 0)
+    at_least(args, "lr_num_cycles", 1)
+    at_least(args, "t_min", 0)
     if not args.skip_validation:
-        _at_least(args, "num_validation_images", 1, "or pass --skip_validation")
-        _at_least(args, "num_validation_inference_steps", 1, "or pass --skip_validation")
+        at_least(args, "num_validation_images", 1, "or pass --skip_validation")
+        at_least(args, "num_validation_inference_steps", 1, "or pass --skip_validation")
     for name in ("seed", "generation_seed"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value < 2**32:
@@ -84,6 +84,22 @@ def check_training_args(args):
     if args.adam_epsilon <= 0 or args.adam_weight_decay < 0 or args.max_grad_norm <= 0:
         raise UsageError("--adam_epsilon and --max_grad_norm must be positive and --adam_weight_decay at least 0")
     check_output_dir(args.output_dir)
+
+
+def check_output_file(path: str, flag: str):
+    """Refuse an output file that is a folder, or whose folder is missing or not writable, before any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist: create it or give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable: choose a folder you can write to")
+
+
+def check_resolution(value: Optional[int], flag: str = "--resolution"):
+    if value is not None and (value < 8 or value % 8):
+        raise UsageError(f"{flag} {value} is not a positive multiple of 8: the VAE downsamples by 8 (512 for SD 1.x)")
 
 
 def check_output_dir(output_dir: str, flag: str = "--output_dir"):
@@ -163,6 +179,17 @@ def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
                 )
             if not os.path.isfile(os.path.join(folder, value)):
                 raise UsageError(f"{path}, line {line_number}: {key} {value!r} does not exist in {folder}")
+            if not is_inside(os.path.join(folder, value), folder):
+                raise UsageError(
+                    f"{path}, line {line_number}: {key} {value!r} is a link that leads out of {folder}: copy the file "
+                    f"into the pair folder instead"
+                )
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path``, links resolved, lies inside ``folder`` (links resolved too)."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
 
 
 def to_rgb(image):
@@ -173,11 +200,13 @@ def to_rgb(image):
         array = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16"):
             scaled = array / 65535.0
-        elif image.mode == "I":
-            # 32-bit integers: PNG stores 16-bit grayscale in this mode too.
-            scaled = array / (65535.0 if array.max(initial=0) <= 65535 else float(2**32 - 1))
         else:
-            scaled = array  # float images are in [0, 1]
+            # 32-bit integers and floats carry no range: PNG stores 16-bit grayscale as "I", TIFF writers store
+            # 8-bit values as 32-bit, float images come in [0, 1] or [0, 255]. The smallest range that holds the
+            # values is taken (the old fixed ranges turned such images black or white, and every pair "identical").
+            peak = array.max(initial=0)
+            limits = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+            scaled = array / next((limit for limit in limits if peak <= limit), max(float(peak), 1.0))
         gray = (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -227,6 +256,29 @@ def check_pair_contents(
 
 LORA_DOWN_SUFFIXES = (".lora.down.weight", ".lora_A.weight")
 LORA_UP_SUFFIXES = (".lora.up.weight", ".lora_B.weight")
+
+
+def read_tensor_file(path: str, source: str):
+    """The tensors of a ``.safetensors`` file (a dict), a ``.npy`` array or a ``.pt``/``.bin`` file (whatever tensors
+    it holds), read without running code: pickles that are not plain tensors, object arrays and garbage are refused
+    with one line naming the file, never loaded."""
+    import torch
+
+    kind = os.path.splitext(path)[1].lower()
+    try:
+        if kind == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        if kind == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # each reader raises its own types: UnpicklingError, ValueError, SafetensorError
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else "unreadable"
+        raise UsageError(
+            f"refused {source} {path}: not a plain {kind or 'tensor'} file of tensors ({type(error).__name__}: "
+            f"{first}); nothing in it was run: give a file of weights only (safetensors is safest)"
+        ) from None
 
 
 def read_lora_file(path: str, source: str) -> Dict[str, "torch.Tensor"]:

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from duo_plugin import checkpoints, lora, outputs, run_guard, training, validation
-from duo_plugin.errors import TrainingHalted, UsageError
+from duo_plugin.errors import StorageError, TrainingHalted, UsageError
 
 
 def load_script(name):
@@ -459,7 +459,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoints(tmp_path):
 
     saved_checkpoint(tmp_path, 1, b"one")
     full = FolderAccelerator(fail_after=1, error=OSError(errno.ENOSPC, "No space left on device"))
-    with pytest.raises(TrainingHalted) as info:
+    with pytest.raises(StorageError) as info:
         checkpoints.save_checkpoint(full, str(tmp_path), 2, None, {})
     message = str(info.value)
     assert "could not save checkpoint-2" in message and "disk is full" in message
@@ -485,7 +485,7 @@ def test_rotation_frees_space_before_the_save(tmp_path):
 
 
 def test_disk_full_through_the_cli(train_duo, tiny_sd, tiny_pairs, tmp_path, capsys, monkeypatch):
-    """As the user sees it: one line, exit 1 (a fault, not a usage error), checkpoint-1 intact and resumable."""
+    """As the user sees it: one line, exit 2 (the disk, as issue 29 asks), checkpoint-1 intact and resumable."""
     import errno
 
     from accelerate import Accelerator
@@ -505,7 +505,7 @@ def test_disk_full_through_the_cli(train_duo, tiny_sd, tiny_pairs, tmp_path, cap
         code,
         err,
         ["could not save checkpoint-2", "disk is full", "checkpoint-1", "--resume_from_checkpoint latest"],
-        exit_code=1,
+        exit_code=2,
     )
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-1"]
     assert run_guard.is_complete(str(output_dir / "checkpoint-1"))

@@ -436,7 +436,7 @@ def test_demo_time_claims_agree():
         claims[path] = re.findall(r"(?:about )?\d+(?:\.\d+)? min(?:utes)? on 2 \w* ?(?:CPU )?cores", text)
     found = {claim for found in claims.values() for claim in found}
     # The toy model's training (train_tiny_model.py, 8.8 min) is the only other timed command.
-    assert found - {"8.8 min on 2 idle cores"} == {"about 14 min on 2 cores"}, claims
+    assert found - {"8.8 min on 2 idle cores"} == {"about 8 min on 2 idle cores"}, claims
     assert all(claims.values()), claims  # every place that runs the demo says how long it takes
 
 

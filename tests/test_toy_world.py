@@ -559,7 +559,6 @@ def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
     # Through the README's first command (its CPU side), with the demo's --quick evaluation: CI runs it once, here.
     command = [sys.executable, "-m", "duo_plugin.quickstart", "--cpu", "--quick", "--output_dir", str(out)]
-    command.append("--ablations")  # every row of the demo, ESD-x and the paper's ablations too
     result = run_process(command, env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
     assert "running the CPU toy demo" in result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -569,10 +568,8 @@ def demo_report(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
     out, reports = demo_report
-    demo = load_example("run_demo")
     for name, report in reports.items():
-        concept = demo.CONCEPTS[name]
-        assert list(report["table"]) == ["base", *concept.rows, "esd"]
+        assert list(report["table"]) == ["base", "duo", "duo_concept", "duo_lambda0"]
         for path in (
             "report.md",
             "report.png",
@@ -581,7 +578,8 @@ def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
             "eval/results.json",
             "pairs/metadata.jsonl",
             "duo/duo_config.json",
-            "esd/unet.safetensors",
+            "duo_concept/duo_config.json",
+            "retain/duo_retain_config.json",
         ):
             assert (out / name / path).is_file(), (name, path)
         # The real pair generator verified every pair with the world's exact detector.
@@ -594,8 +592,8 @@ def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
             for prompt_set, dsr in row["dsr"].items():
                 assert dsr == results["metrics"][model]["dsr"][prompt_set]["dsr"]
         assert report["timing"]["recommended_t_max"] % 50 == 0
-    tauto = json.loads((out / "spots" / "duo_tauto" / "duo_config.json").read_text())
-    assert tauto["t_max"] == reports["spots"]["timing"]["recommended_t_max"] and tauto["t_max_measurement"]["verdict"]
+        concept_run = json.loads((out / name / "duo_concept" / "duo_config.json").read_text())
+        assert concept_run["objective"] == "concept" and concept_run["retain"]
 
 
 @pytest.mark.slow
@@ -616,6 +614,22 @@ def test_demo_main_effects(demo_report):
         red["duo_lambda0"]["dsr"]["colourless"] >= 0.9
         and red["duo_lambda0"]["dsr"]["colourless"] > red["base"]["dsr"]["colourless"]
     )
+
+
+def test_only_ablations_add_concept_inversion_and_the_timing_curves_the_default_demo_does_not_read(tmp_path):
+    demo = load_example("run_demo")
+    for flags, ablations in (([], False), (["--ablations"], True)):
+        args = demo.parse_args(["--output_dir", str(tmp_path), *flags])
+        stages, models, _, _ = demo.concept_stages(args, demo.CONCEPTS["spots"], str(tmp_path / "spots"))
+        commands = {name: command for name, _, command in stages}
+        attacks = commands["evaluate"][
+            commands["evaluate"].index("--attack") : commands["evaluate"].index("--prompts")
+        ]
+        assert ("concept_inversion" in attacks) == ablations
+        assert ("--inversion_images" in commands["evaluate"]) == ablations
+        # The --t_max auto row (an ablation) reads only the empty-prompt curve; the others draw the plot.
+        assert ("--curves" not in commands["timing"]) == ablations
+        assert ("esd" in models) == ablations and ("duo_tauto" in models) == ablations
 
 
 def test_demo_default_rows_are_the_recipe_the_concept_objective_and_lambda_zero(tmp_path):
