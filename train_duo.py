@@ -103,6 +103,7 @@ def log_validation(
 def main(argv=None):
     args = parse_args(argv)
     arguments.check_environment_args(args)
+    memory.check_cpu_run(args)  # before any download
     preset = arguments.resolve_training_args(args, family="sd")
     validation.check_training_args(args)
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)

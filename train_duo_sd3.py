@@ -172,6 +172,7 @@ def main(argv=None):
         args.preservation_weight is not None or "preservation_weight" in arguments.OBJECTIVES[args.objective]
     )
     arguments.check_environment_args(args)
+    memory.check_cpu_run(args)  # before any download
     preset = arguments.resolve_training_args(args, family="sd3")
     sd3.check_sd3_args(args)
     validation.check_training_args(args)

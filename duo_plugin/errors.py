@@ -9,6 +9,7 @@ from typing import Optional
 USAGE_EXIT_CODE = 2
 HALTED_EXIT_CODE = 1
 NETWORK_EXIT_CODE = 3
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 class DUOError(Exception):
@@ -78,7 +79,7 @@ def storage_error(
 
 def exit_on_usage_error(main):
     """Run ``main``; turn a DUOError, or a write that failed for lack of space or permission, into
-    ``error: <message>`` on stderr and a non-zero exit."""
+    ``error: <message>`` on stderr and a non-zero exit; Ctrl-C into one line and exit code 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -99,5 +100,14 @@ def exit_on_usage_error(main):
             tqdm.write(f"error: {error}", file=sys.stderr)
             sys.stderr.flush()
             sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            from tqdm import tqdm
+
+            tqdm.write(
+                "interrupted: rerun the same command to resume (finished steps, checkpoints and images are kept)",
+                file=sys.stderr,
+            )
+            sys.stderr.flush()
+            sys.exit(INTERRUPTED_EXIT_CODE)
 
     return wrapper

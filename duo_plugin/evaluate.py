@@ -1211,6 +1211,9 @@ def save_grids(store: ImageStore, manifest: Dict[tuple, List[dict]], models: Lis
     return saved
 
 
+LPIPS_TRUNK_NAMES = {"random": "randomly initialised AlexNet", "imagenet": "ImageNet AlexNet"}
+
+
 def plot_dsr_vs_prior_preservation(results: dict, path: str) -> bool:
     """The paper's trade-off plot: defense success rate (y) against prior preservation (x)."""
     from .figures import pyplot, tradeoff_figure
@@ -1224,8 +1227,11 @@ def plot_dsr_vs_prior_preservation(results: dict, path: str) -> bool:
             points.append((model, attack, preservation, dsr["dsr"]))
     if not points:
         return False
+    trunk = results["settings"].get("lpips_trunk")
     figure, *_ = tradeoff_figure(
-        points, f"{results['settings']['concept']}: defense success rate vs prior preservation"
+        points,
+        f"{results['settings']['concept']}: defense success rate vs prior preservation",
+        f"prior preservation (1 − LPIPS{', ' + LPIPS_TRUNK_NAMES.get(trunk, str(trunk)) + ' trunk' if trunk else ''})",
     )
     figure.savefig(path)
     pyplot().close(figure)

@@ -1,7 +1,7 @@
 """Where the training scripts depart from the official DUO code, the flags that restore it, and the record
 of a run's choices in ``duo_config.json``.
 
-The README's "Differences from the official code" table lists the same departures. Defaults follow the
+docs/official-differences.md lists the same departures. Defaults follow the
 official runs unless a documented reason says otherwise:
 
 * ``--pair_timesteps``: ``shared`` (default; one timestep per pair) or ``independent`` (one per image, the

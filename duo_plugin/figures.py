@@ -113,7 +113,9 @@ def spread_labels(values: Sequence[float], min_gap: float, upper: float = np.inf
     return placed
 
 
-def tradeoff_figure(points: Sequence[Tuple[str, str, float, float]], title: str):
+def tradeoff_figure(
+    points: Sequence[Tuple[str, str, float, float]], title: str, xlabel: str = "prior preservation (1 − LPIPS)"
+):
     """Defense success rate (y) against prior preservation (x): colour = model, marker = attack.
 
     ``points`` are ``(model, attack, x, y)``. One label per model, in its colour, to the right of the axes
@@ -128,10 +130,16 @@ def tradeoff_figure(points: Sequence[Tuple[str, str, float, float]], title: str)
     markers = {a: ("o", "^", "s", "D", "v", "P")[i % 6] for i, a in enumerate(attacks)}
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
     figure, axes = plt.subplots(figsize=(8.5, 4.6), dpi=120)
-    for model, attack, x, y in points:
-        axes.scatter([x], [y], marker=markers[attack], color=colours[model], s=60, alpha=0.85, zorder=3)
     xs = [p[2] for p in points]
     span = max(max(xs) - min(xs), 0.05)
+    # Models with equal preservation (often several at 1.00) would hide each other: each model's points are
+    # nudged sideways by a fixed share of the axis, said under the axis.
+    nudge = 0.012 * span
+    offsets = {m: (i - (len(models) - 1) / 2) * nudge for i, m in enumerate(models)}
+    for model, attack, x, y in points:
+        axes.scatter(
+            [x + offsets[model]], [y], marker=markers[attack], color=colours[model], s=60, alpha=0.85, zorder=3
+        )
     # Prior preservation is at most 1: no empty room past it.
     axes.set_xlim(min(xs) - 0.1 * span, min(max(xs) + 0.1 * span, 1.0 + 0.02 * span))
     axes.set_ylim(-0.05, 1.05)
@@ -163,7 +171,12 @@ def tradeoff_figure(points: Sequence[Tuple[str, str, float, float]], title: str)
         ncol=min(len(attacks), 4),
         frameon=False,
     )
-    axes.set_xlabel("prior preservation (1 − LPIPS)")
+    axes.set_xlabel(
+        f"{xlabel}; models nudged apart by up to ±{max(abs(o) for o in offsets.values()):.3f} to stay visible"
+        if len(models) > 1
+        else xlabel,
+        fontsize=8,
+    )
     axes.set_ylabel("defense success rate")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)

@@ -8,7 +8,7 @@ import contextlib
 import glob
 import json
 import os
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 
 @contextlib.contextmanager
@@ -53,6 +53,22 @@ def read_state_json(path: str, fix: str, kind: type = dict):
         raise UsageError(
             f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} the product writes: {fix}"
         )
+    return value
+
+
+def portable_paths(value, roots: Dict[str, str]):
+    """``value`` (anything JSON holds) with each absolute path under one of ``roots`` rewritten as ``label/relative``
+    (``label`` empty: plain relative): a report committed or shared then names no folder of the machine it ran on."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item, roots) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(item, roots) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        for root, label in sorted(roots.items(), key=lambda item: -len(item[0])):
+            root = os.path.abspath(root)
+            if value == root or value.startswith(root + os.sep):
+                relative = os.path.relpath(value, root)
+                return relative if not label else label if relative == "." else f"{label}/{relative}"
     return value
 
 

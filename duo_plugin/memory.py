@@ -852,6 +852,38 @@ def add_memory_check_arguments(parser: argparse.ArgumentParser):
         action="store_true",
         help="do not estimate the run's peak GPU memory at start-up (duo_plugin.memory) against the GPU's free memory",
     )
+    parser.add_argument(
+        "--allow_cpu",
+        action="store_true",
+        help="train a full-size base model without a CUDA GPU (days, not hours); without it such a run is refused "
+        "before any download",
+    )
+
+
+# A base whose denoiser weights are this large is a real model, not a test or toy pipeline.
+FULL_SIZE_DENOISER_BYTES = 200 * 2**20
+
+
+def check_cpu_run(args):
+    """Without CUDA, refuse a full-size base (a Hub id, or a local folder whose denoiser weighs over 200 MiB) before
+    anything is downloaded, unless ``--allow_cpu``: the run would fetch gigabytes and then train for days."""
+    if torch.cuda.is_available() or getattr(args, "allow_cpu", False):
+        return
+    path = args.pretrained_model_name_or_path
+    if os.path.isdir(path):
+        weights = [
+            os.path.join(root, name)
+            for sub in ("unet", "transformer")
+            for root, _, names in os.walk(os.path.join(path, sub))
+            for name in names
+            if name.endswith((".safetensors", ".bin"))
+        ]
+        if sum(os.path.getsize(w) for w in weights) < FULL_SIZE_DENOISER_BYTES:
+            return
+    raise UsageError(
+        f"no CUDA GPU: training {path} on a CPU would take days{'' if os.path.isdir(path) else ' (after a download of several GB)'}; "
+        f"try the CPU toy demo (python -m duo_plugin.quickstart), run on a GPU machine, or pass --allow_cpu if you mean it"
+    )
 
 
 def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings:

@@ -16,6 +16,14 @@ SYMLINKS_WARNING = r"The `local_dir_use_symlinks` argument is deprecated"
 # for 8-bit Adam (--use_8bit_adam), which does not need that kernel.
 BITSANDBYTES_LOGGER = "bitsandbytes.backends.cpu.ops"
 BITSANDBYTES_KERNEL_WARNING = "kernels-community"
+# lpips builds its trunk with torchvision's old ``pretrained=`` argument; torchvision warns twice per metric
+# network. The evaluation's LPIPS is unchanged by it.
+TORCHVISION_PRETRAINED_WARNINGS = (
+    r"The parameter 'pretrained' is deprecated",
+    r"Arguments other than a weight enum or `None` for 'weights' are deprecated",
+)
+# diffusers' DPM-Solver scheduler converts a tensor with ``np.array(copy=False)``, which numpy 2 flags.
+NUMPY_COPY_WARNING = r"__array__ implementation doesn't accept a copy keyword"
 # DUO adapters adapt the denoiser only: diffusers' "no text-encoder keys" notice is expected for them.
 LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline")
 NO_TEXT_ENCODER_KEYS = "No LoRA keys associated to"
@@ -39,6 +47,9 @@ _BITSANDBYTES_FILTER = DropMessages(BITSANDBYTES_KERNEL_WARNING)
 def silence_library_noise():
     """Install the filters that apply to every command (idempotent)."""
     warnings.filterwarnings("ignore", message=SYMLINKS_WARNING, category=UserWarning)
+    for message in TORCHVISION_PRETRAINED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    warnings.filterwarnings("ignore", message=NUMPY_COPY_WARNING, category=DeprecationWarning)
     logger = logging.getLogger(BITSANDBYTES_LOGGER)
     if _BITSANDBYTES_FILTER not in logger.filters:
         logger.addFilter(_BITSANDBYTES_FILTER)

@@ -294,8 +294,9 @@ SATURATED_LOSS = 0.01
 # E[Δ⁻] = ‖δ‖², so Δ⁻ / e_ref(x⁻) = (‖δ‖ / ‖r‖)²; both scale the clean-image estimate x̂₀ by the same
 # factor √(1 − ᾱ)/√ᾱ, so under 100% means the adapter moves its estimate of the unsafe image by less than
 # the base model's own estimation error at that step, a change the sampler's later steps can undo. A
-# first guess of 1% (a tenth of that error) was refuted by the toy sweep (README, "Choosing β"): runs
-# whose samples kept the concept ended at +33% to +170%, every run that removed it at ≥ +450%.
+# first guess of 1% (a tenth of that error) was refuted by the toy sweep (docs/choosing-beta.md), and the
+# 3-seed curve shows no threshold separates the runs that removed the concept from those that kept it
+# (removed at +146%, kept at +264%): the warning states the saturation, the samples give the verdict.
 SATURATED_MAJORITY = 0.5
 MIN_UNSAFE_ERROR_CHANGE = 1.0
 

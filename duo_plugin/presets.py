@@ -204,8 +204,8 @@ def get_preset(name: str) -> ConceptPreset:
         return PRESETS[name]
     except KeyError:
         raise UnknownConceptError(
-            f"unknown concept {name!r}: choose one of {', '.join(PRESETS)}, or 'custom' with "
-            f"--unsafe_prompt and --safe_prompt"
+            f"unknown concept {name!r}: choose a preset ({', '.join(PRESETS)}), or name your own concept "
+            f"(any name) and describe it with --unsafe_prompt and --safe_prompt"
         ) from None
 
 

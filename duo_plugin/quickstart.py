@@ -51,14 +51,26 @@ def choose_job(has_gpu: bool, extra: List[str], repo_root: Path = REPO_ROOT) -> 
     command = [sys.executable, str(path), *flags, *extra]
     if has_gpu:
         return (
-            "CUDA GPU found: training DUO on Stable Diffusion 1.4 (the nudity recipe; adapter in duo-nudity/)",
+            "CUDA GPU found: training DUO on Stable Diffusion 1.4 (the nudity recipe; adapter in "
+            f"{flag_value(extra, '--output_dir', 'duo-nudity')}/)",
             command,
         )
     return (
         "No CUDA GPU found: the real recipe needs one; running the CPU toy demo instead "
-        "(about 8 min on 2 idle cores, reports in runs/toy_world/<concept>/report.md)",
+        f"(about 8 min on 2 idle cores, reports in {flag_value(extra, '--output_dir', 'runs/toy_world')}/<concept>/report.md)",
         command,
     )
+
+
+def flag_value(argv: List[str], flag: str, default: str) -> str:
+    """The value ``argv`` gives ``flag`` (``--flag V`` or ``--flag=V``; the last one wins, as argparse reads it)."""
+    value = default
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def low_disk_warning(required_gb: float = GPU_RECIPE_DISK_GB) -> Optional[str]:

@@ -44,8 +44,10 @@ def warning_text(summary: Dict[str, float]) -> str:
         f"the preference loss has saturated: {summary['saturated_share']:.0%} of the pairs have a loss below "
         f"{objective.SATURATED_LOSS} (mean margin β·(Δ⁻ − Δ⁺) = {summary['margin']:.2f}) while the unsafe images' "
         f"denoising error has changed by {summary['unsafe_error_change']:+.2%} of the reference's (under "
-        f"{objective.MIN_UNSAFE_ERROR_CHANGE:.0%}): the adapter has stopped learning before samples are likely to change. "
-        f"Try a smaller --beta_dpo (e.g. a tenth), or compare settings with python -m duo_plugin.sweep"
+        f"{objective.MIN_UNSAFE_ERROR_CHANGE:.0%}): little gradient is left, so the adapter changes slowly from here. "
+        f"This does not say whether the concept is gone (in the toy world runs removed it at +146% and kept it at "
+        f"+264%): look at the validation samples, and if the concept is still there try a smaller --beta_dpo (e.g. a "
+        f"tenth) or compare settings with python -m duo_plugin.sweep"
     )
 
 

@@ -2,9 +2,11 @@
 the console shows, the diffusers entry, and the small things (--help, file modes, entry points).
 """
 
+import glob
 import logging
 import os
 import re
+import shlex
 import stat
 import sys
 import warnings
@@ -379,7 +381,8 @@ def test_refusal_through_accelerate_launch_is_as_documented():
     assert code == 1 and any(line.startswith(error) for line in lines) and "CalledProcessError" in lines[-1]
     code, lines = last_line(launch[:3] + ["--quiet"] + launch[3:] + script)
     assert code == 1 and lines[-1].startswith(error)
-    text = " ".join(readme_text().split())
+    with open(os.path.join(REPO_ROOT, "docs", "training.md")) as f:
+        text = " ".join(f.read().split())
     assert "`accelerate launch --quiet`" in text and "`CalledProcessError` traceback" in text
 
 
@@ -414,9 +417,12 @@ def test_demo_stage_prints_its_log_first_and_shows_a_named_bar(tmp_path, capsys)
     out = captured.out.splitlines()
     assert (
         out[0].startswith("+ ")
-        and out[1] == f"  duo_lambda0: log in {log_path}"
+        and out[1] == f"  duo_lambda0: log in {log_path} (its first line is the whole command, to copy)"
         and out[2].startswith("  duo_lambda0: done in")
     )
+    with open(log_path) as f:
+        assert shlex.split(f.readline()[2:]) == [sys.executable, "-c", child]
+    assert max(map(len, out)) < 200  # whole commands go to the log, not the console
     assert "duo_lambda0 (Steps)" in captured.err and "12/12" in captured.err
     with pytest.raises(UsageError, match="failed \\(exit 3\\)"):
         run_demo.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "bad.log"))
@@ -508,3 +514,128 @@ def test_tradeoff_plot_keeps_legend_off_the_data_and_labels_apart():
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b)
     pyplot().close(figure)
+
+
+def test_tradeoff_plot_keeps_models_at_the_same_point_apart():
+    from duo_plugin.figures import pyplot, tradeoff_figure
+
+    points = [(model, "named", 1.0, 0.2) for model in ("base", "duo", "duo_concept", "duo_lambda0")]
+    figure, axes, _, _ = tradeoff_figure(points, "spots", "prior preservation (1 − LPIPS, ImageNet AlexNet trunk)")
+    xs = [float(collection.get_offsets()[0][0]) for collection in axes.collections]
+    assert len(set(xs)) == 4 and max(xs) - min(xs) < 0.05  # apart, and by less than a grid step
+    assert "ImageNet AlexNet trunk" in axes.get_xlabel() and "nudged apart" in axes.get_xlabel()
+    pyplot().close(figure)
+
+
+# --- Issue 28: what a newcomer meets in the first hour ---------------------------------------------
+
+
+@pytest.mark.parametrize("extra, folder", [([], "runs/toy_world"), (["--output_dir", "elsewhere"], "elsewhere")])
+def test_quickstart_names_where_the_reports_will_be(monkeypatch, capsys, extra, folder):
+    monkeypatch.setattr(quickstart, "has_cuda_gpu", lambda: False)
+    assert quickstart.main(["--dry_run", *extra]) == 0
+    assert f"reports in {folder}/<concept>/report.md" in capsys.readouterr().out
+
+
+def test_a_full_size_base_without_a_gpu_stops_before_any_download(monkeypatch, tmp_path, tiny_sd):
+    import types
+
+    from duo_plugin import memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hub = types.SimpleNamespace(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4", allow_cpu=False)
+    with pytest.raises(
+        UsageError, match="no CUDA GPU: training CompVis/stable-diffusion-v1-4 on a CPU would take days"
+    ):
+        memory.check_cpu_run(hub)
+    memory.check_cpu_run(types.SimpleNamespace(**{**vars(hub), "allow_cpu": True}))
+    memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), allow_cpu=False))
+    big = tmp_path / "big"
+    (big / "unet").mkdir(parents=True)
+    with open(big / "unet" / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.truncate(memory.FULL_SIZE_DENOISER_BYTES)  # sparse: its size, not its bytes
+    with pytest.raises(UsageError, match="--allow_cpu if you mean it"):
+        memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path=str(big), allow_cpu=False))
+
+
+def test_the_training_script_refuses_a_hub_base_without_a_gpu_in_one_line(monkeypatch, capsys):
+    import train_duo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        train_duo.main(["--concept", "nudity"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "no CUDA GPU" in err
+
+
+def test_ctrl_c_anywhere_is_one_line_and_exit_130(capsys):
+    from duo_plugin.errors import exit_on_usage_error
+
+    @exit_on_usage_error
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 130 and err == (
+        "interrupted: rerun the same command to resume (finished steps, checkpoints and images are kept)"
+    )
+
+
+def test_an_unknown_concept_says_any_name_works_with_prompts():
+    from duo_plugin.presets import UnknownConceptError, get_preset
+
+    with pytest.raises(
+        UnknownConceptError, match="name your own concept .any name. and describe it with --unsafe_prompt"
+    ):
+        get_preset("nudty")
+
+
+def test_the_demo_estimates_its_time_from_the_cores_and_the_load():
+    run_demo = load_run_demo()
+    assert run_demo.time_estimate(16, 16, 2, load=0.0).startswith(
+        "16 stage(s) to run: about 8 min on this machine's 2"
+    )
+    assert "about 15 min" in run_demo.time_estimate(16, 16, 1, load=0.0)
+    assert "about 4 min" in run_demo.time_estimate(8, 16, 4, load=0.0)
+    assert "busy (load 6.0): expect longer" in run_demo.time_estimate(16, 16, 2, load=6.0)
+
+
+def test_the_demo_console_summarises_commands_and_its_report_names_no_machine_path(tmp_path):
+    from duo_plugin.files import portable_paths
+
+    run_demo = load_run_demo()
+    command = [sys.executable, "-m", "duo_plugin.evaluate", "--base", "m", "--seed", "0"]
+    assert run_demo.command_summary(command) == "python -m duo_plugin.evaluate … (2 flags)"
+    roots = {REPO_ROOT: "", str(tmp_path): "<output_dir>"}
+    report = {"model": os.path.join(REPO_ROOT, "examples", "toy_world", "model"), "out": [str(tmp_path / "spots")]}
+    assert portable_paths(report, roots) == {"model": "examples/toy_world/model", "out": ["<output_dir>/spots"]}
+    assert portable_paths({"other": "/elsewhere/x", "n": 3}, roots) == {"other": "/elsewhere/x", "n": 3}
+
+
+def documentation_files():
+    return [README] + sorted(glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")))
+
+
+def test_readme_is_short_and_its_documentation_table_lists_every_page():
+    text = readme_text()
+    assert len(text.splitlines()) <= 200
+    listed = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", text.split("## Documentation", 1)[1]))
+    assert listed == {os.path.relpath(p, REPO_ROOT) for p in documentation_files()[1:]}
+
+
+@pytest.mark.parametrize("path", documentation_files(), ids=lambda p: os.path.relpath(p, REPO_ROOT))
+def test_documentation_links_and_paths_are_alive(path):
+    """Every relative link, and every repository path named in backticks, exists."""
+    with open(path) as f:
+        text = f.read()
+    folder = os.path.dirname(path)
+    missing = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if not re.match(r"^[a-z]+://", target) and not os.path.exists(os.path.join(folder, target)):
+            missing.append(target)
+    for name in re.findall(r"`((?:examples|duo_plugin|tests|benchmarks|docs)/[\w./-]+)`", text):
+        if "<" not in name and "*" not in name and not os.path.exists(os.path.join(REPO_ROOT, name.rstrip("/"))):
+            missing.append(name)
+    assert not missing, missing

@@ -5,8 +5,8 @@ Two concepts of the world, each with its exact detector:
 * **spots** (the headline): a fine mark decided at intermediate noise, as nudity's detail is in SD1.4;
 * **red**: a colour decided at the first, noisiest sampling steps; the documented limit of the recipe.
 
-Every step is the product's own command line, run as a user would run it (each command is printed
-before it runs, so it can be copied). Per concept:
+Every step is the product's own command line, run as a user would run it (each command is written as
+the first line of its stage's log before it runs, so it can be copied). Per concept:
 
 1. pairs: ``python -m duo_plugin.pairs`` makes images of the concept and their SDEdit twins without
    it, verified by the world's exact detector;
@@ -54,6 +54,7 @@ sys.path.insert(0, REPO_ROOT)
 import toy_world  # noqa: E402  (this folder, first on sys.path when the script runs)
 
 from duo_plugin.errors import UsageError, exit_on_usage_error  # noqa: E402
+from duo_plugin.files import portable_paths  # noqa: E402
 
 
 TOY_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -292,6 +293,19 @@ def follow_progress(
         time.sleep(poll_seconds)
 
 
+def command_summary(command: List[str]) -> str:
+    """The program part of a command (interpreter, module or script) and how many flags follow, for the console;
+    whole evaluation commands run to 2,000 characters."""
+    program = []
+    for index, token in enumerate(command):
+        if token.startswith("--"):
+            break
+        program.append("python" if index == 0 and os.path.basename(token).startswith("python") else token)
+    program = [os.path.relpath(t, REPO_ROOT) if os.path.isabs(t) and t.startswith(REPO_ROOT) else t for t in program]
+    flags = sum(token.startswith("--") for token in command)
+    return shlex.join(program) + (f" … ({flags} flags)" if flags else "")
+
+
 def run(
     command: List[str],
     log_path: str,
@@ -304,14 +318,16 @@ def run(
     bars go to the log); stop the demo with the log's tail on failure. ``threads`` caps the command's
     CPU threads (stages that run side by side share the cores)."""
     stage = name or os.path.splitext(os.path.basename(log_path))[0]
-    print("+ " + shlex.join(command), flush=True)
-    print(f"  {stage}: log in {log_path}", flush=True)
+    print(f"+ {command_summary(command)}", flush=True)
+    print(f"  {stage}: log in {log_path} (its first line is the whole command, to copy)", flush=True)
     started = time.time()
     # This folder on the path: the commands load the world's detectors as toy_world:Factory.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TOY_DIR, os.environ.get("PYTHONPATH", "")])}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log:
+        log.write("+ " + shlex.join(command) + "\n")
+        log.flush()
         # Its own process group: `accelerate launch` and the script it starts end together.
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
@@ -732,7 +748,7 @@ def markdown_table(table: Dict[str, dict], concept: Concept, labels: Dict[str, s
     header = [
         "model",
         *[f"DSR {s}" for s in sets],
-        "prior preservation (1 − LPIPS)",
+        "prior preservation (1 − LPIPS, random AlexNet trunk)",
         "colour as asked",
         "mark as asked",
         "same as base",
@@ -899,6 +915,8 @@ def write_report(
             "timing": "timing.png",
         },
     }
+    # Paths as the repository and the output folder name them, not as this machine does.
+    report = portable_paths(report, {REPO_ROOT: "", os.path.abspath(args.output_dir): "<output_dir>"})
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"Found: {report['found']}", "", markdown_table(table, concept, labels), ""]
@@ -1013,7 +1031,7 @@ def evaluation_flags(args, concept: Concept, prompts: Dict[str, str], pairs_dir:
         "64",
         "--ring_a_bell_generations",
         str(args.ring_a_bell_generations),
-        # The demo's fast attack settings; the originals' defaults are measured in README.md, "Attacks".
+        # The demo's fast attack settings; the originals' defaults are measured in docs/evaluation.md.
         "--ring_a_bell_search",
         "tournament",
         "--ring_a_bell_vocabulary",
@@ -1259,6 +1277,22 @@ def concept_stages(args, concept: Concept, out: str) -> List[tuple]:
     return stages, models, eval_dir, timing_dir
 
 
+# The default demo (every stage to run, both concepts) measured on this project's 2 idle cores; see README.
+MEASURED_MINUTES, MEASURED_CORES = 7.7, 2
+
+
+def time_estimate(stages_to_run: int, stages_in_full: int, cores: int, load: Optional[float] = None) -> str:
+    """What the demo expects to take here, scaled from the measured run by the stages left and the cores (two
+    stages run side by side; a third core adds little), and a warning when the machine is busy."""
+    minutes = MEASURED_MINUTES * stages_to_run / max(stages_in_full, 1) * MEASURED_CORES / min(max(cores, 1), 2)
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else load
+    busy = f"; this machine is busy (load {load:.1f}): expect longer" if load is not None and load > 0.5 else ""
+    return (
+        f"{stages_to_run} stage(s) to run: about {max(minutes, 1):.0f} min on this machine's {cores} core(s) "
+        f"(measured {MEASURED_MINUTES:g} min on {MEASURED_CORES} idle cores{busy})"
+    )
+
+
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
@@ -1270,7 +1304,7 @@ def main(argv=None):
             f"no toy-world pipeline at {args.model}: train one with examples/toy_world/train_tiny_model.py"
         )
     # Both concepts' stages in one schedule: one concept's trainings run beside the other's timing and evaluation.
-    todo, plans = [], {}
+    todo, plans, planned = [], {}, 0
     for name in args.concepts:
         concept = CONCEPTS[name]
         out = os.path.join(os.path.abspath(args.output_dir), name)
@@ -1278,6 +1312,7 @@ def main(argv=None):
         os.makedirs(logs, exist_ok=True)
         stages, models, eval_dir, timing_dir = concept_stages(args, concept, out)
         plans[name] = (concept, out, models, eval_dir, timing_dir)
+        planned += len(stages)
         for stage, done_file, command in stages:
             if stage_done(stage, done_file, command):
                 print(f"= {name}/{stage}: done already ({done_file})")
@@ -1289,6 +1324,9 @@ def main(argv=None):
             if os.path.join(out, "pairs_unpaired") in command:
                 make_unpaired_folder(os.path.join(out, "pairs"), os.path.join(out, "pairs_unpaired"), args.seed)
 
+    if todo:
+        print(time_estimate(len(todo), planned, os.cpu_count() or 1), flush=True)
+    started = time.monotonic()
     timings = run_stages(todo, args.jobs, before)
     reports = {}
     for name, (concept, out, models, eval_dir, timing_dir) in plans.items():
@@ -1297,6 +1335,10 @@ def main(argv=None):
         shutil.copy(os.path.join(timing_dir, "timing.png"), os.path.join(out, "timing.png"))
         own = {stage.partition("/")[2]: t for stage, t in timings.items() if stage.startswith(name + "/")}
         reports[name] = write_report(args, concept, out, eval_dir, ["base", *models], own, timing_result)
+    elapsed = time.monotonic() - started
+    print(f"\nFinished in {int(elapsed // 60)} min {int(elapsed % 60)} s. Reports:", flush=True)
+    for name, (_, out, _, _, _) in plans.items():
+        print(f"  {name}: {os.path.join(out, 'report.md')}", flush=True)
     return reports
 
 
