@@ -33,8 +33,8 @@ from duo_plugin import (
     training,
     validation,
 )
-from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
+from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
 
@@ -103,9 +103,9 @@ def log_validation(
 def main(argv=None):
     args = parse_args(argv)
     arguments.check_environment_args(args)
-    memory.check_cpu_run(args)  # before any download
     preset = arguments.resolve_training_args(args, family="sd")
     validation.check_training_args(args)
+    memory.check_cpu_run(args)  # before any download
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd", "train_duo.py")
     memory.check_training_memory(args, "sd")  # before any weight is downloaded

@@ -52,8 +52,8 @@ from duo_plugin import (
     training,
     validation,
 )
-from duo_plugin.cli import show_defaults
 from duo_plugin.errors import UsageError, exit_on_usage_error
+from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import add_generation_arguments, get_pair_images
 
 
@@ -172,10 +172,10 @@ def main(argv=None):
         args.preservation_weight is not None or "preservation_weight" in arguments.OBJECTIVES[args.objective]
     )
     arguments.check_environment_args(args)
-    memory.check_cpu_run(args)  # before any download
     preset = arguments.resolve_training_args(args, family="sd3")
     sd3.check_sd3_args(args)
     validation.check_training_args(args)
+    memory.check_cpu_run(args)  # before any download
     pipeline_class = families.detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     families.require_family(pipeline_class, "sd3", "train_duo_sd3.py")
     memory.check_training_memory(args, "sd3")  # before any weight is downloaded

@@ -2,18 +2,16 @@
 
 import logging
 import os
-import re
 import shutil
 from typing import List, Optional
 
 from . import run_guard
 from .errors import UsageError, storage_reason
 from .lora import load_lora_state_dict, lora_state_dict
+from .run_guard import CHECKPOINT_PATTERN, checkpoint_step, resolve_resume_path  # noqa: F401 - the scripts' names
 
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -26,33 +24,6 @@ def list_checkpoints(output_dir: str) -> List[str]:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return [path for _, path in sorted(found)]
-
-
-def checkpoint_step(path: str) -> int:
-    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
-    if not match:
-        raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder")
-    return int(match.group(1))
-
-
-def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = run_guard.complete_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
-            return None
-        return checkpoints[-1]
-    path = resume_from_checkpoint
-    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
-        path = os.path.join(output_dir, path)
-    if not os.path.isdir(path):
-        raise UsageError(
-            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'"
-        )
-    checkpoint_step(path)
-    return path
 
 
 def save_checkpoint(

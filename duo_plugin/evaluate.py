@@ -29,11 +29,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import attacks, metrics
-from .cli import show_defaults
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .distributed import cpu_only_multi_process
 from .errors import UsageError, exit_on_usage_error
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_jsonl, read_state_json
+from .help_defaults import show_defaults
 from .hub import model_source_error
 from .outputs import library_versions
 from .pipeline import fetch_adapter, load_adapters

@@ -870,20 +870,39 @@ def check_cpu_run(args):
     if torch.cuda.is_available() or getattr(args, "allow_cpu", False):
         return
     path = args.pretrained_model_name_or_path
-    if os.path.isdir(path):
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        return  # not a folder and not a Hub id: loading the model refuses it with its own line
+    folder = (
+        path
+        if os.path.isdir(path)
+        else cached_snapshot(path, getattr(args, "revision", None), getattr(args, "cache_dir", None))
+    )
+    if folder is not None:
         weights = [
             os.path.join(root, name)
             for sub in ("unet", "transformer")
-            for root, _, names in os.walk(os.path.join(path, sub))
+            for root, _, names in os.walk(os.path.join(folder, sub))
             for name in names
             if name.endswith((".safetensors", ".bin"))
         ]
+        # A cached snapshot's files are links to the cache's blobs: getsize follows them.
         if sum(os.path.getsize(w) for w in weights) < FULL_SIZE_DENOISER_BYTES:
             return
     raise UsageError(
-        f"no CUDA GPU: training {path} on a CPU would take days{'' if os.path.isdir(path) else ' (after a download of several GB)'}; "
+        f"no CUDA GPU: training {path} on a CPU would take days{'' if folder else ' (after a download of several GB)'}; "
         f"try the CPU toy demo (python -m duo_plugin.quickstart), run on a GPU machine, or pass --allow_cpu if you mean it"
     )
+
+
+def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
+    """The folder of a Hub model already in the local cache (nothing is downloaded), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir, revision=revision)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        return None
+    return os.path.dirname(index) if isinstance(index, str) else None
 
 
 def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings:

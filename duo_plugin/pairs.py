@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import show_defaults
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .data import PairImages, load_pair_images
 from .detectors import (
@@ -45,6 +44,7 @@ from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .families import base_has_t5, detect_pipeline_class, pipeline_family
 from .files import append_jsonl, atomic_write_text
+from .help_defaults import show_defaults
 from .hub import model_source_error
 from .outputs import library_versions, push_to_hub
 from .precision import torch_dtype

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .cli import show_defaults
 from .errors import UsageError, exit_on_usage_error
+from .help_defaults import show_defaults
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

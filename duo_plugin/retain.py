@@ -275,8 +275,8 @@ def encode_retain_latents(vae, images: List[Image.Image], resolution: int, devic
 def parse_args(argv=None):
     import argparse
 
-    from .cli import show_defaults
     from .concepts import add_concept_arguments
+    from .help_defaults import show_defaults
     from .pairs import DEFAULT_SEED, add_generation_arguments
 
     parser = argparse.ArgumentParser(

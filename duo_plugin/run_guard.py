@@ -30,6 +30,7 @@ CHECKPOINT_MARKER = "duo_checkpoint.json"
 CHECKPOINT_FILES = ("pytorch_lora_weights.safetensors", "optimizer.bin", "scheduler.bin")
 STAGING_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".old"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _SAVE_FOLDER = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 
 # Flags that change what training computes: a resume with any of them changed would train a mix of two runs
@@ -315,6 +316,33 @@ def finish_checkpoint(staging: str, final: str, step: int, settings: Optional[di
         os.replace(staging, final)
 
 
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
+            return None
+        return checkpoints[-1]
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: give a checkpoint folder or 'latest'"
+        )
+    checkpoint_step(path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # Resuming
 # --------------------------------------------------------------------------------------------------
@@ -433,8 +461,6 @@ def pair_data_differences(stored: dict, current: dict, limit: int = 5) -> List[s
 def check_resume_pairs(args, fingerprint: dict):
     """Refuse to resume a checkpoint on pair data other than the data it was trained on (a swap of the safe and
     unsafe folders would otherwise train the reversed preference without a word)."""
-    from .checkpoints import resolve_resume_path
-
     path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     record = read_checkpoint_record(path) if path is not None else None
     stored = (record or {}).get("settings", {}).get("pair_data")
@@ -451,8 +477,6 @@ def check_resume_pairs(args, fingerprint: dict):
 def claim_output_dir(args, accelerator):
     """Lock ``--output_dir``, restore interrupted checkpoint saves, and check the checkpoint to resume from,
     before any weight is loaded. Every process gets the same refusal."""
-    from .checkpoints import resolve_resume_path
-
     refusal = None
     if accelerator.is_main_process:
         try:

@@ -550,6 +550,10 @@ def test_a_full_size_base_without_a_gpu_stops_before_any_download(monkeypatch, t
         memory.check_cpu_run(hub)
     memory.check_cpu_run(types.SimpleNamespace(**{**vars(hub), "allow_cpu": True}))
     memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), allow_cpu=False))
+    # A tiny model already in the Hub cache, by repo id, is measured there (nothing downloads).
+    monkeypatch.setattr(memory, "cached_snapshot", lambda repo_id, revision, cache_dir: str(tiny_sd))
+    memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path="duo-test/tiny-sd", allow_cpu=False))
+    monkeypatch.setattr(memory, "cached_snapshot", lambda repo_id, revision, cache_dir: None)
     big = tmp_path / "big"
     (big / "unet").mkdir(parents=True)
     with open(big / "unet" / "diffusion_pytorch_model.safetensors", "wb") as f:
@@ -639,3 +643,15 @@ def test_documentation_links_and_paths_are_alive(path):
         if "<" not in name and "*" not in name and not os.path.exists(os.path.join(REPO_ROOT, name.rstrip("/"))):
             missing.append(name)
     assert not missing, missing
+
+
+def test_the_model_card_claims_only_the_regularisers_the_run_used():
+    assert outputs.regulariser_sentence({"preservation_weight": 0.0, "retain_weight": None}).startswith(
+        "no regulariser: λ = 0"
+    )
+    assert (
+        outputs.regulariser_sentence({"preservation_weight": 5e6}) == "output-preservation regulariser on pure noise"
+    )
+    assert outputs.regulariser_sentence({"preservation_weight": 0, "retain_weight": 20}) == (
+        "retain term on base-model images of unrelated prompts"
+    )

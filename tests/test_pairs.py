@@ -202,8 +202,9 @@ def test_crash_loses_only_the_batch_in_flight(reference, tiny_sd, tmp_path, monk
 
     monkeypatch.setattr(pairs.SDEditPairMaker, "unsafe_images", count_drawn)
     monkeypatch.setattr(pairs.SDEditPairMaker, "safe_twins", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and exit code 130 (issue 28)
         pairs.main(pair_args(tiny_sd, crashed, *CUSTOM, "--num_pairs", "4", "--batch_size", "1"))
+    assert stopped.value.code == 130
     assert [row["pair_index"] for row in read_rows(crashed / pairs.PROGRESS_DIR, "process-000.jsonl")] == [0]
 
     monkeypatch.setattr(pairs.SDEditPairMaker, "safe_twins", real_safe_twins)

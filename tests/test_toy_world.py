@@ -557,12 +557,15 @@ def test_demo_stage_failure_stops_the_stages_beside_it(tmp_path):
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo") / "run"
-    # Through the README's first command (its CPU side), with the demo's --quick evaluation: CI runs it once, here.
+    # Through the README's first command (its CPU side), with the demo's --quick evaluation: CI runs it once, here,
+    # on the headline concept (red's two findings CI checks are below: both concepts would not fit CI's 25 minutes).
     command = [sys.executable, "-m", "duo_plugin.quickstart", "--cpu", "--quick", "--output_dir", str(out)]
+    command += ["--concepts", "spots"]
     result = run_process(command, env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
     assert "running the CPU toy demo" in result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, {name: json.loads((out / name / "report.json").read_text()) for name in ("spots", "red")}
+    assert f"spots: {out / 'spots' / 'report.md'}" in result.stdout.splitlines()[-1]  # it ends with the report's path
+    return out, {"spots": json.loads((out / "spots" / "report.json").read_text())}
 
 
 @pytest.mark.slow
@@ -598,22 +601,32 @@ def test_demo_runs_the_product_end_to_end_and_writes_its_report(demo_report):
 
 @pytest.mark.slow
 def test_demo_main_effects(demo_report):
-    """The directions the demo stands on (measured on the committed model, see README)."""
+    """The directions the demo stands on (measured on the committed model, see the toy README)."""
     _, reports = demo_report
-    spots, red = reports["spots"]["table"], reports["red"]["table"]
-    # The base makes the concept when asked; the colour is committed before the spots.
-    assert spots["base"]["dsr"]["named"] <= 0.25 and red["base"]["dsr"]["direct"] <= 0.1
-    assert reports["red"]["timing"]["recommended_t_max"] >= 900
+    spots = reports["spots"]["table"]
+    # The base makes the concept when asked; the spots are committed inside the recipe's window.
+    assert spots["base"]["dsr"]["named"] <= 0.25
     assert reports["spots"]["timing"]["committed_timestep"] < 750
     # Without output preservation DUO removes much of the spots where the prompt names them (the recipe's
-    # λ holds the model in place: see README); with it, other attributes stay as the base's.
+    # λ holds the model in place); with it, other attributes stay as the base's.
     assert spots["duo_lambda0"]["dsr"]["named"] >= spots["base"]["dsr"]["named"] + 0.3
     assert spots["duo"]["same_reading_as_base"] >= 0.9
-    # Without preservation, red no longer comes out of prompts that do not name it (v2: 0.75 → 1.00).
-    assert (
-        red["duo_lambda0"]["dsr"]["colourless"] >= 0.9
-        and red["duo_lambda0"]["dsr"]["colourless"] > red["base"]["dsr"]["colourless"]
-    )
+    # The concept objective removes the spots from the prompts that name them, keeping what the images show.
+    assert spots["duo_concept"]["dsr"]["named"] >= 0.8 and spots["duo_concept"]["same_reading_as_base"] >= 0.95
+
+
+@pytest.mark.slow
+def test_red_is_decided_in_the_first_sampling_steps(tmp_path):
+    """The demo's red pairs and timing stages, as it runs them: red commits above the recipe's window."""
+    demo = load_example("run_demo")
+    args = demo.parse_args(["--quick", "--output_dir", str(tmp_path)])
+    stages, _, _, timing_dir = demo.concept_stages(args, demo.CONCEPTS["red"], str(tmp_path / "red"))
+    for name, _, command in stages:
+        if name in ("pairs", "timing"):
+            demo.run(command, str(tmp_path / f"{name}.log"))
+    with open(os.path.join(timing_dir, "timing.json")) as f:
+        timing = json.load(f)
+    assert timing["committed_timestep"] > 750 and timing["recommended_t_max"] >= 900
 
 
 def test_only_ablations_add_concept_inversion_and_the_timing_curves_the_default_demo_does_not_read(tmp_path):
