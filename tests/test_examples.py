@@ -569,20 +569,26 @@ def test_violence_sd14_smoke(tiny_sd, tiny_clip, tmp_path):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "run"
+    # Two of the four sub-concepts (CONCEPTS, the recipe's own setting): the same commands, half of CI's minutes.
     commands = check_smoke(
-        run_recipe("violence_sd14", "--smoke", MODEL=tiny_sd, CLIP_MODEL=tiny_clip, OUT=out, LAUNCH="python")
+        run_recipe(
+            "violence_sd14",
+            "--smoke",
+            MODEL=tiny_sd,
+            CLIP_MODEL=tiny_clip,
+            OUT=out,
+            LAUNCH="python",
+            CONCEPTS="blood gun",
+        )
     )
-    assert len(commands) == 6  # four adapters in turn, combine, evaluation
-    for concept in ("blood", "suffer", "gun", "horror"):
+    assert len(commands) == 4  # two adapters in turn, combine, evaluation
+    for concept in ("blood", "gun"):
         assert read_json(out / f"duo-{concept}" / "duo_config.json")["concept"] == concept
         assert len(read_jsonl(out / f"pairs-{concept}" / "metadata.jsonl")) == 2
     combined = read_json(out / "combined" / "active_concepts.json")
-    assert (
-        combined["active_concepts"] == {"blood": 1.0, "suffer": 1.0, "gun": 1.0, "horror": 1.0}
-        and combined["fused"] is True
-    )
+    assert combined["active_concepts"] == {"blood": 1.0, "gun": 1.0} and combined["fused"] is True
     assert len(read_jsonl(out / "combined" / "samples.jsonl")) == 2
-    # The merged UNet is the base UNet plus the four adapters: it differs exactly on the self-attention
+    # The merged UNet is the base UNet plus the adapters: it differs exactly on the self-attention
     # projections the adapters were trained on, and nowhere else.
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     merged = UNet2DConditionModel.from_pretrained(str(out / "combined" / "unet")).state_dict()

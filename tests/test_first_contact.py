@@ -655,3 +655,75 @@ def test_the_model_card_claims_only_the_regularisers_the_run_used():
     assert outputs.regulariser_sentence({"preservation_weight": 0, "retain_weight": 20}) == (
         "retain term on base-model images of unrelated prompts"
     )
+
+
+def documented_commands(text: str):
+    """Command lines of a markdown page: code blocks, indented lines and inline code that run python or accelerate."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    lines = [line for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines += [line for line in text.splitlines() if line.startswith("    ")]
+    lines += re.findall(r"`([^`\n]*(?:python|accelerate launch)[^`\n]*)`", text)
+    return [line.strip() for line in lines]
+
+
+def program_options(kind: str, name: str) -> set:
+    """Every option string of a command's parser, read by intercepting its parse (nothing runs)."""
+    import argparse
+    import importlib
+    import importlib.util
+
+    class Captured(Exception):
+        pass
+
+    options = set()
+
+    def capture(self, *args, **kwargs):
+        options.update(option for action in self._actions for option in action.option_strings)
+        raise Captured
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+        patch.syspath_prepend(os.path.join(REPO_ROOT, "examples", "toy_world"))
+        if kind == "module":
+            module = importlib.import_module(name)
+        else:
+            spec = importlib.util.spec_from_file_location(
+                "doc_" + re.sub(r"\W", "_", name), os.path.join(REPO_ROOT, name)
+            )
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        with pytest.raises(Captured):
+            (getattr(module, "parse_args", None) or module.main)(["--help"])
+    return options
+
+
+def test_every_documented_command_names_flags_its_program_has():
+    """README and docs/ commands still run as written: their program exists and takes every flag they give it."""
+    known, wrong, checked = {}, [], 0
+    for path in documentation_files():
+        with open(path) as f:
+            lines = documented_commands(f.read())
+        for line in lines:
+            try:
+                tokens = shlex.split(line, comments=True)
+            except ValueError:
+                continue
+            program, rest = None, []
+            for i, token in enumerate(tokens):
+                if token == "-m" and i + 1 < len(tokens) and tokens[i + 1].startswith("duo_plugin."):
+                    program, rest = ("module", tokens[i + 1]), tokens[i + 2 :]
+                    break
+                if token.endswith(".py") and os.path.isfile(os.path.join(REPO_ROOT, token)):
+                    program, rest = ("script", token), tokens[i + 1 :]
+                    break
+            if program is None:
+                continue
+            end = next((i for i, t in enumerate(rest) if t in ("&&", "||", "|", ";")), len(rest))
+            if program not in known:
+                known[program] = program_options(*program)
+            checked += 1
+            for flag in (t.split("=")[0] for t in rest[:end] if t.startswith("--") and " " not in t):
+                if flag not in known[program]:
+                    wrong.append(f"{os.path.relpath(path, REPO_ROOT)}: {program[1]} {flag}")
+    assert checked >= 30 and not wrong, wrong
