@@ -43,7 +43,7 @@ from .detectors import (
 from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
 from .families import base_has_t5, detect_pipeline_class, pipeline_family
-from .files import append_jsonl, atomic_write_text
+from .files import append_jsonl, atomic_write_json, atomic_write_text, read_state_json
 from .help_defaults import show_defaults
 from .hub import model_source_error
 from .outputs import library_versions, push_to_hub
@@ -338,13 +338,7 @@ def read_recipe_file(output_dir: str) -> Optional[dict]:
     path = os.path.join(output_dir, RECIPE_NAME)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(
-            f"{path} is not readable JSON ({error}): it was edited; restore it or choose another output folder"
-        ) from None
+    stored = read_state_json(path, "it was edited; restore it or choose another output folder", kind=object)
     if not isinstance(stored, dict) or not isinstance(stored.get("recipe", {}), dict):
         raise UsageError(f"{path} is not a pair recipe: it was edited; restore it or choose another output folder")
     return stored
@@ -383,7 +377,7 @@ def write_recipe_file(output_dir: str, recipe: PairRecipe, dtype: str, verifier_
         "verifier": verifier_record or describe_detector(None),
         "library_versions": library_versions(),
     }
-    atomic_write_text(os.path.join(output_dir, RECIPE_NAME), json.dumps(config, indent=2) + "\n")
+    atomic_write_json(os.path.join(output_dir, RECIPE_NAME), config)
 
 
 IMAGE_SEED_RULE = "(((seed * 1000003 + pair_index) * 1000 + attempt) * 2 + role) mod (2^63 - 1); role 0 unsafe, 1 safe"

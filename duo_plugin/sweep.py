@@ -23,7 +23,6 @@ killed run from its latest checkpoint) and evaluates only images that are missin
 import argparse
 import glob
 import itertools
-import json
 import math
 import os
 import re
@@ -36,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import saturation
 from .errors import UsageError, exit_on_usage_error
-from .files import atomic_write_text, read_state_json
+from .files import atomic_write_json, read_state_json
 from .presets import preservation_weight_for_beta
 from .validation import check_output_dir
 
@@ -430,7 +429,7 @@ def run_in_subprocess(command: Command, log_path: str):
 
 def write_json(path: str, value):
     """Written aside and renamed, so a killed sweep never leaves half a file that a rerun would trust."""
-    atomic_write_text(path, json.dumps(value, indent=1))
+    atomic_write_json(path, value, indent=1)
 
 
 def read_json(path: str):
