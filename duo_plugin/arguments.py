@@ -146,7 +146,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     data.add_argument(
         "--num_pairs", type=int, default=None, help="use at most this many pairs (preset default when generating)"
     )
-    data.add_argument("--resolution", type=int, default=default_resolution)
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=default_resolution,
+        help=None if default_resolution else "default: the family's (512 for SD 1.x/2.x, 1024 for SDXL)",
+    )
     data.add_argument("--center_crop", action="store_true")
     data.add_argument("--random_flip", action="store_true")
 
@@ -202,7 +207,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     val.add_argument("--skip_validation", action="store_true", help="no sample images (and none in the model card)")
     val.add_argument("--report_to", type=str, default="tensorboard")
     val.add_argument(
-        "--tracker_name", type=str, default=None, help="the trackers' project name (default: duo, duo-sd3 for SD3)"
+        "--tracker_name",
+        type=str,
+        default=None,
+        help="the trackers' project name (default: duo; duo-sdxl, duo-sd3, duo-flux for those families)",
     )
     val.add_argument("--logging_dir", type=str, default="logs")
 
@@ -216,7 +224,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
 
 def check_environment_args(args, accelerator_device_type: Optional[str] = None):
     """Refusals that need nothing loaded: fail in a second, not after the models are on the GPU."""
-    if args.resolution % 8 != 0:
+    if args.resolution is not None and args.resolution % 8 != 0:
         raise UsageError(
             f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8; use e.g. {args.resolution // 8 * 8 or 8}"
         )
@@ -269,9 +277,11 @@ def resolve_training_args(args, family: str) -> ConceptPreset:
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     args.lora_target = args.lora_target or recipe.lora_target
-    args.tracker_name = args.tracker_name or ("duo-sd3" if family == "sd3" else "duo")
+    args.tracker_name = args.tracker_name or ("duo" if family == "sd" else f"duo-{family}")
     args.t_min = recipe.t_min if args.t_min is None else args.t_min
     args.t_max = recipe.t_max if args.t_max is None else args.t_max
+    if args.resolution is None:
+        args.resolution = recipe.default_resolution
     if args.output_dir is None:
         args.output_dir = f"duo-{args.concept}"
     resolve_objective_args(args)
@@ -310,3 +320,42 @@ def variant_settings(args, guidance_scale: float) -> objective.VariantSettings:
         retain_weight=args.retain_weight,
         retain_conditions=tuple(args.retain_conditions) if args.retain_weight > 0 else (),
     )
+
+
+def add_flow_matching_arguments(parser: argparse.ArgumentParser, default_max_sequence_length: int):
+    """The flags of the flow-matching families (SD3, FLUX), as in diffusers' SD3 and FLUX LoRA scripts."""
+    flow = parser.add_argument_group("flow matching (as in diffusers' SD3 and FLUX LoRA scripts)")
+    flow.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default="none",
+        choices=list(objective.FLOW_MATCHING_WEIGHTING_SCHEMES),
+        help="none (official DUO): σ uniform over the t range, unit weights; logit_normal/mode: σ drawn from that density "
+        "over the t range; sigma_sqrt/cosmap: uniform σ, weighted loss",
+    )
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal density")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode density")
+    flow.add_argument(
+        "--precondition_outputs",
+        type=int,
+        nargs="?",
+        const=1,
+        default=1,
+        choices=[0, 1],
+        help="1 (default, as diffusers and the official run): compare x_σ − σ·v̂ with x; 0: compare v̂ with ε − x",
+    )
+    flow.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=default_max_sequence_length,
+        help=f"T5 tokens of the prompt embeddings (default {default_max_sequence_length}: SD3 77 as the official run, FLUX "
+        "512 as its pipeline samples)",
+    )
+    return flow
+
+
+def preservation_weight_given(args) -> bool:
+    """Whether λ was chosen, by the user or by the named objective (the concept objective's 0), before the family's
+    default is derived: the flow-matching families derive theirs from the scheduler (``fidelity``)."""
+    return args.preservation_weight is not None or "preservation_weight" in OBJECTIVES[args.objective]

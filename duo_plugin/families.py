@@ -38,29 +38,44 @@ def base_has_t5(
     return (config.get("text_encoder_3") or [None])[0] is not None
 
 
+# The training script of each family: SD 1.x/2.x and SDXL share the UNet script, as diffusers' DreamBooth does not.
+SCRIPT_OF_FAMILY = {
+    "sd": "train_duo.py",
+    "sdxl": "train_duo.py",
+    "sd3": "train_duo_sd3.py",
+    "flux": "train_duo_flux.py",
+}
+FAMILY_NAMES = {
+    "sd": "Stable Diffusion 1.x/2.x",
+    "sdxl": "Stable Diffusion XL",
+    "sd3": "Stable Diffusion 3",
+    "flux": "FLUX.1",
+}
+
+
 def pipeline_family(pipeline_class: str) -> str:
+    """ "sd", "sdxl", "sd3", "flux", or "other", from a pipeline class name."""
     if pipeline_class.startswith("StableDiffusion3"):
         return "sd3"
     if pipeline_class.startswith("StableDiffusionXL"):
         return "sdxl"
+    if pipeline_class.startswith("Flux"):
+        return "flux"
     if pipeline_class in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
         return "sd"
     return "other"
 
 
-def require_family(pipeline_class: str, expected: str, script: str):
-    """Refuse a base model of the wrong family, pointing at the script that handles it."""
+def require_family(pipeline_class: str, expected, script: str) -> str:
+    """Refuse a base model of a family ``script`` does not train (``expected``: one family or several), naming the
+    script that does. Returns the family."""
+    expected = (expected,) if isinstance(expected, str) else tuple(expected)
     family = pipeline_family(pipeline_class)
-    if family == expected:
-        return
-    if family == "sd3":
-        raise UsageError(f"{pipeline_class} is a Stable Diffusion 3 model: use train_duo_sd3.py")
-    if family == "sd":
-        raise UsageError(f"{pipeline_class} is a Stable Diffusion 1.x/2.x model: use train_duo.py")
-    if family == "sdxl":
+    if family in expected:
+        return family
+    if family in SCRIPT_OF_FAMILY:
         raise UsageError(
-            f"{pipeline_class} (SDXL) is not supported yet: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
+            f"{pipeline_class} is a {FAMILY_NAMES[family]} model, which {script} does not train: use {SCRIPT_OF_FAMILY[family]}"
         )
-    raise UsageError(
-        f"{pipeline_class} is not supported: DUO here covers SD 1.x/2.x (train_duo.py) and SD3 (train_duo_sd3.py)"
-    )
+    covered = ", ".join(f"{FAMILY_NAMES[f]} ({SCRIPT_OF_FAMILY[f]})" for f in SCRIPT_OF_FAMILY)
+    raise UsageError(f"{pipeline_class} is not supported: DUO here covers {covered}")

@@ -55,14 +55,24 @@ def add_official_arguments(parser, family: str):
     return group
 
 
-def resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given: bool):
-    """Set SD3's λ (unless given) from the official run's effective strength, and what the config records.
+def sd3_reference_scheduler(noise_scheduler):
+    """SD3's static shift-3 training table of the same length: where the official SD3 run placed its preservation
+    term. FLUX's scheduler shifts only at sampling time, so its own table's last entry is not that σ."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=noise_scheduler.config.num_train_timesteps, shift=3.0)
+
+
+def resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given: bool, official=None):
+    """Set the flow-matching λ (unless given) from the official SD3 run's effective strength, and what the config
+    records.
 
     ``preservation_weight_given``: whether the user passed ``--preservation_weight`` (the concept
-    resolution has filled in the SD1 value by now).
+    resolution has filled in the SD1 value by now). ``official``: the scheduler whose table's last entry is the
+    official σ (default: ``noise_scheduler``, SD3's own).
     """
     precondition = bool(args.precondition_outputs)
-    official_sigma = float(objective.official_preservation_sigma_and_timestep(noise_scheduler)[0])
+    official_sigma = float(objective.official_preservation_sigma_and_timestep(official or noise_scheduler)[0])
     sigma, timestep = (
         float(v) for v in objective.preservation_sigma_and_timestep(noise_scheduler, args.preservation_placement)
     )

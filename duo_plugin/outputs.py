@@ -194,9 +194,11 @@ def write_duo_config(
     return config
 
 
-# The licence of each family's reference weights, as diffusers' DreamBooth-LoRA scripts declare it. SD3's is not
-# an SPDX licence: the card says "other" and links the base model's licence file.
-FAMILY_LICENCES = {"sd": "creativeml-openrail-m", "sd3": "other"}
+# The licence of each family's reference weights, as diffusers' DreamBooth-LoRA scripts declare it. SD3's and
+# FLUX.1-dev's are not SPDX licences: the card says "other" and links the base model's licence file.
+FAMILY_LICENCES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "sd3": "other", "flux": "other"}
+# The dtype a card's loading example uses: FLUX.1's T5 overflows in fp16, so its pipelines run in bf16.
+FAMILY_CARD_DTYPES = {"flux": "bfloat16"}
 
 
 def regulariser_sentence(config: dict) -> str:
@@ -261,6 +263,7 @@ def write_model_card(
     licence, licence_note = base_model_licence(config["base_model"], config["architecture"]["family"])
     widget = [{"text": prompt, "output": {"url": path}} for path, prompt in sample_images]
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in sample_images)
+    card_dtype = FAMILY_CARD_DTYPES.get(config["architecture"]["family"], "float16")
     description = f"""
 # DUO unlearning: {config["concept"]} removed from {config["base_model"]}
 
@@ -274,7 +277,7 @@ outputs as they were ({regulariser_sentence(config)}).
 import torch
 from duo_plugin import DUOPipeline
 
-pipe = DUOPipeline.from_pretrained("{name}", dtype=torch.float16).to("cuda")
+pipe = DUOPipeline.from_pretrained("{name}", dtype=torch.{card_dtype}).to("cuda")
 image = pipe("a photo of a lighthouse").images[0]
 ```
 
@@ -283,7 +286,7 @@ or with stock diffusers:
 ```python
 from diffusers import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{config["base_model"]}", dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{config["base_model"]}", dtype=torch.{card_dtype}).to("cuda")
 pipe.load_lora_weights("{name}", weight_name="{LORA_WEIGHT_NAME}")
 ```
 

@@ -2,7 +2,8 @@
 
 A pair is an unsafe image x⁻, drawn from the base model with the unsafe prompt, and its safe twin x⁺, made
 by SDEdit (the img2img pipeline of the same base model, same scheduler and step count) from x⁻ with the safe
-prompt as prompt and the unsafe prompt as negative prompt. With a detector, x⁻ must be flagged and x⁺ must
+prompt as prompt and the unsafe prompt as negative prompt (FLUX.1: by true classifier-free guidance, see
+``SDEditPairMaker``). With a detector, x⁻ must be flagged and x⁺ must
 not; a failed unsafe image is redrawn, a failed edit is redone from the kept unsafe image, at most
 ``--max_attempts`` attempts per pair.
 
@@ -42,7 +43,7 @@ from .detectors import (
 )
 from .distributed import check_distributed_setup, cpu_only_multi_process
 from .errors import DUOError, UsageError, exit_on_usage_error
-from .families import base_has_t5, detect_pipeline_class, pipeline_family
+from .families import FAMILY_NAMES, SCRIPT_OF_FAMILY, base_has_t5, detect_pipeline_class, pipeline_family
 from .files import append_jsonl, atomic_write_json, atomic_write_text, read_state_json
 from .help_defaults import show_defaults
 from .hub import model_source_error
@@ -60,6 +61,16 @@ DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_BATCH_SIZE = 4
 # Seeds stay distinct per (pair, attempt) only below this many attempts; see image_seed.
 MAX_ATTEMPTS_LIMIT = 1000
+# FLUX.1 (see SDEditPairMaker): --guidance_scale is the value fed to FLUX.1-dev's guidance embedding (its
+# pipeline's default, 3.5, unless given), not a CFG scale: the preset's 7.5 is an SD CFG value and would
+# over-saturate FLUX.1-dev. The safe twin's push away from the unsafe prompt is true CFG at this scale: clearly
+# above 1 (at 1 or below the pipeline drops the negative prompt) and moderate, as true CFG on top of the distilled
+# guidance over-saturates quickly. FLUX.1-schnell (no guidance embedding) is timestep-distilled for 4 steps.
+FLUX_TRUE_CFG_SCALE = 4.0
+FLUX_SCHNELL_STEPS = 4
+# FluxPipeline's default_sample_size (its transformer config has no sample_size): 128 latents, 1024 px for FLUX.1.
+FLUX_DEFAULT_SAMPLE_SIZE = 128
+FAMILIES_WITH_PAIRS = ("sd", "sdxl", "sd3", "flux")
 
 UNSAFE_COLUMN, SAFE_COLUMN = "unsafe", "safe"
 METADATA_NAME = "metadata.jsonl"
@@ -82,6 +93,7 @@ RECIPE_IDENTITY = (
     "seed",
     "verifier",
     "detector_threshold",
+    "true_cfg_scale",
 )
 
 
@@ -101,7 +113,7 @@ class PairRecipe:
     concept: str
     base_model: str
     revision: Optional[str]
-    family: str  # "sd" (Stable Diffusion 1.x/2.x) or "sd3"
+    family: str  # "sd" (Stable Diffusion 1.x/2.x), "sdxl", "sd3" or "flux" (FLUX.1)
     prompt_pairs: Tuple[Tuple[str, str], ...]
     num_pairs: int
     strength: float
@@ -113,6 +125,9 @@ class PairRecipe:
     detector_threshold: Optional[float]  # the verifier's threshold; None: the detector's own default
     max_attempts: int
     variant: Optional[str] = None
+    # FLUX.1 only: the true CFG scale of the SDEdit edit (unsafe prompt as negative prompt); None for the other
+    # families, whose guidance_scale is classifier-free guidance with the negative prompt already.
+    true_cfg_scale: Optional[float] = None
 
     def prompts_of(self, pair_index: int) -> Tuple[str, str]:
         """(unsafe prompt, safe prompt) of a pair: the groups take turns, so any prefix stays balanced."""
@@ -146,12 +161,27 @@ class BaseModelInfo:
     default_resolution: int
     resolution_multiple: int
     default_num_inference_steps: int
+    # None: the preset's classifier-free guidance scale; FLUX.1: its guidance embedding's value (0 without one).
+    default_guidance_scale: Optional[float] = None
+    # FLUX.1 only: the true CFG scale of the safe twin's edit.
+    default_true_cfg_scale: Optional[float] = None
+    # FLUX.1 only: whether the transformer has a guidance embedding (FLUX.1-dev) or not (FLUX.1-schnell).
+    guidance_embeds: Optional[bool] = None
 
 
 def text2img_class(family: str):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    """The text-to-image pipeline class of a family (its img2img twin comes from AutoPipelineForImage2Image)."""
+    import diffusers
 
-    return StableDiffusion3Pipeline if family == "sd3" else StableDiffusionPipeline
+    names = {
+        "sd": "StableDiffusionPipeline",
+        "sdxl": "StableDiffusionXLPipeline",
+        "sd3": "StableDiffusion3Pipeline",
+        "flux": "FluxPipeline",
+    }
+    if family not in names:
+        raise UsageError(f"no pair generation for model family {family!r}: it covers {', '.join(names)}")
+    return getattr(diffusers, names[family])
 
 
 def inspect_base_model(
@@ -160,19 +190,23 @@ def inspect_base_model(
     cache_dir: Optional[str] = None,
     pipeline_class: Optional[str] = None,
 ) -> BaseModelInfo:
-    """Family, default resolution and step count of a base model, without loading any weight."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    """Family, default resolution, step count and guidance of a base model, without loading any weight."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     pipeline_class = pipeline_class or detect_pipeline_class(pretrained_model_name_or_path, revision, cache_dir)
     family = pipeline_family(pipeline_class)
-    if family not in ("sd", "sd3"):
+    if family not in FAMILIES_WITH_PAIRS:
+        covered = ", ".join(FAMILY_NAMES[f] for f in FAMILIES_WITH_PAIRS)
         raise UsageError(
-            f"{pipeline_class} is not supported for pair generation: use a Stable Diffusion 1.x/2.x or 3 base model, "
+            f"{pipeline_class} is not supported for pair generation: use a base model of {covered}, "
             f"or give pairs made elsewhere with --dataset_name"
         )
-    denoiser_class, subfolder = (
-        (SD3Transformer2DModel, "transformer") if family == "sd3" else (UNet2DConditionModel, "unet")
-    )
+    denoiser_class, subfolder = {
+        "sd": (UNet2DConditionModel, "unet"),
+        "sdxl": (UNet2DConditionModel, "unet"),
+        "sd3": (SD3Transformer2DModel, "transformer"),
+        "flux": (FluxTransformer2DModel, "transformer"),
+    }[family]
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         denoiser = denoiser_class.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
@@ -182,15 +216,32 @@ def inspect_base_model(
             error, pretrained_model_name_or_path, revision, "base model", needs=f"{subfolder}/vae config"
         ) from error
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x, of vae scale x patch size for SD3.
-    multiple = math.lcm(8, vae_scale_factor * denoiser.get("patch_size", 1)) if family == "sd3" else 8
     call = inspect.signature(text2img_class(family).__call__)
+    steps = int(call.parameters["num_inference_steps"].default)
+    guidance = {}
+    if family == "flux":
+        # The pipeline packs 2x2 latent patches into tokens: it resizes any size not a multiple of twice the vae
+        # scale (16 for FLUX.1), so the images would not have the recipe's size.
+        multiple = 2 * vae_scale_factor
+        sample_size = denoiser.get("sample_size") or FLUX_DEFAULT_SAMPLE_SIZE
+        has_guidance = bool(denoiser.get("guidance_embeds", False))
+        guidance = {
+            "default_guidance_scale": float(call.parameters["guidance_scale"].default) if has_guidance else 0.0,
+            "default_true_cfg_scale": FLUX_TRUE_CFG_SCALE,
+            "guidance_embeds": has_guidance,
+        }
+        steps = steps if has_guidance else FLUX_SCHNELL_STEPS
+    else:
+        # The pipelines' own size checks: a multiple of 8 for SD 1.x/2.x and SDXL, of vae scale x patch size for SD3.
+        multiple = math.lcm(8, vae_scale_factor * denoiser.get("patch_size", 1)) if family == "sd3" else 8
+        sample_size = denoiser["sample_size"]
     return BaseModelInfo(
         pipeline_class=pipeline_class,
         family=family,
-        default_resolution=int(denoiser["sample_size"]) * vae_scale_factor,
+        default_resolution=int(sample_size) * vae_scale_factor,
         resolution_multiple=multiple,
-        default_num_inference_steps=int(call.parameters["num_inference_steps"].default),
+        default_num_inference_steps=steps,
+        **guidance,
     )
 
 
@@ -209,12 +260,18 @@ def make_recipe(
     verifier: Optional[str] = None,
     detector_threshold: Optional[float] = None,
     max_attempts: Optional[int] = None,
+    true_cfg_scale: Optional[float] = None,
 ) -> PairRecipe:
     """The recipe: the preset's values (for the model's family) unless overridden, checked before any work.
 
     Without a threshold the verifier applies the official rule where one exists (NudeNet: any exposed
-    box it reports), else the detector's own default.
+    box it reports), else the detector's own default. FLUX.1's guidance defaults are its own (see
+    ``FLUX_TRUE_CFG_SCALE``), not the preset's classifier-free guidance scale.
     """
+    if guidance_scale is None:
+        guidance_scale = preset.guidance_scale if info.default_guidance_scale is None else info.default_guidance_scale
+    if true_cfg_scale is None:
+        true_cfg_scale = info.default_true_cfg_scale
     verifier_name = None if (verifier or preset.detector) in (None, "none") else (verifier or preset.detector)
     recipe = PairRecipe(
         concept=preset.name,
@@ -224,7 +281,7 @@ def make_recipe(
         prompt_pairs=tuple(tuple(pair) for pair in preset.pairs_for(info.family)),
         num_pairs=preset.num_pairs if num_pairs is None else num_pairs,
         strength=preset.sdedit_strength if strength is None else strength,
-        guidance_scale=preset.guidance_scale if guidance_scale is None else guidance_scale,
+        guidance_scale=guidance_scale,
         num_inference_steps=info.default_num_inference_steps if num_inference_steps is None else num_inference_steps,
         resolution=info.default_resolution if resolution is None else resolution,
         seed=DEFAULT_SEED if seed is None else seed,
@@ -234,6 +291,7 @@ def make_recipe(
         else detector_threshold,
         max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
         variant=variant,
+        true_cfg_scale=true_cfg_scale,
     )
     check_recipe(recipe, info)
     return recipe
@@ -269,6 +327,7 @@ def recipe_from_args(args, preset: ConceptPreset, info: BaseModelInfo, seed: int
         verifier=args.verifier,
         detector_threshold=args.detector_threshold,
         max_attempts=args.max_attempts,
+        true_cfg_scale=args.true_cfg_scale,
     )
 
 
@@ -279,6 +338,23 @@ def check_recipe(recipe: PairRecipe, info: BaseModelInfo):
         raise UsageError(
             f"--guidance_scale {recipe.guidance_scale} must be a finite number of at least 0 (7.5 is the usual value)"
         )
+    if recipe.family == "flux" and info.guidance_embeds is False and recipe.guidance_scale != 0:
+        raise UsageError(
+            f"--guidance_scale {recipe.guidance_scale}: this FLUX.1 model has no guidance embedding (as FLUX.1-schnell), "
+            f"so its pipeline ignores the value; leave it out (the safe twin's guidance is --true_cfg_scale)"
+        )
+    if recipe.true_cfg_scale is not None:
+        if recipe.family != "flux":
+            raise UsageError(
+                f"--true_cfg_scale is for FLUX.1 base models only: a {FAMILY_NAMES.get(recipe.family, recipe.family)} "
+                f"model edits with classifier-free guidance (--guidance_scale) and the unsafe prompt as negative prompt"
+            )
+        if not math.isfinite(recipe.true_cfg_scale) or recipe.true_cfg_scale <= 1:
+            raise UsageError(
+                f"--true_cfg_scale {recipe.true_cfg_scale} must be a finite number above 1: at 1 or below the FLUX "
+                f"pipeline drops the negative prompt, the unsafe prompt the safe twin is steered away from "
+                f"({FLUX_TRUE_CFG_SCALE} is the default)"
+            )
     if not 0.0 < recipe.strength <= 1.0:
         raise UsageError(
             f"--strength {recipe.strength} is outside (0, 1]: SDEdit re-noises this fraction of the steps (0.75 nudity, 0.8 violence)"
@@ -544,10 +620,11 @@ def make_report(recipe: PairRecipe, finished: Dict[int, dict], output_dir: str) 
 # --------------------------------------------------------------------------------------------------
 
 
-def generation_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on a GPU (the usual inference precision of these models), fp32 on CPU."""
+def generation_dtype(name: str, device: torch.device, family: Optional[str] = None) -> torch.dtype:
+    """``auto``: fp16 on a GPU (the usual inference precision of these models; bf16 for FLUX.1, released in bf16,
+    whose T5 encoder overflows in fp16), fp32 on CPU."""
     if name == "auto":
-        name = "fp16" if device.type == "cuda" else "fp32"
+        name = ("bf16" if family == "flux" else "fp16") if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs a GPU: use fp32 or bf16 on CPU")
     return torch_dtype(name)
@@ -558,7 +635,7 @@ def load_text2img_pipeline(recipe: PairRecipe, device, dtype: torch.dtype, cache
     kwargs = {"revision": recipe.revision, "variant": recipe.variant, "cache_dir": cache_dir, "dtype": dtype}
     if recipe.family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    elif not base_has_t5(recipe.base_model, recipe.revision, cache_dir):
+    elif recipe.family == "sd3" and not base_has_t5(recipe.base_model, recipe.revision, cache_dir):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipeline = text2img_class(recipe.family).from_pretrained(recipe.base_model, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
@@ -566,7 +643,15 @@ def load_text2img_pipeline(recipe: PairRecipe, device, dtype: torch.dtype, cache
 
 
 class SDEditPairMaker:
-    """Unsafe images from the base pipeline, safe twins by SDEdit with its img2img pipeline (same weights)."""
+    """Unsafe images from the base pipeline, safe twins by SDEdit with its img2img pipeline (same weights).
+
+    SD 1.x/2.x, SDXL and SD3 run classifier-free guidance at ``guidance_scale`` for both images: the unsafe image
+    against the empty prompt, its twin against the unsafe prompt as negative prompt. FLUX.1 is guidance-distilled:
+    ``guidance_scale`` is the value of its guidance embedding (FLUX.1-dev; FLUX.1-schnell has none), and its
+    pipelines drop a negative prompt unless ``true_cfg_scale`` > 1. The unsafe image is drawn as FLUX.1 is used
+    (no negative prompt, one pass per step); the twin's edit adds true CFG at ``recipe.true_cfg_scale`` with the
+    unsafe prompt as negative prompt, because steering away from the concept is what makes it the safe twin.
+    """
 
     def __init__(self, text2img, recipe: PairRecipe):
         from diffusers import AutoPipelineForImage2Image
@@ -576,7 +661,18 @@ class SDEditPairMaker:
         # from_pipe shares every module with text2img: no weight is loaded twice.
         self.img2img = AutoPipelineForImage2Image.from_pipe(text2img)
         self.img2img.set_progress_bar_config(disable=True)
-        self._img2img_takes_size = "height" in inspect.signature(self.img2img.__call__).parameters
+        parameters = inspect.signature(self.img2img.__call__).parameters
+        self._img2img_takes_size = "height" in parameters
+        self._edit_guidance = {}
+        if recipe.true_cfg_scale is not None:
+            if "true_cfg_scale" not in parameters or "negative_prompt" not in parameters:
+                import diffusers
+
+                raise UsageError(
+                    f"{type(self.img2img).__name__} of diffusers {diffusers.__version__} takes no negative prompt "
+                    f"(true_cfg_scale), which the safe twin's edit needs: upgrade diffusers"
+                )
+            self._edit_guidance = {"true_cfg_scale": recipe.true_cfg_scale}
 
     @staticmethod
     def _generators(seeds: Sequence[int]):
@@ -608,6 +704,7 @@ class SDEditPairMaker:
             guidance_scale=r.guidance_scale,
             generator=self._generators(seeds),
             **size,
+            **self._edit_guidance,
         ).images
 
 
@@ -676,11 +773,14 @@ def make_pair_batch(maker, detector, recipe: PairRecipe, pairs: List[_PairInProg
 
 
 def _recipe_fields(recipe: PairRecipe) -> dict:
-    return {
+    fields = {
         "strength": recipe.strength,
         "guidance_scale": recipe.guidance_scale,
         "num_inference_steps": recipe.num_inference_steps,
     }
+    if recipe.true_cfg_scale is not None:
+        fields["true_cfg_scale"] = recipe.true_cfg_scale
+    return fields
 
 
 def _accept(pair: _PairInProgress, twin, safe_seed: int, detection, recipe: PairRecipe, output_dir: str) -> dict:
@@ -742,7 +842,7 @@ def generate_pairs(
         raise UsageError(f"--min_pairs {min_pairs} must be between 0 and --num_pairs {recipe.num_pairs}")
     if batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
-    pipeline_dtype = generation_dtype(dtype, state.device)
+    pipeline_dtype = generation_dtype(dtype, state.device, recipe.family)
     # The detector is built first: a bad --verifier fails before any model is loaded.
     detector = make_verifier(recipe)
     verifier_record = describe_detector(detector, role="pair verifier")
@@ -862,6 +962,15 @@ def write_dataset_card(
             "**Unverified.** No detector checked these pairs: an unsafe image may not show the concept, and a safe twin "
             "may still show it. Inspect them, or regenerate with `--verifier`, before relying on them."
         )
+    if recipe.true_cfg_scale is not None:  # FLUX.1: see SDEditPairMaker
+        guidance_rows = (
+            f"| guidance scale | {recipe.guidance_scale} (FLUX.1 guidance embedding, both images; none in FLUX.1-schnell) |\n"
+            f"| true CFG scale of the edit | {recipe.true_cfg_scale} (the unsafe prompt as negative prompt) |"
+        )
+        negative = f" (true classifier-free guidance at scale {recipe.true_cfg_scale}, FLUX.1 taking no negative prompt otherwise)"
+    else:
+        guidance_rows = f"| guidance scale | {recipe.guidance_scale} |"
+        negative = ""
     counts = "\n".join(
         f"| {p.unsafe_prompt} | {p.safe_prompt} | {p.accepted} | {p.finished} | {p.attempts} |" for p in report.prompts
     )
@@ -874,8 +983,8 @@ def write_dataset_card(
 
 Each row is a pair: `unsafe`, drawn from `{recipe.base_model}` with the unsafe prompt, and `safe`, its
 SDEdit twin: the img2img pipeline of the same model, started from the unsafe image with the safe prompt
-as prompt and the unsafe prompt as negative prompt. The two images share their layout and differ in the
-concept.
+as prompt and the unsafe prompt as negative prompt{negative}. The two images share their layout and differ
+in the concept.
 
 ## Recipe
 
@@ -883,7 +992,7 @@ concept.
 |---|---|
 | base model | `{recipe.base_model}`{f" (revision `{recipe.revision}`)" if recipe.revision else ""} |
 | SDEdit strength | {recipe.strength} |
-| guidance scale | {recipe.guidance_scale} |
+{guidance_rows}
 | inference steps | {recipe.num_inference_steps} (the edit runs {int(recipe.num_inference_steps * recipe.strength)} of them) |
 | resolution | {recipe.resolution} |
 | seed | {recipe.seed} |
@@ -914,7 +1023,7 @@ Pair `i` uses prompt group `i mod {len(recipe.prompt_pairs)}`. The image seeds a
 ## Use
 
 ```bash
-{_shell("accelerate launch " + ("train_duo_sd3.py" if recipe.family == "sd3" else "train_duo.py"), concept_flags(recipe) + ["--pretrained_model_name_or_path", recipe.base_model])} --dataset_name <this folder or repo id>
+{_shell("accelerate launch " + SCRIPT_OF_FAMILY[recipe.family], concept_flags(recipe) + ["--pretrained_model_name_or_path", recipe.base_model])} --dataset_name <this folder or repo id>
 ```
 """
     card_data = DatasetCardData(
@@ -963,6 +1072,8 @@ def reproduce_command(recipe: PairRecipe) -> str:
     ]
     if recipe.detector_threshold is not None:
         parts += ["--verifier_threshold", str(recipe.detector_threshold)]
+    if recipe.true_cfg_scale is not None:
+        parts += ["--true_cfg_scale", str(recipe.true_cfg_scale)]
     return _shell("python -m duo_plugin.pairs", parts)
 
 
@@ -992,10 +1103,21 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
         "--guidance_scale",
         type=float,
         default=None,
-        help="classifier-free guidance of both images; preset default 7.5",
+        help="classifier-free guidance of both images; preset default 7.5. FLUX.1: the guidance embedding's value "
+        "(default 3.5, FLUX.1-dev; FLUX.1-schnell has none)",
     )
     group.add_argument(
-        "--num_inference_steps", type=int, default=None, help="default: the base pipeline's (50 SD 1.x/2.x, 28 SD3)"
+        "--true_cfg_scale",
+        type=float,
+        default=None,
+        help=f"FLUX.1 only: true classifier-free guidance of the SDEdit edit, with the unsafe prompt as negative "
+        f"prompt (must be above 1); default {FLUX_TRUE_CFG_SCALE}",
+    )
+    group.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="default: the base pipeline's (50 SD 1.x/2.x and SDXL, 28 SD3 and FLUX.1-dev; 4 for FLUX.1-schnell)",
     )
     group.add_argument(
         "--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, help="attempts per pair before giving it up"
@@ -1027,7 +1149,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, for_training: bool
         type=str,
         default="auto",
         choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 on GPU, fp32 on CPU",
+        help="auto: fp16 on GPU (bf16 for FLUX.1), fp32 on CPU",
     )
     if for_training:
         group.add_argument(

@@ -7,6 +7,9 @@ pipe = DUOPipeline.from_pretrained("someone/sd14-duo-nudity", dtype=torch.float1
 pipe = DUOPipeline.from_pretrained({"nudity": "a/b", "blood": "c/d"}, adapter_weights={"blood": 0.8}, fuse=True)
 ```
 
+Every family the training scripts train (``families.FAMILY_NAMES``: Stable Diffusion 1.x/2.x and XL, Stable
+Diffusion 3, FLUX.1) loads the same way.
+
 Each adapter's ``duo_config.json`` (written by the training scripts) names the base model, its revision
 and its architecture. Everything is checked from config files before any weight is read: an adapter
 trained on another architecture is refused, and so is an adapter that offers only pickle weights
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import DUOError, UsageError
-from .families import pipeline_family
+from .families import FAMILY_NAMES, SCRIPT_OF_FAMILY, pipeline_family
 from .hub import hub_error, offline_mode
 from .lora import LORA_WEIGHT_NAME
 from .noise import no_text_encoder_lora_notice
@@ -35,8 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "Stable Diffusion 3"}
-DENOISER_OF_FAMILY = {"sd": "unet", "sd3": "transformer"}
+# Every family a training script trains: {family: its name}.
+SUPPORTED_FAMILIES = dict(FAMILY_NAMES)
+DENOISER_OF_FAMILY = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+# Families whose prediction type (ε or v) is a setting of the base's scheduler, so part of what an adapter needs;
+# SD3 and FLUX always predict a flow-matching velocity.
+SCHEDULER_PREDICTION_FAMILIES = ("sd", "sdxl")
 # Architecture entries that describe the model rather than a shape read from the denoiser's config.
 DESCRIPTIVE_ARCHITECTURE_KEYS = {"family", "pipeline_class", "denoiser", "prediction_type"}
 # Loading options that would run code from a repository: never forwarded.
@@ -77,6 +84,20 @@ class DUOAdapter:
 
 def _is_offline(local_files_only: Optional[bool]) -> bool:
     return offline_mode(local_files_only)
+
+
+def _listing(items: Sequence[str], last: str = "and") -> str:
+    """``a, b and c``."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+def _training_scripts() -> str:
+    """The training scripts with the families each trains, from ``families.SCRIPT_OF_FAMILY``."""
+    families_of_script: Dict[str, List[str]] = {}
+    for family, script in SCRIPT_OF_FAMILY.items():
+        families_of_script.setdefault(script, []).append(FAMILY_NAMES[family])
+    return _listing([f"{script} ({', '.join(names)})" for script, names in families_of_script.items()], "or")
 
 
 def _pickle_refusal(source: str, pickle_files: List[str], weight_name: str) -> UsageError:
@@ -137,7 +158,7 @@ def _check_adapter_config(config: dict, source: str) -> str:
         family = architecture.get("family") if isinstance(architecture, dict) else None
         raise UsageError(
             f"adapter {source} is for model family {family!r}; duo_plugin loads {', '.join(SUPPORTED_FAMILIES)} adapters: "
-            f"re-train it with train_duo.py or train_duo_sd3.py"
+            f"re-train it with {_training_scripts()}"
         )
     if not isinstance(config.get("concept"), str) or not config["concept"]:
         raise UsageError(f"{DUO_CONFIG_NAME} of adapter {source} names no concept: re-run the training script")
@@ -154,7 +175,7 @@ def _fetch_local_adapter(folder: str) -> DUOAdapter:
     config_path = os.path.join(folder, DUO_CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise UsageError(
-            f"{folder} has no {DUO_CONFIG_NAME}: it is not a DUO adapter folder (train one with train_duo.py), "
+            f"{folder} has no {DUO_CONFIG_NAME}: it is not a DUO adapter folder (train one with {_training_scripts()}), "
             f"or load a plain LoRA with pipe.load_lora_weights"
         )
     config = _read_config(config_path, folder)
@@ -213,7 +234,7 @@ def _fetch_hub_adapter(repo_id: str, revision: Optional[str], cache_dir, token, 
         if offline:
             raise _hub_error(error, repo_id, revision, "adapter", offline) from error
         raise UsageError(
-            f"adapter {repo_id} has no {DUO_CONFIG_NAME}: it is not a DUO adapter (train one with train_duo.py), "
+            f"adapter {repo_id} has no {DUO_CONFIG_NAME}: it is not a DUO adapter (train one with {_training_scripts()}), "
             f"or load a plain LoRA with pipe.load_lora_weights"
         ) from error
     except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear line
@@ -268,7 +289,7 @@ def _family_or_refuse(pipeline_class: str, base: str) -> str:
     if family not in SUPPORTED_FAMILIES:
         raise UsageError(
             f"base {base} is a {pipeline_class}; DUO adapters apply to "
-            f"{' and '.join(SUPPORTED_FAMILIES.values())} pipelines: give such a base with base_model="
+            f"{_listing(list(SUPPORTED_FAMILIES.values()))} pipelines: give such a base with base_model="
         )
     return family
 
@@ -327,7 +348,7 @@ def read_base_architecture(
                 f"cannot read {denoiser}/config.json of base {base} ({type(error).__name__}): is it a complete diffusers pipeline?"
             ) from error
     architecture = {"family": family, "pipeline_class": pipeline_class, "denoiser": denoiser, **dict(denoiser_config)}
-    if family == "sd":
+    if family in SCHEDULER_PREDICTION_FAMILIES:
         scheduler_class = _diffusers_class(model_index.get("scheduler") or (None, None), base, "scheduler")
         try:
             scheduler_config = scheduler_class.load_config(base, subfolder="scheduler", **hub)
@@ -354,7 +375,7 @@ def pipeline_architecture(pipe) -> dict:
         "denoiser": denoiser,
         **dict(getattr(pipe, denoiser).config),
     }
-    if family == "sd":
+    if family in SCHEDULER_PREDICTION_FAMILIES:
         architecture["prediction_type"] = pipe.scheduler.config.get("prediction_type", "epsilon")
     return architecture
 
@@ -626,8 +647,9 @@ class DUOPipeline:
     """Loads a stock diffusers pipeline with DUO adapters; ``DUOPipeline`` itself is never instantiated.
 
     Like diffusers' AutoPipeline classes, ``from_pretrained`` returns the base's own pipeline class
-    (e.g. ``StableDiffusionPipeline``), with the adapters listed by ``active_concepts(pipe)`` and the
-    records (source, commit, config) in ``pipe.duo_concepts``.
+    (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``),
+    with the adapters listed by ``active_concepts(pipe)`` and the records (source, commit, config) in
+    ``pipe.duo_concepts``.
     """
 
     expected_family: Optional[str] = None
@@ -701,9 +723,12 @@ class DUOPipeline:
             **hub,
         )
         if cls.expected_family and architecture["family"] != cls.expected_family:
+            own_class = _BASE_FIRST_CLASS_OF_FAMILY.get(architecture["family"])
             raise UsageError(
                 f"{cls.__name__} loads {SUPPORTED_FAMILIES[cls.expected_family]} bases, but {base_model} is a "
-                f"{architecture['pipeline_class']}: use DUOPipeline.from_pretrained"
+                f"{architecture['pipeline_class']}: use "
+                + (f"{own_class.__name__}.from_pretrained or " if own_class else "")
+                + "DUOPipeline.from_pretrained"
             )
         for adapter in fetched:
             check_compatible(adapter, architecture, base_model)
@@ -722,11 +747,9 @@ class DUOPipeline:
         return _attach(pipe, fetched, weights, fuse)
 
 
-class DUOStableDiffusionPipeline(DUOPipeline):
-    """``DUOStableDiffusionPipeline.from_pretrained(base, duo_adapters=...)``: a stock ``StableDiffusionPipeline``
-    (SD 1.x/2.x) with DUO adapters, for code that names its base first."""
-
-    expected_family = "sd"
+class _BaseFirstDUOPipeline(DUOPipeline):
+    """``from_pretrained(base, duo_adapters=...)``: the base first, as diffusers' own pipeline classes take it;
+    the base must be of ``expected_family``."""
 
     @classmethod
     def from_pretrained(
@@ -752,8 +775,40 @@ class DUOStableDiffusionPipeline(DUOPipeline):
         )
 
 
+class DUOStableDiffusionPipeline(_BaseFirstDUOPipeline):
+    """``DUOStableDiffusionPipeline.from_pretrained(base, duo_adapters=...)``: a stock ``StableDiffusionPipeline``
+    (SD 1.x/2.x) with DUO adapters, for code that names its base first."""
+
+    expected_family = "sd"
+
+
 class DUOStableDiffusion3Pipeline(DUOStableDiffusionPipeline):
     """``DUOStableDiffusion3Pipeline.from_pretrained(base, duo_adapters=...)``: a stock ``StableDiffusion3Pipeline``
     with DUO adapters."""
 
     expected_family = "sd3"
+
+
+class DUOStableDiffusionXLPipeline(_BaseFirstDUOPipeline):
+    """``DUOStableDiffusionXLPipeline.from_pretrained(base, duo_adapters=...)``: a stock ``StableDiffusionXLPipeline``
+    with DUO adapters."""
+
+    expected_family = "sdxl"
+
+
+class DUOFluxPipeline(_BaseFirstDUOPipeline):
+    """``DUOFluxPipeline.from_pretrained(base, duo_adapters=...)``: a stock ``FluxPipeline`` (FLUX.1 [dev] or
+    [schnell]) with DUO adapters."""
+
+    expected_family = "flux"
+
+
+_BASE_FIRST_CLASS_OF_FAMILY = {
+    klass.expected_family: klass
+    for klass in (
+        DUOStableDiffusionPipeline,
+        DUOStableDiffusionXLPipeline,
+        DUOStableDiffusion3Pipeline,
+        DUOFluxPipeline,
+    )
+}

@@ -54,11 +54,26 @@ class FamilyRecipe:
     t_max: int
     # "self_attn": the UNet's attn1 only (the official SD1 choice); "attn": every attention projection.
     lora_target: str
+    default_resolution: int = 512
+    from_paper: bool = True
 
 
 FAMILY_RECIPES = {
     "sd": FamilyRecipe(base_learning_rate=3e-4, t_min=0, t_max=750, lora_target="self_attn"),
     "sd3": FamilyRecipe(base_learning_rate=3e-5, t_min=1, t_max=750, lora_target="attn"),
+    # Not from the paper (it trains SD1.4 and SD3 only). SDXL is SD1's kind of model (DDPM ε-prediction over 1000
+    # steps, a UNet whose self-attention carries the image's layout), so the timestep window, the LoRA placement and
+    # λ's scaling are SD1's. Its UNet has ~3x SD1's self-attention layers (70 transformer blocks against 16), so an
+    # equal per-layer step moves the output further: the rate is a third of SD1's (1e-4 at β = 100, the rate of
+    # diffusers' SDXL LoRA DreamBooth). 1024 px, SDXL's native size.
+    "sdxl": FamilyRecipe(
+        base_learning_rate=1e-4, t_min=0, t_max=750, lora_target="self_attn", default_resolution=1024, from_paper=False
+    ),
+    # Not from the paper. FLUX.1 is SD3's kind of model (rectified flow over the same shifted sigma table, shift 3, an
+    # MMDiT with joint attention), so SD3's recipe carries over: σ-table indices [1, 750), LoRA on the image-stream
+    # attention projections, 3e-5 at β = 100, λ derived at σ = 1 from the official SD3 strength (the tables' last
+    # entries coincide). 512 px as the official SD3 run.
+    "flux": FamilyRecipe(base_learning_rate=3e-5, t_min=1, t_max=750, lora_target="attn", from_paper=False),
 }
 
 # The official runs: rank-32 LoRA with alpha = rank, 1 pair x 4 GPUs per optimizer step (here: 4 accumulated micro-steps).

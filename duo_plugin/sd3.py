@@ -4,28 +4,18 @@ pass, the adapter's file.
 ``train_duo_sd3.py`` shows the loop; these are the pieces of its step that benchmarks and tests use too.
 """
 
+import functools
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import torch
 
 from . import objective
 from .errors import UsageError
 from .families import base_has_t5
-from .lora import LORA_WEIGHT_NAME, adapters_disabled
-
-
-@dataclass
-class PromptEmbeddings:
-    """SD3 prompt embeddings (CLIP-L, CLIP-G and T5 tokens) and pooled projections, on the CPU."""
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    index: Dict[str, int]
-
-    def __call__(self, prompts: List[str]):
-        rows = torch.tensor([self.index[prompt] for prompt in prompts])
-        return self.prompt_embeds[rows], self.pooled_prompt_embeds[rows]
+from .lora import LORA_WEIGHT_NAME
+from .prompts import PromptEmbeddings, encode_once, pair_condition
+from .step import FamilyStep, StepSettings, duo_losses
 
 
 def load_text_pipeline(args, transformer, dtype):
@@ -53,7 +43,6 @@ def load_text_pipeline(args, transformer, dtype):
     )
 
 
-@torch.no_grad()
 def encode_prompts_once(args, prompts: List[str], transformer, device, dtype, batch_size: int = 8) -> PromptEmbeddings:
     """Encode every prompt the run will need, then free all text encoders (T5-XXL alone is ~9.5 GB in fp16).
 
@@ -62,28 +51,31 @@ def encode_prompts_once(args, prompts: List[str], transformer, device, dtype, ba
     """
     from diffusers.training_utils import free_memory
 
-    unique = list(dict.fromkeys(prompts))
+    encode_batch = _prompt_encoder(args, transformer, device, dtype)
+    embeddings = encode_once(prompts, encode_batch, batch_size)
+    del encode_batch  # the only reference to the text encoders
+    free_memory()
+    return embeddings
+
+
+def _prompt_encoder(args, transformer, device, dtype):
     text_pipeline = load_text_pipeline(args, transformer, dtype)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(text_pipeline, name) is not None:
             getattr(text_pipeline, name).to(device)
-    prompt_embeds, pooled_prompt_embeds = [], []
-    for start in range(0, len(unique), batch_size):
+
+    def encode_batch(batch):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(
-            unique[start : start + batch_size],
+            batch,
             None,
             None,
             device=device,
             do_classifier_free_guidance=False,
             max_sequence_length=args.max_sequence_length,
         )
-        prompt_embeds.append(embeds.float().cpu())
-        pooled_prompt_embeds.append(pooled.float().cpu())
-    del text_pipeline
-    free_memory()
-    return PromptEmbeddings(
-        torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds), {p: i for i, p in enumerate(unique)}
-    )
+        return embeds, pooled
+
+    return encode_batch
 
 
 @dataclass
@@ -206,42 +198,62 @@ def make_duo_batch(
     )
 
 
+def predict(transformer, batch: DUOBatch, device, dtype, precondition_outputs: bool = True) -> torch.Tensor:
+    """The transformer's velocity, or with ``precondition_outputs`` the clean-latent estimate x_σ − σ·v̂."""
+    model_input = batch.model_input.to(device, dtype=dtype)
+    prediction = transformer(
+        hidden_states=model_input,
+        timestep=batch.timesteps.to(device),
+        encoder_hidden_states=batch.prompt_embeds.to(device, dtype=dtype),
+        pooled_projections=batch.pooled_prompt_embeds.to(device, dtype=dtype),
+        return_dict=False,
+    )[0]
+    if precondition_outputs:
+        return objective.precondition_flow_matching_output(
+            prediction.float(), model_input.float(), batch.sigmas.to(device)
+        )
+    return prediction
+
+
+def family_step(
+    args, latents_cache, noise_scheduler, embeddings: PromptEmbeddings, run_data, retain=None, predict_fn=None
+) -> FamilyStep:
+    """The SD3 half of ``duo_plugin.step``: batches drawn as ``make_duo_batch`` with the run's flags; ``run_data``
+    (a ``training.RunData``) gives the pairs' prompts and the objective. FLUX passes its own ``predict_fn``."""
+    variant = run_data.variant
+
+    def make_batch(pair_indices, generator):
+        return make_duo_batch(
+            latents_cache,
+            pair_indices,
+            generator,
+            noise_scheduler,
+            args,
+            embeddings([""]),
+            pair_condition(embeddings, run_data.unsafe_prompts, pair_indices),
+            variant.pair_conditions,
+            retain,
+            variant.retain_conditions,
+        )
+
+    if predict_fn is None:
+        predict_fn = functools.partial(predict, precondition_outputs=bool(args.precondition_outputs))
+    return FamilyStep(make_batch, predict_fn)
+
+
 def duo_forward(
     accelerator, transformer, batch, beta_dpo, preservation_weight, weight_dtype, precondition_outputs, variant=None
 ):
-    """The reference forward (adapter off, unwrapped model, no grad) and the adapted forward over one batch;
-    ``variant`` (an ``objective.VariantSettings``) adds the concept-specific objective's pieces."""
-    model = accelerator.unwrap_model(transformer)
-    device = accelerator.device
-    model_input = batch.model_input.to(device, dtype=weight_dtype)
-    inputs = {
-        "hidden_states": model_input,
-        "timestep": batch.timesteps.to(device),
-        "encoder_hidden_states": batch.prompt_embeds.to(device, dtype=weight_dtype),
-        "pooled_projections": batch.pooled_prompt_embeds.to(device, dtype=weight_dtype),
-        "return_dict": False,
-    }
-    with torch.no_grad(), accelerator.autocast(), adapters_disabled(model):
-        ref_prediction = model(**inputs)[0]
-    with accelerator.autocast():
-        model_prediction = transformer(**inputs)[0]
-    if precondition_outputs:
-        sigmas = batch.sigmas.to(device)
-        ref_prediction = objective.precondition_flow_matching_output(
-            ref_prediction.float(), model_input.float(), sigmas
-        )
-        model_prediction = objective.precondition_flow_matching_output(
-            model_prediction.float(), model_input.float(), sigmas
-        )
-    return objective.concept_losses(
-        model_prediction,
-        ref_prediction,
-        batch.target.to(device),
-        batch.layout,
-        beta_dpo,
-        preservation_weight,
-        weighting=batch.weighting.to(device),
-        **(variant.loss_kwargs() if variant is not None else {}),
+    """The reference and adapted forward over one batch and the DUO losses (``duo_plugin.step.duo_losses``)."""
+    settings = StepSettings(
+        beta_dpo, preservation_weight, weight_dtype, variant=variant or objective.VariantSettings()
+    )
+    return duo_losses(
+        accelerator,
+        transformer,
+        functools.partial(predict, precondition_outputs=precondition_outputs),
+        batch,
+        settings,
     )
 
 
@@ -299,3 +311,34 @@ def flow_matching_config(args) -> dict:
         "max_sequence_length": args.max_sequence_length,
         "timestep_range_indexes": "the scheduler's descending sigma table (index 0: sigma = 1)",
     }
+
+
+def validation_pipeline(noise_scheduler):
+    """``make(transformer, vae)``: SD3's text-to-image pipeline without text encoders (prompts come as embeddings),
+    with a scheduler of its own (set_timesteps must not touch the training table)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    def make(transformer, vae):
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config),
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+
+    return make
+
+
+def describe_flow_matching(args) -> str:
+    """The log line of a flow-matching run's σ draw and preservation placement."""
+    return (
+        f"σ-table indices [{args.t_min}, {args.t_max}), weighting = {args.weighting_scheme}, "
+        f"preconditioned = {bool(args.precondition_outputs)}; preservation at σ = {args.preservation_sigma:.4g} with "
+        f"λ = {args.preservation_weight:g} (effective weight {args.preservation_effective_weight:g}, the official "
+        f"SD3 run's {args.official_preservation_effective_weight:g})"
+    )

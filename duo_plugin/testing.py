@@ -103,7 +103,15 @@ def _calibrate_scaling_factor(vae, resolution: int, seed: int = 0) -> float:
     return float(1.0 / (mean - shift).std())
 
 
-def tiny_vae(resolution: int, latent_channels: int = 4, seed: int = 0, shift_factor: Optional[float] = None):
+def tiny_vae(
+    resolution: int,
+    latent_channels: int = 4,
+    seed: int = 0,
+    shift_factor: Optional[float] = None,
+    use_quant_conv: bool = True,
+):
+    """A two-level AutoencoderKL (vae scale factor 2); ``use_quant_conv=False`` as FLUX's VAE, which has neither
+    quant_conv nor post_quant_conv."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -118,6 +126,8 @@ def tiny_vae(resolution: int, latent_channels: int = 4, seed: int = 0, shift_fac
         norm_num_groups=4,
         sample_size=resolution,
         shift_factor=shift_factor,
+        use_quant_conv=use_quant_conv,
+        use_post_quant_conv=use_quant_conv,
     )
     make_vae_nearly_deterministic(vae)
     vae.register_to_config(scaling_factor=_calibrate_scaling_factor(vae, resolution, seed))
@@ -301,6 +311,163 @@ def make_tiny_sd3_pipeline(output_dir: str, with_t5: bool = True, resolution: in
         tokenizer_2=tiny_clip_tokenizer(),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def _tiny_clip_text_config(tokenizer, hidden_size: int, projection_dim: Optional[int] = None):
+    """A 2-layer CLIP text config over the tiny CLIP tokenizer (eos is token 1: pooling takes the first eos)."""
+    from transformers import CLIPTextConfig
+
+    kwargs = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+        **kwargs,
+    )
+
+
+def make_tiny_sdxl_pipeline(output_dir: str, resolution: int = 32, seed: int = 0) -> str:
+    """Build and save a tiny Stable Diffusion XL pipeline; returns ``output_dir``.
+
+    The shapes follow SDXL's wiring: a CLIPTextModel and a CLIPTextModelWithProjection of different widths,
+    whose penultimate hidden states, concatenated, fill the UNet's ``cross_attention_dim`` (768 + 1280 = 2048
+    in SDXL, 16 + 32 here); the UNet's ``text_time`` added condition takes the second encoder's pooled
+    projection and 6 micro-conditioning time ids of ``addition_time_embed_dim`` each, so
+    ``projection_class_embeddings_input_dim`` = 6 x 8 + 32 (6 x 256 + 1280 = 2816 in SDXL); 4 latent channels,
+    linear projections in the transformer blocks, and SDXL's EulerDiscreteScheduler (scaled-linear betas
+    0.00085-0.012, leading spacing, steps offset 1).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    hidden_size, hidden_size_2, time_embed_dim = 16, 32, 8
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, hidden_size))
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_clip_text_config(tokenizer_2, hidden_size_2, projection_dim=hidden_size_2)
+    )
+    vae = tiny_vae(resolution, seed=seed)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // vae_scale_factor,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=hidden_size + hidden_size_2,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + hidden_size_2,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=False,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def make_tiny_flux_pipeline(output_dir: str, resolution: int = 32, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """Build and save a tiny FLUX.1 pipeline; returns ``output_dir``.
+
+    The shapes follow FLUX.1's wiring: a CLIPTextModel whose pooled output fills ``pooled_projection_dim``
+    (768 in FLUX.1, 16 here), a T5 encoder of width ``joint_attention_dim`` (4096, 32 here), a VAE with 16 latent
+    channels, a shift factor and no quant convs, a transformer of patch size 1 whose ``in_channels`` is 4 x 16
+    because the pipeline packs 2x2 latent patches into tokens, rotary axes summing to ``attention_head_dim``
+    ((16, 56, 56) of 128, (4, 6, 6) of 16 here), a guidance embedding unless ``guidance_embeds=False``
+    (FLUX.1-dev has one, FLUX.1-schnell none), and FLUX.1's flow-matching scheduler with resolution-dependent
+    shift (base 0.5 at 256 image tokens to 1.15 at 4096).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_hidden_size, joint_attention_dim, latent_channels = 16, 32, 16
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, clip_hidden_size))
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=joint_attention_dim,
+            d_kv=8,
+            d_ff=2 * joint_attention_dim,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = tiny_vae(resolution, latent_channels=latent_channels, seed=seed, shift_factor=0.1, use_quant_conv=False)
+    torch.manual_seed(seed + 4)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=clip_hidden_size,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipeline.save_pretrained(output_dir)
     return output_dir

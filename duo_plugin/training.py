@@ -1,15 +1,21 @@
-"""The run around the loop both training scripts show: accelerator, optimizer, the finite-loss guard."""
+"""The run around the loop every training script shows: accelerator, optimizer, the finite-loss guard, the data
+read before any weight, checkpoints and logs of each optimizer step, and the adapter saved at the end."""
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from accelerate.logging import get_logger
 
-from .arguments import check_environment_args
+from .arguments import check_environment_args, resolve_training_args
 from .distributed import check_distributed_setup, cpu_only_multi_process
-from .errors import TrainingHalted
 from .precision import torch_dtype
+from .step import Optimization, check_finite, duo_micro_step  # noqa: F401 - check_finite: the scripts' name
+
+
+logger = get_logger("duo_plugin.training")
 
 
 def setup_logging(accelerator):
@@ -73,19 +79,6 @@ def make_optimizer(args, params):
     )
 
 
-def check_finite(accelerator, loss: torch.Tensor, step: int, last_checkpoint: Optional[str]):
-    """Stop on a NaN/inf loss on any process, before it reaches the weights."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-        raise TrainingHalted(
-            f"loss became non-finite at step {step}; {kept}. Lower --learning_rate, --beta_dpo or --preservation_weight (λ) "
-            f"(or use bf16 instead of fp16) and resume with --resume_from_checkpoint latest"
-        )
-
-
 def tracker_config(args) -> dict:
     """The run's flags as tracker hyper-parameters: lists and None become strings, which every tracker accepts."""
     return {
@@ -97,3 +90,280 @@ def tracker_config(args) -> dict:
 def average_logs(micro_step_logs: List[dict]) -> dict:
     """One optimizer step's values: the mean over its micro-steps."""
     return {key: sum(row[key] for row in micro_step_logs) / len(micro_step_logs) for key in micro_step_logs[0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run around the step, the same for every family: flags → data → optimizer → loop → adapter
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_run_args(args, families, script: str):
+    """Checks that need nothing loaded, the base model's family (read from its model_index.json only), and the
+    flags filled from the concept's preset and that family's recipe. Returns ``(preset, pipeline_class, family)``.
+
+    Bad flags are refused before the model is looked up: they are checked once as the script's first family would
+    resolve them, then again as the detected family does."""
+    import copy
+
+    from . import memory, validation
+    from .families import detect_pipeline_class, require_family
+
+    families = (families,) if isinstance(families, str) else tuple(families)
+    check_environment_args(args)
+    provisional = copy.deepcopy(args)
+    resolve_training_args(provisional, families[0])
+    validation.check_training_args(provisional)
+    memory.check_cpu_run(args)  # before any download
+    pipeline_class = detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    family = require_family(pipeline_class, families, script)
+    preset = resolve_training_args(args, family)
+    validation.check_training_args(args)
+    return preset, pipeline_class, family
+
+
+@dataclass
+class RunData:
+    """What the run trains on, read (or generated) before any model weight is loaded."""
+
+    pairs: object  # data.PairImages
+    pair_fingerprint: dict
+    variant: object  # objective.VariantSettings
+    retain_images: list = field(default_factory=list)
+    retain_prompts: list = field(default_factory=list)
+
+    @property
+    def unsafe_prompts(self):
+        """Each pair's unsafe prompt where the objective conditions on it, else None."""
+        return self.pairs.unsafe_prompts if any(c != "empty" for c in self.variant.pair_conditions) else None
+
+
+def load_run_data(args, preset, pipeline_class: str, accelerator, sampler_guidance: Optional[float] = None) -> RunData:
+    """The pairs (generated when missing), the measured t_max with ``--t_max auto``, the objective and its retain set.
+
+    ``sampler_guidance``: the classifier-free guidance w of the guided preference (default: the pair recipe's)."""
+    from . import retain, run_guard, timing
+    from .arguments import needs_unsafe_prompts, variant_settings
+    from .errors import UsageError
+    from .pairs import get_pair_images
+
+    # Pairs first: bad data is refused before any model weight is loaded.
+    pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    pair_fingerprint = pairs.fingerprint()
+    run_guard.check_resume_pairs(args, pair_fingerprint)
+    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=args.t_max)
+    if needs_unsafe_prompts(args) and pairs.unsafe_prompts is None:
+        raise UsageError(
+            "--preference_conditions prompt/guided (or --condition_on_prompts) needs an unsafe_prompt column in the pair data"
+        )
+    if sampler_guidance is None:
+        sampler_guidance = args.guidance_scale or preset.guidance_scale
+    variant = variant_settings(args, guidance_scale=sampler_guidance)
+    run_data = RunData(pairs, pair_fingerprint, variant)
+    if variant.uses_retain:
+        run_data.retain_images, run_data.retain_prompts, args.retain_record = retain.get_retain_set(
+            args, preset, pipeline_class, accelerator, conditions=variant.retain_conditions
+        )
+    return run_data
+
+
+def prompts_to_encode(args, preset, run_data: RunData) -> List[str]:
+    """Every prompt the run needs encoded: the empty prompt, the pairs' and the retain set's, the validation ones."""
+    prompts = [""]
+    if not args.skip_validation:
+        prompts += list(args.validation_prompts) + list(preset.unrelated_prompts)
+    if run_data.unsafe_prompts is not None:
+        prompts += list(run_data.unsafe_prompts)
+    return prompts + list(run_data.retain_prompts)
+
+
+def check_timestep_range(args, num_train_timesteps: int, what: str = ""):
+    from .errors import UsageError
+
+    if not 0 <= args.t_min < args.t_max <= num_train_timesteps:
+        raise UsageError(f"--t_min/--t_max must satisfy 0 <= t_min < t_max <= {num_train_timesteps}{what}")
+
+
+def step_settings(args, accelerator, variant):
+    from .step import StepSettings
+
+    return StepSettings(
+        beta_dpo=args.beta_dpo,
+        preservation_weight=args.preservation_weight,
+        weight_dtype=weight_dtype_for(accelerator),
+        max_grad_norm=args.max_grad_norm,
+        variant=variant,
+    )
+
+
+class TrainingRun:
+    """The prepared denoiser, optimizer and LR schedule of a run, resumed where asked, and what each optimizer step
+    writes: progress bar, trackers, metrics.jsonl, the saturation warning, checkpoints."""
+
+    def __init__(self, args, accelerator, denoiser, save_lora_weights, lora_prefix: str, run_data: RunData):
+        from diffusers.optimization import get_scheduler
+
+        from . import checkpoints, outputs, run_guard, saturation
+
+        self.args, self.accelerator, self.run_data = args, accelerator, run_data
+        self.settings = step_settings(args, accelerator, run_data.variant)
+        self.lora_params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.checkpoint_size = run_guard.check_free_space(args, self.lora_params)
+        optimizer = make_optimizer(args, self.lora_params)
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            # A prepared scheduler steps once per process per optimizer step.
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=args.max_train_steps * accelerator.num_processes,
+            num_cycles=args.lr_num_cycles,
+            power=args.lr_power,
+        )
+        self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+        self.optimization = Optimization(
+            accelerator, self.denoiser, self.optimizer, self.lr_scheduler, self.lora_params
+        )
+        self.model = accelerator.unwrap_model(self.denoiser)
+        checkpoints.register_adapter_state_hooks(accelerator, self.model, save_lora_weights, lora_prefix=lora_prefix)
+
+        self.first_step = 0
+        self.last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        if self.last_checkpoint is not None:
+            accelerator.print(f"Resuming from {self.last_checkpoint}")
+            self.first_step = checkpoints.load_checkpoint(accelerator, self.last_checkpoint)
+
+        if accelerator.is_main_process:
+            accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
+        self.metrics = outputs.MetricsLog(
+            os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl"),
+            accelerator.is_main_process,
+            append=self.last_checkpoint is not None,
+        )
+        self.metrics.truncate_after(self.first_step)
+        # Warns once if the preference loss saturates before the unsafe images' denoising error has moved.
+        self.saturation_watch = saturation.SaturationWatch(enabled=accelerator.is_main_process)
+        self.progress_bar = None
+
+    def micro_step(self, family_step, step: int, micro_step: int):
+        """``duo_plugin.step.duo_micro_step`` on this micro-step's pairs and random draws."""
+        pair_indices, generator = self.micro_step_draws(step, micro_step)
+        return duo_micro_step(
+            self.optimization, family_step, self.settings, pair_indices, generator, step + 1, self.last_checkpoint
+        )
+
+    def start(self, title: str, details: str = ""):
+        from tqdm.auto import tqdm
+
+        args, accelerator = self.args, self.accelerator
+        pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(f"***** Running DUO training ({title}) *****")
+        logger.info(
+            f"  Concept = {args.concept}, pairs = {len(self.run_data.pairs)}, β = {args.beta_dpo:g}, "
+            f"λ = {args.preservation_weight:g}, lr = {args.learning_rate:g}"
+        )
+        logger.info(
+            f"  Pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps} (from {self.first_step})"
+        )
+        if details:
+            logger.info(f"  {details}")
+        self.progress_bar = tqdm(
+            range(args.max_train_steps),
+            initial=self.first_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        return range(self.first_step, args.max_train_steps)
+
+    def micro_step_draws(self, step: int, micro_step: int):
+        """The pairs of a micro-step and the generator of its random draws (its own, so resuming is exact)."""
+        from . import data
+
+        args, accelerator = self.args, self.accelerator
+        generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
+        pair_indices = data.pair_indices_for_step(
+            len(self.run_data.pairs),
+            step,
+            micro_step,
+            args.gradient_accumulation_steps,
+            args.train_batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            args.seed,
+        )
+        return pair_indices, generator
+
+    def end_step(self, global_step: int, micro_step_logs: List[dict]):
+        """Log the optimizer step and save a checkpoint when one is due."""
+        from . import checkpoints, run_guard
+
+        args, accelerator = self.args, self.accelerator
+        self.progress_bar.update(1)
+        logs = average_logs(micro_step_logs)
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        self.progress_bar.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs['implicit_acc']:.2f}")
+        accelerator.log(logs, step=global_step)
+        self.metrics.write(global_step, logs)
+        self.saturation_watch.update(global_step, logs)
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            settings = run_guard.run_settings(args, accelerator, self.run_data.pair_fingerprint)
+            self.last_checkpoint = checkpoints.save_checkpoint(
+                accelerator,
+                args.output_dir,
+                global_step,
+                args.checkpoints_total_limit,
+                settings,
+                self.checkpoint_size,
+            )
+
+    def validation_due(self, global_step: int) -> bool:
+        args = self.args
+        return (
+            bool(args.validation_steps)
+            and global_step % args.validation_steps == 0
+            and global_step < args.max_train_steps
+        )
+
+    def finish(self):
+        self.progress_bar.close()
+        self.accelerator.wait_for_everyone()
+
+    def save_adapter(self, save_lora_weights, architecture: dict, target_modules: List[str], extra=None) -> dict:
+        """The adapter, then ``duo_config.json`` (before anything optional can fail, so the folder loads)."""
+        from . import outputs
+        from .lora import lora_state_dict
+
+        outputs.save_adapter(
+            self.args.output_dir,
+            lambda folder: save_lora_weights(folder, lora_state_dict(self.model), self.model),
+            self.last_checkpoint,
+        )
+        return outputs.write_duo_config(self.args.output_dir, self.args, architecture, target_modules, extra=extra)
+
+
+def cache_latents(args, accelerator, vae, run_data: RunData, dtype):
+    """The pair latents and, with a retain set, the retain images' latents, encoded once; the VAE then leaves the
+    accelerator until validation. Returns ``(latents_cache, retain_latents or None)``."""
+    from diffusers.training_utils import free_memory
+
+    from . import data, retain
+
+    vae.requires_grad_(False)
+    vae.to(accelerator.device, dtype=dtype)
+    latents_cache = data.encode_pairs(
+        vae,
+        run_data.pairs,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        device=accelerator.device,
+        dtype=dtype,
+        progress=accelerator.is_local_main_process,
+    )
+    retain_latents = None
+    if run_data.variant.uses_retain:
+        retain_latents = retain.encode_retain_latents(
+            vae, run_data.retain_images, args.resolution, accelerator.device, dtype
+        )
+    vae.to("cpu")
+    free_memory()
+    return latents_cache, retain_latents

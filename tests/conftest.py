@@ -44,6 +44,20 @@ def tiny_sd_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from duo_plugin.testing import make_tiny_sdxl_pipeline
+
+    return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from duo_plugin.testing import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny_flux")))
+
+
+@pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory):
     from duo_plugin.testing import make_tiny_pair_folder
 

@@ -316,14 +316,18 @@ STEP_TOLERANCE = 1e-3 * official_learning_rate()
 
 
 def run_ours(world, args, unet, num_steps=NUM_STEPS):
-    """train_duo.py's loop with its own pieces: accelerator, optimizer factory, LR schedule, batch, forward,
-    backward, clip, step. Returns the micro-step batches, losses, pre-clip norms, weights after each step, lrs."""
+    """train_duo.py's loop with its own pieces: accelerator, optimizer factory, LR schedule, and the micro-step every
+    script runs (``duo_plugin.step.duo_micro_step`` with SD's batch and forward). Returns the micro-step batches,
+    losses, pre-clip norms, weights after each step, lrs."""
     from diffusers.optimization import get_scheduler
+
+    from duo_plugin.objective import VariantSettings
+    from duo_plugin.prompts import PromptEmbeddings
+    from duo_plugin.step import Optimization, duo_micro_step
 
     reset_accelerate_state()
     try:
         accelerator = training.create_accelerator(args)
-        weight_dtype = training.weight_dtype_for(accelerator)
         lora_params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = training.make_optimizer(args, lora_params)
         lr_scheduler = get_scheduler(
@@ -336,6 +340,12 @@ def run_ours(world, args, unet, num_steps=NUM_STEPS):
         )
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         model = accelerator.unwrap_model(unet)
+        optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, lora_params)
+        # The paper's objective: the pairs under the empty prompt, so the run needs no pair images beyond the cache.
+        run_data = training.RunData(pairs=None, pair_fingerprint={}, variant=VariantSettings())
+        embeddings = PromptEmbeddings((world.empty,), {"": 0})
+        family_step = sd.family_step(args, world.cache, world.scheduler, embeddings, run_data)
+        settings = training.step_settings(args, accelerator, run_data.variant)
         record = {"batches": [], "losses": [], "grad_norms": [], "weights": [], "lrs": []}
         for step in range(num_steps):
             step_batches, step_losses = [], []
@@ -351,19 +361,11 @@ def run_ours(world, args, unet, num_steps=NUM_STEPS):
                     accelerator.num_processes,
                     args.seed,
                 )
-                with accelerator.accumulate(unet):
-                    batch = make_batch(world, args, pair_indices, generator)
-                    losses = sd.duo_forward(
-                        accelerator, unet, batch, args.beta_dpo, args.preservation_weight, weight_dtype
-                    )
-                    accelerator.backward(losses.loss)
-                    if accelerator.sync_gradients:
-                        record["grad_norms"].append(accelerator.clip_grad_norm_(lora_params, args.max_grad_norm))
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_batches.append((batch, pair_indices))
-                step_losses.append(losses.loss.detach())
+                result = duo_micro_step(optimization, family_step, settings, pair_indices, generator, step + 1)
+                if result.grad_norm is not None:
+                    record["grad_norms"].append(result.grad_norm)
+                step_batches.append((result.batch, pair_indices))
+                step_losses.append(result.losses.loss.detach())
             record["batches"].append(step_batches)
             record["losses"].append(torch.stack(step_losses))
             record["weights"].append(lora_snapshot(model))

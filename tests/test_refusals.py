@@ -82,10 +82,17 @@ def test_sd3_model_points_to_sd3_script(train_duo_main, tiny_pairs, tmp_path, ca
     assert "train_duo_sd3.py" in line
 
 
-def test_sdxl_model_is_unsupported(train_duo_main, tiny_pairs, tmp_path, capsys):
-    model = fake_pipeline(tmp_path / "sdxl", "StableDiffusionXLPipeline")
+def test_flux_model_points_to_flux_script(train_duo_main, tiny_pairs, tmp_path, capsys):
+    model = fake_pipeline(tmp_path / "flux", "FluxPipeline")
     line = refuse(train_duo_main, tiny_train_args(model, tiny_pairs, tmp_path / "o"), capsys)
-    assert "SDXL" in line and "not supported" in line
+    assert "FLUX.1" in line and "train_duo_flux.py" in line
+
+
+def test_unknown_family_names_every_script(train_duo_main, tiny_pairs, tmp_path, capsys):
+    model = fake_pipeline(tmp_path / "kandinsky", "KandinskyV22Pipeline")
+    line = refuse(train_duo_main, tiny_train_args(model, tiny_pairs, tmp_path / "o"), capsys)
+    assert "not supported" in line
+    assert all(script in line for script in ("train_duo.py", "train_duo_sd3.py", "train_duo_flux.py"))
 
 
 def test_fp16_on_cpu(train_duo_main, tiny_sd, tiny_pairs, tmp_path, capsys):
