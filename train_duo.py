@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from duo_plugin import arguments, fidelity, lora, memory, outputs, run_guard, samples, sd, training
+from duo_plugin import arguments, fidelity, lora, memory, outputs, quantization, run_guard, samples, sd, training
 from duo_plugin.errors import exit_on_usage_error
 from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import add_generation_arguments
@@ -62,8 +62,15 @@ def main(argv=None):
         args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps)
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **model_kwargs
+    unet = quantization.load_quantized(
+        lambda: UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="unet",
+            variant=args.variant,
+            **quantization.denoiser_load_kwargs(args.quantize_base, weight_dtype, device),
+            **model_kwargs,
+        ),
+        args.quantize_base,
     )
     unet.requires_grad_(False)
 
@@ -85,7 +92,7 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    unet.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+    quantization.to_device(unet, device, None if weight_dtype == torch.float32 else weight_dtype)
     target_modules = lora.prepare_denoiser_for_training(args, unet)
     family_step = sd.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents, family)
     run = training.TrainingRun(args, accelerator, unet, sd.save_lora_weights, "unet", run_data)

@@ -21,7 +21,19 @@ import argparse
 
 import torch
 
-from duo_plugin import arguments, fidelity, flux, lora, memory, outputs, run_guard, samples, sd3, training
+from duo_plugin import (
+    arguments,
+    fidelity,
+    flux,
+    lora,
+    memory,
+    outputs,
+    quantization,
+    run_guard,
+    samples,
+    sd3,
+    training,
+)
 from duo_plugin.errors import exit_on_usage_error
 from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import FLUX_TRUE_CFG_SCALE, add_generation_arguments
@@ -68,12 +80,16 @@ def main(argv=None):
     fidelity.resolve_sd3_preservation(
         args, noise_scheduler, preservation_weight_given, official=fidelity.sd3_reference_scheduler(noise_scheduler)
     )
-    transformer = FluxTransformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="transformer",
-        variant=args.variant,
-        dtype=weight_dtype,
-        **model_kwargs,
+    transformer = quantization.load_quantized(
+        lambda: FluxTransformer2DModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="transformer",
+            variant=args.variant,
+            dtype=weight_dtype,
+            **quantization.denoiser_load_kwargs(args.quantize_base, weight_dtype, device),
+            **model_kwargs,
+        ),
+        args.quantize_base,
     )
     transformer.requires_grad_(False)
     guidance = flux.training_guidance(args, transformer)
@@ -90,7 +106,7 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd3.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    transformer.to(device)
+    quantization.to_device(transformer, device)
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
     family_step = flux.family_step(
         args, latents_cache, noise_scheduler, embeddings, run_data, guidance, retain_latents

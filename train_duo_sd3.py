@@ -30,7 +30,7 @@ import argparse
 
 import torch
 
-from duo_plugin import arguments, fidelity, lora, memory, outputs, run_guard, samples, sd3, training
+from duo_plugin import arguments, fidelity, lora, memory, outputs, quantization, run_guard, samples, sd3, training
 from duo_plugin.errors import exit_on_usage_error
 from duo_plugin.families import base_has_t5
 from duo_plugin.help_defaults import show_defaults
@@ -76,12 +76,16 @@ def main(argv=None):
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps, " (indices into the sigma table)")
     fidelity.resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given)
-    transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="transformer",
-        variant=args.variant,
-        dtype=weight_dtype,
-        **model_kwargs,
+    transformer = quantization.load_quantized(
+        lambda: SD3Transformer2DModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="transformer",
+            variant=args.variant,
+            dtype=weight_dtype,
+            **quantization.denoiser_load_kwargs(args.quantize_base, weight_dtype, device),
+            **model_kwargs,
+        ),
+        args.quantize_base,
     )
     transformer.requires_grad_(False)
 
@@ -98,7 +102,7 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd3.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    transformer.to(device)
+    quantization.to_device(transformer, device)
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
     family_step = sd3.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents)
     run = training.TrainingRun(args, accelerator, transformer, sd3.save_lora_weights, "transformer", run_data)

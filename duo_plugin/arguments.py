@@ -21,6 +21,7 @@ from .presets import (
     preservation_weight_for_beta,
     with_overrides,
 )
+from .quantization import add_quantization_argument
 from .retain import DEFAULT_NUM_RETAIN_IMAGES
 
 
@@ -180,6 +181,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     train.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; default equals the rank")
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--use_8bit_adam", action="store_true")
+    add_quantization_argument(train)
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     train.add_argument("--allow_tf32", action="store_true")
@@ -232,6 +234,8 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
         raise UsageError(
             "--report_to wandb with --hub_token would expose the token in the run's config: log in with `hf auth login` instead"
         )
+    if args.quantize_base != "none" and not is_bitsandbytes_available():
+        raise UsageError(f"--quantize_base {args.quantize_base} needs bitsandbytes: pip install bitsandbytes")
     if args.use_8bit_adam and not is_bitsandbytes_available():
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():

@@ -17,6 +17,7 @@ from . import objective, sd3
 from .errors import UsageError
 from .lora import LORA_WEIGHT_NAME
 from .prompts import PromptEmbeddings, encode_once
+from .quantization import text_quantization_config, to_device
 from .step import FamilyStep
 
 
@@ -50,9 +51,12 @@ def _prompt_encoder(args, transformer, device, dtype):
         variant=args.variant,
         cache_dir=args.cache_dir,
         dtype=dtype,
+        quantization_config=text_quantization_config(
+            getattr(args, "quantize_base", "none"), dtype, ["text_encoder_2"]
+        ),
     )
     text_pipeline.text_encoder.to(device)
-    text_pipeline.text_encoder_2.to(device)
+    to_device(text_pipeline.text_encoder_2, device)
 
     def encode_batch(batch):
         embeds, pooled, _ = text_pipeline.encode_prompt(

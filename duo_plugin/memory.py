@@ -14,16 +14,19 @@ re-scans every module's statistics on every operator (seconds become minutes on 
 has no category for LoRA parameters; ``MemTracker`` on *real* tensors is the independent measurement the
 tests compare the estimate with (``measure_training_step``).
 
-What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_duo_sd3.py``):
+What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_duo_sd3.py`` /
+``train_duo_flux.py``; families: SD1/2 and SDXL UNets, SD3 and FLUX.1 transformers):
 
 * **Resident weights.** The frozen denoiser in the mixed-precision dtype (fp32 without mixed precision),
   buffers included and cast as ``from_pretrained(dtype=...)`` casts them (SD3.5's 384² positional embedding
   is a 0.45 GB bf16 buffer). Ours frees the encoders after
-  caching: SD1/2 moves the VAE and text encoder to the CPU, SD3 deletes the text encoders and keeps its
-  fp32 VAE on the CPU. ``encoders_resident`` keeps them on the GPU (the benchmark's "kept" case). The
-  re-created official step (``benchmarks/benchmark_step.py``) keeps the VAE and every text encoder on the
-  GPU and calls them every step: both pair images VAE-encoded (the SD3 VAE in fp32), the empty prompt
-  encoded by CLIP (SD3: CLIP-L, CLIP-G and T5-XXL at ``max_sequence_length`` tokens).
+  caching: SD1/2 moves the VAE and text encoder to the CPU; SDXL, SD3 and FLUX delete the text encoders
+  after encoding every prompt once and keep their VAE (fp32 while caching: SD3's latents are sensitive,
+  SDXL's VAE overflows in fp16) on the CPU. ``encoders_resident`` keeps them on the GPU (the benchmark's
+  "kept" case). The re-created official step (``benchmarks/benchmark_step.py``) keeps the VAE and every
+  text encoder on the GPU and calls them every step: both pair images VAE-encoded (SDXL's, SD3's and
+  FLUX's VAE in fp32), the empty prompt encoded by CLIP (SDXL: CLIP-L and CLIP-G; SD3: CLIP-L, CLIP-G and
+  T5-XXL at ``max_sequence_length`` tokens; FLUX: CLIP-L and T5-XXL).
 * **LoRA and optimizer state.** LoRA parameters are fp32 (``cast_lora_params_to_fp32``), built by the
   same ``lora.add_duo_adapter`` on the same target modules. AdamW keeps two fp32 moments per LoRA
   weight; its step runs ``foreach`` (PyTorch's default on CUDA), whose intermediate lists are counted as
@@ -32,8 +35,12 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   256-element block for each moment, smaller ones two fp32 moments (bitsandbytes' ``min_8bit_size``); its
   fused kernel updates in place, so its step adds no temporaries.
 * **The batch.** One micro-step is the concatenated batch [x⁻_t; x⁺_t; x_T] of 3·B samples
-  (B = ``--train_batch_size`` pairs) at resolution/8 (SD3: 16 latent channels), its conditioning (77 CLIP
-  tokens; SD3: 77 + ``max_sequence_length`` tokens) and the fp32 targets of the 2·B pair images.
+  (B = ``--train_batch_size`` pairs) at resolution/8 (SD3, FLUX: 16 latent channels; FLUX packs 2×2
+  patches into tokens, [3·B, (H/2)(W/2), 64] at H = resolution/8, and the loss unpacks them), its
+  conditioning (77 CLIP tokens; SDXL: + the pooled CLIP-G projection and 6 time ids; SD3: 77 +
+  ``max_sequence_length`` tokens; FLUX: ``max_sequence_length`` T5 tokens, 77 by default, the pooled CLIP-L
+  vector, text and image position ids and, for [dev], the fp32 guidance vector) and the fp32 targets of the
+  2·B pair images.
 * **Activations.** The reference forward runs under ``no_grad`` with the adapter disabled: its
   activations are freed as it goes and only its (3·B) prediction stays. The adapted forward keeps what
   autograd saves for the backward; with ``--gradient_checkpointing`` diffusers' non-reentrant checkpoint
@@ -62,11 +69,14 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   memory.
 * **The run's peak.** Training peaks at the maximum of the step and of the in-training validation (the
   VAE, and for SD1/2 the text encoder, come back to the GPU beside the LoRA and its optimizer state;
-  2 images with classifier-free guidance; ``--skip_validation`` drops it). Pair generation
+  2 images with classifier-free guidance, FLUX without; ``--skip_validation`` drops it). Pair generation
   (``python -m duo_plugin.pairs``: the whole text-to-image and img2img pipelines resident in fp16, 4 pairs
   per call, CFG) and evaluation (``python -m duo_plugin.evaluate``: 8 images per call, CFG; the detectors
   are not included) are estimated the same way, under ``no_grad``, as the maximum over their phases
-  (text encoders, one denoiser call, VAE encode/decode).
+  (text encoders, one denoiser call, VAE encode/decode). FLUX.1's pipelines use no CFG (dev's guidance is
+  distilled into its guidance embedding) and T5 at 512 tokens (SD3's: 256). SDXL's pipelines upcast an
+  fp16 VAE whose config says ``force_upcast`` (SDXL-base's) to fp32 for the decode and img2img's encode;
+  an fp16-safe VAE (``--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix``) stays in fp16.
 
 ``estimate_training_step`` and friends return a ``MemoryEstimate``; ``check_training_memory(args, family)``
 is what the training scripts call at start-up.
@@ -111,9 +121,32 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------------
 
 
+# What each family's training script adapts by default (--lora_target): the UNet's self-attention, or every
+# attention projection of the transformer (SD3's joint attention, FLUX's double and single blocks).
+DEFAULT_LORA_TARGET = {"sd": "self_attn", "sdxl": "self_attn", "sd3": "attn", "flux": "attn"}
+TRAINING_SCRIPT = {
+    "sd": "train_duo.py",
+    "sdxl": "train_duo.py",
+    "sd3": "train_duo_sd3.py",
+    "flux": "train_duo_flux.py",
+}
+# T5 tokens of the inference pipelines' prompts (their max_sequence_length defaults).
+INFERENCE_T5_TOKENS = {"sd3": 256, "flux": 512}
+FLUX_TRAINING_T5_TOKENS = 77  # the FLUX run's --max_sequence_length default, as train_duo_sd3.py's
+# The text encoders each family's pipeline has, in model_index.json's names.
+TEXT_ENCODER_NAMES = {
+    "sd": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+    "flux": ("text_encoder", "text_encoder_2"),
+}
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size
+
+
 @dataclass
 class BaseModelConfigs:
-    """The configs a DUO run builds its models from; ``family`` is "sd" (UNet) or "sd3" (MMDiT)."""
+    """The configs a DUO run builds its models from; ``family`` is "sd" (SD1/2 UNet), "sdxl" (SDXL UNet),
+    "sd3" (MMDiT) or "flux" (FLUX.1 transformer)."""
 
     family: str
     denoiser: dict
@@ -148,21 +181,53 @@ def _read_config(path: str, subfolder: str, filename: str, revision=None, cache_
         return json.load(f)
 
 
+def denoiser_family(config: dict, is_transformer: bool) -> str:
+    """ "flux" (FluxTransformer2DModel) or "sd3" for a transformer config; "sdxl" (a UNet conditioned on pooled text
+    embeddings and time ids, ``addition_embed_type: text_time``) or "sd" for a UNet config."""
+    if is_transformer:
+        flux = config.get("_class_name", "").startswith("Flux") or "num_single_layers" in config
+        return "flux" if flux else "sd3"
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def _read_vae_config(vae_path: str, revision=None, cache_dir=None) -> Optional[dict]:
+    """A separate VAE's config (e.g. madebyollin/sdxl-vae-fp16-fix): a folder or Hub id with config.json, or the
+    config file itself."""
+    if os.path.isfile(vae_path):
+        with open(vae_path) as f:
+            return json.load(f)
+    if os.path.isdir(vae_path):
+        return _read_config(vae_path, "", "config.json") or _read_config(vae_path, "vae", "config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = hf_hub_download(vae_path, "config.json", revision=revision, cache_dir=cache_dir)
+    except Exception as error:
+        raise UsageError(
+            f"cannot read config.json of the VAE {vae_path!r} ({type(error).__name__}): give a folder, a config file, "
+            f"or a Hub id that is cached or reachable"
+        ) from None
+    with open(local) as f:
+        return json.load(f)
+
+
 def load_base_model_configs(
-    path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+    path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None, vae_path: Optional[str] = None
 ) -> BaseModelConfigs:
+    """The base model's configs; ``vae_path`` replaces its VAE's (a separate, e.g. fp16-safe, VAE)."""
     read = lambda sub, name="config.json": _read_config(path, sub, name, revision, cache_dir)  # noqa: E731
     transformer = read("transformer")
     unet = None if transformer is not None else read("unet")
     if transformer is None and unet is None:
         raise UsageError(
-            f"{path!r} has neither a unet nor a transformer config: give a Stable Diffusion 1.x/2.x or SD3 base"
+            f"{path!r} has neither a unet nor a transformer config: give a Stable Diffusion 1.x/2.x, SDXL, SD3 or "
+            f"FLUX.1 base"
         )
-    family = "sd3" if transformer is not None else "sd"
-    vae = read("vae")
+    family = denoiser_family(transformer or unet, is_transformer=transformer is not None)
+    vae = read("vae") if vae_path is None else _read_vae_config(vae_path, revision, cache_dir)
     if vae is None:
         raise UsageError(f"{path!r} has no vae config")
-    names = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
+    names = TEXT_ENCODER_NAMES[family]
     model_index = read(".", "model_index.json") if not os.path.isdir(path) else None
     text_encoders = {}
     for name in names:
@@ -412,9 +477,11 @@ def _quiet():
 
 
 def build_denoiser(configs: BaseModelConfigs, dtype: torch.dtype):
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    model_class = SD3Transformer2DModel if configs.family == "sd3" else UNet2DConditionModel
+    model_class = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(
+        configs.family, UNet2DConditionModel
+    )
     with _default_dtype(dtype):
         model = model_class.from_config(configs.denoiser)
     # from_pretrained(dtype=...) casts floating buffers too (SD3's positional embedding is built in fp32).
@@ -441,7 +508,7 @@ def add_adapter(denoiser, settings: TrainingMemorySettings, family: str) -> List
     """The DUO adapter exactly as the training scripts add it (same targets, fp32 LoRA weights)."""
     from . import lora
 
-    lora_target = settings.lora_target or ("attn" if family == "sd3" else "self_attn")
+    lora_target = settings.lora_target or DEFAULT_LORA_TARGET[family]
     lora.add_duo_adapter(denoiser, settings.rank, settings.rank, lora.lora_target_modules(denoiser, lora_target))
     lora.cast_lora_params_to_fp32(denoiser)
     return [p for p in denoiser.parameters() if p.requires_grad]
@@ -520,7 +587,9 @@ def _build_training_models(
 ) -> _Models:
     """The run's models; with ``fake_mode``, built on the meta device and turned into fake CPU tensors."""
     weight_dtype = HALF_DTYPES.get(settings.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if configs.family == "sd3" else weight_dtype  # train_duo_sd3.py keeps its VAE in fp32
+    # train_duo_sd3.py keeps its VAE in fp32 (SD3's latents are sensitive); so do the SDXL (its VAE overflows in
+    # fp16) and FLUX runs.
+    vae_dtype = torch.float32 if configs.family in ("sdxl", "sd3", "flux") else weight_dtype
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
         denoiser = build_denoiser(configs, weight_dtype)
         if settings.gradient_checkpointing:
@@ -574,12 +643,48 @@ def clip_length(configs: BaseModelConfigs) -> int:
     return min(77, configs.text_encoders.get("text_encoder", {}).get("max_position_embeddings", 77))
 
 
-def _condition_shapes(configs: BaseModelConfigs, settings: TrainingMemorySettings, batch: int):
-    """(prompt embeddings shape, pooled shape or None) the denoiser is conditioned on."""
+def _is_t5(config: dict) -> bool:
+    return config.get("model_type") == "t5" or (config.get("architectures") or [""])[0].startswith("T5")
+
+
+def _uses_cfg(family: str) -> bool:
+    """FLUX.1's pipelines sample without classifier-free guidance (dev has the guidance distilled into its
+    guidance embedding, schnell none): their batch is not doubled."""
+    return family != "flux"
+
+
+def _encode_prompt(configs: BaseModelConfigs, name: str, encoder, batch: int, t5_tokens: int):
+    """One text encoder's call on ``batch`` prompts, as the family's pipeline calls it: CLIP at 77 tokens, T5 at
+    ``t5_tokens``; SD3 and SDXL take CLIP's penultimate hidden states (all hidden states are returned), FLUX takes
+    CLIP's pooled output and T5's last layer."""
+    config = configs.text_encoders[name]
+    clip_tokens = min(clip_length(configs), config.get("max_position_embeddings", 77))
+    ids = torch.zeros(batch, t5_tokens if _is_t5(config) else clip_tokens, dtype=torch.long)
+    return encoder(ids, output_hidden_states=configs.family in ("sd3", "sdxl"))
+
+
+def _denoiser_config(configs: BaseModelConfigs, models=None) -> dict:
+    """The denoiser's config with the class defaults filled in (the built model's), else the file's."""
+    return dict(models.denoiser.config) if models is not None else configs.denoiser
+
+
+def sdxl_pooled_dim(unet_config: dict) -> int:
+    """The pooled text embedding SDXL's UNet takes: its added-condition input less the time ids' embeddings
+    (2816 − 6·256 = 1280, CLIP-G's projection)."""
+    return (
+        unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
+    )
+
+
+def _condition_shapes(configs: BaseModelConfigs, t5_tokens: int, batch: int, models=None):
+    """(prompt embeddings shape, pooled shape or None) the denoiser is conditioned on. SD3 concatenates the CLIP
+    and T5 tokens; FLUX's tokens are T5's alone (CLIP-L gives only the pooled vector)."""
+    config = _denoiser_config(configs, models)
     if configs.family == "sd":
-        return (batch, clip_length(configs), configs.denoiser["cross_attention_dim"]), None
-    config = configs.denoiser
-    tokens = clip_length(configs) + settings.max_sequence_length
+        return (batch, clip_length(configs), config["cross_attention_dim"]), None
+    if configs.family == "sdxl":
+        return (batch, clip_length(configs), config["cross_attention_dim"]), (batch, sdxl_pooled_dim(config))
+    tokens = t5_tokens if configs.family == "flux" else clip_length(configs) + t5_tokens
     return (batch, tokens, config["joint_attention_dim"]), (batch, config["pooled_projection_dim"])
 
 
@@ -589,15 +694,64 @@ def _latent_shape(configs: BaseModelConfigs, resolution: int, batch: int):
     return (batch, channels, size, size)
 
 
-def _denoise(models: _Models, model_input, timesteps, condition, pooled):
+def _denoiser_input_shape(configs: BaseModelConfigs, resolution: int, batch: int):
+    """The latents as the denoiser takes them: FLUX packs 2×2 patches into tokens, (B, (h/2)·(w/2), 4·C)."""
+    batch, channels, size, _ = _latent_shape(configs, resolution, batch)
+    if configs.family != "flux":
+        return (batch, channels, size, size)
+    return (batch, (size // 2) ** 2, 4 * channels)
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """``FluxPipeline._pack_latents``: (B, C, h, w) -> (B, (h/2)·(w/2), 4·C), a copy."""
+    batch, channels, height, width = latents.shape
+    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def _unpack(latents: torch.Tensor, size: int) -> torch.Tensor:
+    """``FluxPipeline._unpack_latents``: the inverse of ``_pack`` for a square latent of ``size``, a copy."""
+    batch, _, packed_channels = latents.shape
+    channels = packed_channels // 4
+    latents = latents.view(batch, size // 2, size // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels, size, size)
+
+
+FLUX_GUIDANCE_SCALE = 3.5  # FLUX.1-dev's guidance embedding input (diffusers' FLUX scripts' default)
+
+
+def _extra_inputs(configs: BaseModelConfigs, models, resolution: int, batch: int, t5_tokens: int, dtype) -> dict:
+    """The denoiser's inputs beyond latents, timesteps and prompt embeddings: SDXL's time ids (original size,
+    crop, target size); FLUX's position ids of the image and text tokens and, for a guidance-distilled model
+    ([dev]), the fp32 guidance vector."""
+    if configs.family == "sdxl":
+        return {"time_ids": torch.randn(batch, SDXL_TIME_IDS, dtype=dtype)}
+    if configs.family != "flux":
+        return {}
+    size = resolution // vae_scale_factor(configs.vae)
+    extra = {
+        "img_ids": torch.zeros((size // 2) ** 2, 3, dtype=dtype),
+        "txt_ids": torch.zeros(t5_tokens, 3, dtype=dtype),
+    }
+    if _denoiser_config(configs, models).get("guidance_embeds"):
+        extra["guidance"] = torch.full((batch,), FLUX_GUIDANCE_SCALE)
+    return extra
+
+
+def _denoise(models: _Models, model_input, timesteps, condition, pooled, extra: Optional[dict] = None):
+    extra = extra or {}
     if models.family == "sd":
         return models.denoiser(model_input, timesteps, condition).sample
+    if models.family == "sdxl":
+        added = {"text_embeds": pooled, "time_ids": extra["time_ids"]}
+        return models.denoiser(model_input, timesteps, condition, added_cond_kwargs=added).sample
     return models.denoiser(
         hidden_states=model_input,
         timestep=timesteps,
         encoder_hidden_states=condition,
         pooled_projections=pooled,
         return_dict=False,
+        **extra,
     )[0]
 
 
@@ -605,12 +759,10 @@ def _encode_prompts_every_step(
     configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, num_pairs: int
 ):
     """The official step's text encoding of the empty prompt (no grad)."""
-    outputs = []
-    for name, encoder in models.text_encoders.items():
-        length = settings.max_sequence_length if name == "text_encoder_3" else clip_length(configs)
-        ids = torch.zeros(num_pairs, length, dtype=torch.long)
-        outputs.append(encoder(ids, output_hidden_states=models.family == "sd3"))
-    return outputs
+    return [
+        _encode_prompt(configs, name, encoder, num_pairs, settings.max_sequence_length)
+        for name, encoder in models.text_encoders.items()
+    ]
 
 
 def run_training_step(
@@ -624,6 +776,7 @@ def run_training_step(
 
     num_pairs = settings.train_batch_size
     weight_dtype = models.weight_dtype
+    family = configs.family
     set_phase("activations")
     if settings.recipe == "official":
         with torch.no_grad():
@@ -635,24 +788,33 @@ def run_training_step(
     else:
         latents = torch.randn(_latent_shape(configs, settings.resolution, 2 * num_pairs))
     # make_duo_batch: [x⁻_t; x⁺_t; x_T], the conditioning of 3·B samples, fp32 targets of the 2·B pair images.
-    model_input = torch.cat([latents, torch.randn(_latent_shape(configs, settings.resolution, num_pairs))]).to(
-        weight_dtype
-    )
+    model_input = torch.cat([latents, torch.randn(_latent_shape(configs, settings.resolution, num_pairs))])
+    if family == "flux":
+        model_input = _pack(model_input)
+    model_input = model_input.to(weight_dtype)
     target = torch.randn_like(latents)
+    latent_size = latents.shape[-1]
     del latents
-    timesteps = torch.ones(3 * num_pairs, dtype=torch.long if configs.family == "sd" else torch.float32)
-    condition_shape, pooled_shape = _condition_shapes(configs, settings, 3 * num_pairs)
+    timesteps = torch.ones(3 * num_pairs, dtype=torch.long if family in ("sd", "sdxl") else torch.float32)
+    condition_shape, pooled_shape = _condition_shapes(configs, settings.max_sequence_length, 3 * num_pairs, models)
     condition = torch.randn(condition_shape, dtype=weight_dtype)
     pooled = torch.randn(pooled_shape, dtype=weight_dtype) if pooled_shape else None
+    extra = _extra_inputs(
+        configs, models, settings.resolution, 3 * num_pairs, settings.max_sequence_length, weight_dtype
+    )
 
     autocast = _autocast(settings.mixed_precision)
     with torch.no_grad(), autocast, lora.adapters_disabled(models.denoiser):
-        ref_prediction = _denoise(models, model_input, timesteps, condition, pooled)
+        ref_prediction = _denoise(models, model_input, timesteps, condition, pooled, extra)
     set_phase("activations")  # the adapted forward: the same modules called a second time
     with autocast:
-        model_prediction = _denoise(models, model_input, timesteps, condition, pooled)
+        model_prediction = _denoise(models, model_input, timesteps, condition, pooled, extra)
     model_prediction = model_prediction.float()  # accelerate's convert_outputs_to_fp32
-    if configs.family == "sd3":
+    if family == "flux":  # the loss compares latents in the VAE's layout, as diffusers' FLUX scripts do
+        ref_prediction = _unpack(ref_prediction, latent_size)
+        model_prediction = _unpack(model_prediction, latent_size)
+        model_input = _unpack(model_input, latent_size)
+    if family in ("sd3", "flux"):
         sigmas = torch.rand(3 * num_pairs)
         ref_prediction = objective.precondition_flow_matching_output(
             ref_prediction.float(), model_input.float(), sigmas
@@ -669,31 +831,77 @@ def run_training_step(
     models.optimizer.zero_grad()
 
 
+def _validation_t5_tokens(configs: BaseModelConfigs, settings: TrainingMemorySettings) -> int:
+    """T5 tokens of the validation prompts: FLUX's run encodes them once at its --max_sequence_length; SD3's
+    estimate keeps the pipeline's 256 (an upper bound of its script's --max_sequence_length, 77 by default)."""
+    return settings.max_sequence_length if configs.family == "flux" else INFERENCE_T5_TOKENS.get(configs.family, 0)
+
+
 def run_validation(
     configs: BaseModelConfigs, models: _Models, settings: TrainingMemorySettings, set_phase: Callable[[str], None]
 ):
-    """The in-training validation: VAE (and SD1/2's text encoder) back on the GPU, CFG over
-    ``num_validation_images``, one denoiser call and the VAE decode, all without grad."""
+    """The in-training validation: VAE (and SD1/2's text encoder) back on the GPU, over
+    ``num_validation_images`` (CFG doubles the denoiser's batch, except FLUX's), one denoiser call and the VAE
+    decode, all without grad."""
     batch = settings.num_validation_images
     set_phase("temporaries")
     with torch.no_grad(), _autocast(settings.mixed_precision):
         if configs.family == "sd":
             models.text_encoders["text_encoder"](torch.zeros(2 * batch, clip_length(configs), dtype=torch.long))
-        _run_denoiser_and_vae(configs, models, settings.resolution, batch, models.weight_dtype, encode=False)
+        _run_denoiser_and_vae(
+            configs,
+            models,
+            settings.resolution,
+            batch,
+            models.weight_dtype,
+            encode=False,
+            t5_tokens=_validation_t5_tokens(configs, settings),
+        )
 
 
-def _run_denoiser_and_vae(configs, models: _Models, resolution: int, batch: int, dtype, encode: bool):
-    latents = torch.randn(_latent_shape(configs, resolution, 2 * batch), dtype=dtype)  # CFG doubles the batch
-    condition_shape, pooled_shape = _condition_shapes(configs, TrainingMemorySettings(resolution), 2 * batch)
+def _run_denoiser_and_vae(
+    configs, models: _Models, resolution: int, batch: int, dtype, encode: bool, t5_tokens: int, before_vae=None
+):
+    """One sampling step of ``batch`` images (CFG doubles the denoiser's batch, except FLUX's), ``before_vae()``,
+    then the VAE decode of ``batch`` latents (FLUX's unpacked first) and, with ``encode``, img2img's VAE encoding
+    of ``batch`` images."""
+    rows = 2 * batch if _uses_cfg(configs.family) else batch
+    latents = torch.randn(_denoiser_input_shape(configs, resolution, rows), dtype=dtype)
+    condition_shape, pooled_shape = _condition_shapes(configs, t5_tokens, rows, models)
     condition = torch.randn(condition_shape, dtype=dtype)
     pooled = torch.randn(pooled_shape, dtype=dtype) if pooled_shape else None
-    prediction = _denoise(models, latents, torch.ones(2 * batch), condition, pooled)
-    del prediction, condition, pooled
-    latents = latents[:batch].to(models.vae_dtype)
+    extra = _extra_inputs(configs, models, resolution, rows, t5_tokens, dtype)
+    prediction = _denoise(models, latents, torch.ones(rows), condition, pooled, extra)
+    del prediction, condition, pooled, extra
+    if before_vae is not None:
+        before_vae()
+    latents = latents[:batch]
+    if configs.family == "flux":
+        latents = _unpack(latents, resolution // vae_scale_factor(configs.vae))
+    latents = latents.to(models.vae_dtype)
     models.vae.decode(latents).sample
     if encode:
         pixels = torch.randn(batch, 3, resolution, resolution, dtype=models.vae_dtype)
         models.vae.encode(pixels).latent_dist.sample()
+
+
+def vae_needs_upcast(configs: BaseModelConfigs, dtype: torch.dtype) -> bool:
+    """SDXL's pipelines run an fp16 VAE whose config says ``force_upcast`` (SDXL-base's does: it overflows in fp16)
+    in fp32 for the decode and img2img's encode; an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix, ``force_upcast:
+    false``) stays in fp16. SD3's and FLUX's pipelines never upcast."""
+    return configs.family == "sdxl" and dtype == torch.float16 and configs.vae.get("force_upcast", True)
+
+
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype):
+    """``module.to(dtype)`` for fake tensors (which refuse ``module.to``'s swap): new floating parameters and
+    buffers in place; the old ones are freed with their last reference."""
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None and param.is_floating_point():
+                submodule._parameters[name] = torch.nn.Parameter(param.data.to(dtype), requires_grad=False)
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None and buffer.is_floating_point():
+                submodule._buffers[name] = buffer.to(dtype)
 
 
 def _register_resident(
@@ -730,7 +938,8 @@ def estimate_training(
     models = _build_training_models(configs, settings, need_encoders, fake_mode)
     with fake_mode if fake else contextlib.nullcontext():
         if settings.validation and not with_encoders:
-            # SD3 deletes its text encoders after encoding the prompts once; SD1/2 keeps them on the CPU.
+            # SDXL, SD3 and FLUX delete their text encoders after encoding the prompts once; SD1/2 keeps its
+            # text encoder on the CPU and brings it back.
             models_for_validation = ["vae"] + (["text_encoder"] if configs.family == "sd" else [])
         else:
             models_for_validation = []
@@ -771,8 +980,10 @@ def estimate_inference(
     encode: bool = True,
     rounding: int = ALLOCATOR_ROUNDING,
 ) -> MemoryEstimate:
-    """Peak of generating ``batch_size`` images with CFG, the whole pipeline resident in ``dtype``
-    (pair generation: text-to-image, then img2img, which also VAE-encodes; evaluation: text-to-image)."""
+    """Peak of generating ``batch_size`` images with CFG (FLUX: without), the whole pipeline resident in ``dtype``
+    (pair generation: text-to-image, then img2img, which also VAE-encodes; evaluation: text-to-image). T5 encodes
+    the pipeline's default ``max_sequence_length`` (SD3: 256, FLUX: 512); an SDXL VAE that needs it is upcast to
+    fp32 for the decode and the encode, as the SDXL pipelines do (``vae_needs_upcast``)."""
     _quiet()
     start = time.perf_counter()
     weight_dtype = HALF_DTYPES.get(dtype, torch.float32)
@@ -792,13 +1003,22 @@ def estimate_inference(
             for tensor in list(module.parameters()) + list(module.buffers()):
                 tracker.register(tensor, "weights")
         tracker.category = "activations"
+        t5_tokens = INFERENCE_T5_TOKENS.get(configs.family, 0)
+        prompts = 2 * batch_size if _uses_cfg(configs.family) else batch_size
         with tracker, torch.no_grad():
             for name, encoder in models.text_encoders.items():
-                length = 256 if name == "text_encoder_3" else clip_length(configs)
-                encoder(
-                    torch.zeros(2 * batch_size, length, dtype=torch.long), output_hidden_states=configs.family == "sd3"
-                )
-            _run_denoiser_and_vae(configs, models, resolution, batch_size, weight_dtype, encode=encode)
+                _encode_prompt(configs, name, encoder, prompts, t5_tokens)
+
+            def upcast_vae():  # StableDiffusionXLPipeline.upcast_vae: the VAE's weights become fp32
+                if vae_needs_upcast(configs, weight_dtype):
+                    tracker.category = "weights"
+                    _cast_module(models.vae, torch.float32)
+                    models.vae_dtype = torch.float32
+                    tracker.category = "activations"
+
+            _run_denoiser_and_vae(
+                configs, models, resolution, batch_size, weight_dtype, encode, t5_tokens, before_vae=upcast_vae
+            )
     return MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "generation", time.perf_counter() - start)
 
 
@@ -906,17 +1126,18 @@ def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[s
 
 
 def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings:
-    """The memory-relevant flags of a training command line (train_duo.py / train_duo_sd3.py)."""
+    """The memory-relevant flags of a training command line (train_duo.py / train_duo_sd3.py / train_duo_flux.py)."""
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     settings = TrainingMemorySettings(
         resolution=args.resolution,
         train_batch_size=args.train_batch_size,
         mixed_precision=mixed_precision,
         rank=args.rank,
-        lora_target=args.lora_target or ("attn" if family == "sd3" else "self_attn"),
+        lora_target=args.lora_target or DEFAULT_LORA_TARGET[family],
         gradient_checkpointing=args.gradient_checkpointing,
         use_8bit_adam=args.use_8bit_adam,
-        max_sequence_length=getattr(args, "max_sequence_length", 256),
+        max_sequence_length=getattr(args, "max_sequence_length", None)
+        or (FLUX_TRAINING_T5_TOKENS if family == "flux" else 256),
         num_validation_images=args.num_validation_images,
         validation=not args.skip_validation,
     )
@@ -964,7 +1185,12 @@ def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
     device = int(os.environ.get("LOCAL_RANK", "0"))
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
     try:
-        configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        configs = load_base_model_configs(
+            args.pretrained_model_name_or_path,
+            args.revision,
+            args.cache_dir,
+            vae_path=getattr(args, "pretrained_vae_model_name_or_path", None),
+        )
         settings = settings_from_args(args, family)
         estimate = estimate_training(configs, settings)["run"]
     except UsageError:
@@ -1003,7 +1229,16 @@ def parse_args(argv=None):
     )
     arguments.add_training_arguments(parser, default_model="CompVis/stable-diffusion-v1-4", default_resolution=None)
     parser.add_argument(
-        "--max_sequence_length", type=int, default=256, help="SD3: T5 tokens (train_duo_sd3.py's flag)"
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3/FLUX: T5 tokens of the training prompts (train_duo_sd3.py's flag; default 256 for SD3, 77 for FLUX)",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="a separate VAE (folder, config file or Hub id), e.g. the fp16-safe madebyollin/sdxl-vae-fp16-fix: "
+        "SDXL's pipelines then keep it in fp16 instead of upcasting it to fp32",
     )
     parser.add_argument(
         "--generation_batch_size",
@@ -1044,12 +1279,21 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    configs = load_base_model_configs(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    configs = load_base_model_configs(
+        args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.pretrained_vae_model_name_or_path
+    )
     family = configs.family
+    if args.max_sequence_length is None:
+        args.max_sequence_length = FLUX_TRAINING_T5_TOKENS if family == "flux" else 256
     if args.resolution is None:
-        args.resolution = 1024 if family == "sd3" else 8 * configs.denoiser.get("sample_size", 64)
+        args.resolution = 1024 if family in ("sd3", "flux") else 8 * configs.denoiser.get("sample_size", 64)
     if args.resolution % 8:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8")
+    patch = 2 * vae_scale_factor(configs.vae)
+    if family == "flux" and args.resolution % patch:
+        raise UsageError(
+            f"--resolution {args.resolution} is not a multiple of {patch}: FLUX packs 2x2 patches of the VAE's latents"
+        )
     settings = settings_from_args(args, family)
     all_on = replace(
         settings,
@@ -1058,7 +1302,7 @@ def main(argv=None):
         mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16",
     )
     print(
-        f"{args.pretrained_model_name_or_path} ({'train_duo_sd3.py' if family == 'sd3' else 'train_duo.py'}), {args.resolution} px, "
+        f"{args.pretrained_model_name_or_path} ({TRAINING_SCRIPT[family]}), {args.resolution} px, "
         f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}"
     )
     print(

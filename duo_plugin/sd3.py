@@ -15,6 +15,7 @@ from .errors import UsageError
 from .families import base_has_t5
 from .lora import LORA_WEIGHT_NAME
 from .prompts import PromptEmbeddings, encode_once, pair_condition
+from .quantization import text_quantization_config, to_device
 from .step import FamilyStep, StepSettings, duo_losses
 
 
@@ -39,6 +40,9 @@ def load_text_pipeline(args, transformer, dtype):
         variant=args.variant,
         cache_dir=args.cache_dir,
         dtype=dtype,
+        quantization_config=text_quantization_config(
+            getattr(args, "quantize_base", "none"), dtype, ["text_encoder_3"] if not without_t5 else []
+        ),
         **without_t5,
     )
 
@@ -62,7 +66,7 @@ def _prompt_encoder(args, transformer, device, dtype):
     text_pipeline = load_text_pipeline(args, transformer, dtype)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(text_pipeline, name) is not None:
-            getattr(text_pipeline, name).to(device)
+            to_device(getattr(text_pipeline, name), device)
 
     def encode_batch(batch):
         embeds, _, pooled, _ = text_pipeline.encode_prompt(

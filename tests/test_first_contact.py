@@ -297,7 +297,7 @@ def parser_of(script):
     return module
 
 
-@pytest.mark.parametrize("script", ["train_duo.py", "train_duo_sd3.py"])
+@pytest.mark.parametrize("script", ["train_duo.py", "train_duo_sd3.py", "train_duo_flux.py"])
 def test_help_states_the_defaults(script, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # no line wrapping inside a default
     module = parser_of(script)
@@ -311,8 +311,9 @@ def test_help_states_the_defaults(script, capsys, monkeypatch):
         ("--pretrained_model_name_or_path PRETRAINED_MODEL_NAME_OR_PATH", module.DEFAULT_MODEL),
     ):
         assert re.search(re.escape(flag) + r" .{0,80}default: " + re.escape(default), text), flag
-    resolution = "512"  # both families: SD3 defaults to the official run's 512 px
-    assert re.search(r"--resolution RESOLUTION .{0,40}default: " + resolution, text)
+    # SD3 and FLUX default to the official SD3 run's 512 px; train_duo.py to its family's own size.
+    resolution = "the family's (512 for SD 1.x/2.x, 1024 for SDXL)" if script == "train_duo.py" else "512"
+    assert re.search(r"--resolution RESOLUTION .{0,40}default: " + re.escape(resolution), text)
     assert "default: None" not in text and "default: False" not in text
 
 
