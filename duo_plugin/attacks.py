@@ -238,6 +238,192 @@ def load_concept_images(folder: str, limit: Optional[int] = None):
 
 
 # --------------------------------------------------------------------------------------------------
+# Which attack applies to which model family
+# --------------------------------------------------------------------------------------------------
+
+# The three built attacks work in the CLIP token space a UNet cross-attends to: SD 1.x/2.x (one CLIP encoder) and
+# SDXL (two CLIP encoders over one vocabulary, see TextCondition). Elsewhere they are skipped, for this reason,
+# which duo_plugin.evaluate records in results.json ("skipped_attacks"); the prompt-file attack applies everywhere.
+NOT_APPLICABLE = {
+    "flux": {
+        "ring_a_bell": "Ring-A-Bell searches CLIP tokens to match the CLIP token embeddings a UNet cross-attends to; "
+        "FLUX.1 attends to T5 tokens (CLIP gives it only a pooled vector), so the published attack has no FLUX.1 "
+        "form here: evaluate adversarial prompts made elsewhere as a prompt file (--prompts)",
+        "concept_inversion": "Concept Inversion learns a CLIP token embedding through a UNet's diffusion loss; FLUX.1 "
+        "reads a prompt's tokens through T5 (diffusers' textual inversion reaches only its CLIP encoder, whose "
+        "pooled vector is all the transformer sees of CLIP), and a T5 inversion is not implemented",
+        "unlearndiffatk": "UnlearnDiffAtk optimises prepended CLIP tokens through a UNet's diffusion loss; FLUX.1's "
+        "prompt reaches its transformer through T5 tokens, for which no UnlearnDiffAtk is implemented",
+    },
+    "sd3": {
+        "concept_inversion": "Concept Inversion is implemented for UNet pipelines (SD 1.x/2.x, SDXL); SD3's MMDiT "
+        "reads its prompt through CLIP-L, CLIP-G and T5 together, for which no inversion is implemented",
+        "unlearndiffatk": "UnlearnDiffAtk is implemented for UNet pipelines (SD 1.x/2.x, SDXL); SD3's MMDiT reads "
+        "its prompt through CLIP-L, CLIP-G and T5 together, for which no UnlearnDiffAtk is implemented",
+    },
+}
+
+
+def not_applicable_reason(attack: str, family: str) -> Optional[str]:
+    """Why ``attack`` does not apply to a model of ``family`` (one line), or None when it does."""
+    return NOT_APPLICABLE.get(family, {}).get(attack)
+
+
+# --------------------------------------------------------------------------------------------------
+# The text condition of a UNet pipeline (SD 1.x/2.x, SDXL)
+# --------------------------------------------------------------------------------------------------
+
+
+class TextCondition:
+    """Token ids → the text condition a UNet pipeline's denoiser reads, as the pipeline's ``encode_prompt`` builds it.
+
+    SD 1.x/2.x: one CLIP encoder; its last hidden state (after the final layer norm) is the UNet's
+    ``encoder_hidden_states``. SDXL: two CLIP encoders over one vocabulary (ViT-L and OpenCLIP ViT-bigG); their
+    penultimate hidden states, concatenated on the feature axis, are ``encoder_hidden_states`` (768 + 1280 = 2048
+    wide), and the second's pooled projection with the micro-conditioning time ids (original size, crop corner,
+    target size) is the UNet's added condition. The attacks work on token ids of the first tokenizer, framed for
+    each tokenizer (their padding tokens differ), so one search or one token distribution drives both encoders.
+    """
+
+    def __init__(self, tokenizers, text_encoders, penultimate: bool = False):
+        self.tokenizers, self.text_encoders, self.penultimate = list(tokenizers), list(text_encoders), penultimate
+        if len(self.tokenizers) > 1:
+            first = self.tokenizers[0].get_vocab()
+            if any(t.get_vocab() != first for t in self.tokenizers[1:]):
+                raise UsageError(
+                    "the pipeline's tokenizers have different vocabularies: the attacks need one token space (SDXL's two "
+                    "CLIP tokenizers share theirs)"
+                )
+
+    @classmethod
+    def of(cls, text_encoder, tokenizer=None) -> "TextCondition":
+        """A TextCondition as given, or one CLIP encoder with its tokenizer (SD 1.x/2.x)."""
+        return text_encoder if isinstance(text_encoder, TextCondition) else cls([tokenizer], [text_encoder])
+
+    @classmethod
+    def from_pipe(cls, pipe, attack: str, needs_unet: bool = True) -> "TextCondition":
+        """The pipeline's condition; refuses a pipeline without CLIP encoders (feeding a UNet, unless
+        ``needs_unet`` is False: then a pipeline without a UNet gets its first CLIP encoder alone, as Ring-A-Bell
+        has always scored SD3)."""
+        needed = ("tokenizer", "text_encoder", "unet") if needs_unet else ("tokenizer", "text_encoder")
+        missing = [name for name in needed if getattr(pipe, name, None) is None]
+        if missing:
+            raise UsageError(
+                f"{attack} needs a UNet pipeline with CLIP text encoders (Stable Diffusion 1.x/2.x or XL); "
+                f"{type(pipe).__name__} lacks {', '.join(missing)}"
+            )
+        two = getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "tokenizer_2", None) is not None
+        if two and getattr(pipe, "unet", None) is not None:
+            return cls([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], penultimate=True)
+        return cls([pipe.tokenizer], [pipe.text_encoder])
+
+    @property
+    def tokenizer(self):
+        """The tokenizer whose ids the attacks draw and decode (SDXL: the first; the vocabularies are one)."""
+        return self.tokenizers[0]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) > 1
+
+    @property
+    def device(self):
+        return self.text_encoders[0].device
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(sequence, features) of the condition: a concept vector's shape."""
+        return (self.tokenizer.model_max_length, sum(e.config.hidden_size for e in self.text_encoders))
+
+    def tokenize(self, prompts: Sequence[str]) -> List[torch.Tensor]:
+        return [tokenize(tokenizer, prompts) for tokenizer in self.tokenizers]
+
+    def frame(self, token_ids: torch.Tensor) -> List[torch.Tensor]:
+        """(N, K) token ids framed by each tokenizer: start, the K tokens, end, padding."""
+        return [frame_token_ids(tokenizer, token_ids) for tokenizer in self.tokenizers]
+
+    def encode(self, input_ids: Sequence[torch.Tensor], prefixes: Optional[Sequence[torch.Tensor]] = None):
+        """(encoder_hidden_states, pooled projection or None) of framed ids, one tensor per tokenizer.
+
+        ``prefixes``: one (k, hidden) tensor per encoder, swapped in for the token embeddings at positions 1..k
+        (UnlearnDiffAtk). Gradients flow when the caller enables them.
+        """
+        states, pooled = [], None
+        for index, (encoder, ids) in enumerate(zip(self.text_encoders, input_ids)):
+            handle = None
+            if prefixes is not None:
+                handle = encoder.get_input_embeddings().register_forward_hook(_prefix_hook(prefixes[index]))
+            try:
+                output = encoder(ids.to(encoder.device), output_hidden_states=self.penultimate)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            states.append(output.hidden_states[-2] if self.penultimate else output.last_hidden_state)
+            if self.is_sdxl and index == len(self.text_encoders) - 1:
+                pooled = output.text_embeds  # CLIPTextModelWithProjection's pooled projection
+        return torch.cat(states, dim=-1), pooled
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: Sequence[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+        """The condition's sequence embeddings in fp32, in batches (Ring-A-Bell's distances)."""
+        if not self.is_sdxl:
+            return encode_token_ids(self.text_encoders[0], input_ids[0], batch_size)
+        total = len(input_ids[0])
+        return torch.cat(
+            [
+                self.encode([ids[i : i + batch_size] for ids in input_ids])[0].float()
+                for i in range(0, total, batch_size)
+            ]
+        )
+
+    def unet_kwargs(self, pooled: Optional[torch.Tensor], batch: int, resolution: int, dtype) -> dict:
+        """SDXL's added condition for ``batch`` images of ``resolution``: the pooled projection and the time ids
+        (original size, crop (0, 0), target size), as the pipeline builds them; nothing for SD 1.x/2.x."""
+        if not self.is_sdxl:
+            return {}
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype)
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(dtype).expand(batch, -1),
+                "time_ids": time_ids.to(pooled.device).expand(batch, -1),
+            }
+        }
+
+
+def _prefix_hook(prefix: torch.Tensor):
+    def replace_prefix(module, inputs, output):
+        return torch.cat(
+            [
+                output[:, :1],
+                prefix.unsqueeze(0).to(output.dtype).expand(len(output), -1, -1),
+                output[:, 1 + len(prefix) :],
+            ],
+            dim=1,
+        )
+
+    return replace_prefix
+
+
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Latents of [-1, 1] pixels as the denoiser reads them ((mean − shift)·scale), in fp32. A VAE that overflows
+    in fp16 (SDXL's, ``force_upcast``) encodes in fp32, as its pipelines do."""
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+    dtype = vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        pixels = pixels.to(vae.device, dtype=vae.dtype)
+        latents = torch.cat(
+            [vae.encode(pixels[i : i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)]
+        )
+    finally:
+        if upcast:
+            vae.to(dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+# --------------------------------------------------------------------------------------------------
 # Ring-A-Bell
 # --------------------------------------------------------------------------------------------------
 
@@ -291,11 +477,15 @@ def encode_token_ids(text_encoder, input_ids: torch.Tensor, batch_size: int = 25
 
 
 def concept_vector(text_encoder, tokenizer, concept_pairs: Sequence[Tuple[str, str]]) -> torch.Tensor:
-    """Mean over pairs of E(prompt with the concept) − E(prompt without it), shape (sequence, hidden)."""
+    """Mean over pairs of E(prompt with the concept) − E(prompt without it), shape (sequence, hidden).
+
+    ``text_encoder``: a CLIP text encoder (with its ``tokenizer``) or a ``TextCondition`` (SDXL: E is both
+    encoders' penultimate states, concatenated)."""
     if not concept_pairs:
         raise UsageError("Ring-A-Bell needs at least one (with concept, without concept) prompt pair")
-    with_concept = encode_token_ids(text_encoder, tokenize(tokenizer, [p for p, _ in concept_pairs]))
-    without_concept = encode_token_ids(text_encoder, tokenize(tokenizer, [q for _, q in concept_pairs]))
+    condition = TextCondition.of(text_encoder, tokenizer)
+    with_concept = condition.encode_ids(condition.tokenize([p for p, _ in concept_pairs]))
+    without_concept = condition.encode_ids(condition.tokenize([q for _, q in concept_pairs]))
     return (with_concept - without_concept).mean(dim=0)
 
 
@@ -501,18 +691,24 @@ def ring_a_bell_search(
     vocabulary: Optional[torch.Tensor] = None,
     progress: bool = False,
 ) -> dict:
-    """One adversarial prompt: tokens whose embedding is closest to E(target) + η·c."""
+    """One adversarial prompt: tokens whose embedding is closest to E(target) + η·c.
+
+    ``text_encoder``: a CLIP text encoder (with its ``tokenizer``) or a ``TextCondition``: for SDXL the distance is
+    over the UNet's whole cross-attention input (both encoders' states), the tokens drawn from their one vocabulary.
+    """
+    condition = TextCondition.of(text_encoder, tokenizer)
+    tokenizer = condition.tokenizer
     max_tokens = tokenizer.model_max_length - 2
     if not 1 <= config.length <= max_tokens:
         raise UsageError(f"--ring_a_bell_length {config.length}: this tokenizer fits 1 to {max_tokens} tokens")
     vocabulary = ring_a_bell_vocabulary(tokenizer, config) if vocabulary is None else vocabulary
     if config.search not in RING_A_BELL_SEARCHES:
         raise UsageError(f"--ring_a_bell_search {config.search}: choose from {', '.join(RING_A_BELL_SEARCHES)}")
-    target = encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt]))[0] + config.strength * direction
-    target = target.to(text_encoder.device)
+    target = condition.encode_ids(condition.tokenize([target_prompt]))[0] + config.strength * direction
+    target = target.to(condition.device)
 
     def distance_fn(token_ids):
-        embeddings = encode_token_ids(text_encoder, frame_token_ids(tokenizer, token_ids))
+        embeddings = condition.encode_ids(condition.frame(token_ids))
         return embedding_distance(embeddings, target).cpu()
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -525,9 +721,7 @@ def ring_a_bell_search(
         else token_ids_to_prompt(tokenizer, best_ids.tolist())
     )
     # What the pipeline will see: the prompt tokenized again, scored against the same target.
-    prompt_distance = float(
-        embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [prompt])), target)[0]
-    )
+    prompt_distance = float(embedding_distance(condition.encode_ids(condition.tokenize([prompt])), target)[0])
     return {
         "target": target_prompt,
         "prompt": prompt,
@@ -536,7 +730,7 @@ def ring_a_bell_search(
         "search_distance": best_distance,
         "initial_distance": initial_distance,
         "target_distance": float(
-            embedding_distance(encode_token_ids(text_encoder, tokenize(tokenizer, [target_prompt])), target)[0]
+            embedding_distance(condition.encode_ids(condition.tokenize([target_prompt])), target)[0]
         ),
     }
 
@@ -579,10 +773,12 @@ class InversionConfig:
 @dataclass
 class InversionResult:
     token: str
-    embedding: torch.Tensor
+    embedding: torch.Tensor  # the first (SD: the only) text encoder's row
     initial_loss: float
     final_loss: float
     losses: List[float] = field(default_factory=list)
+    # SDXL: the row of every text encoder, by diffusers' SDXL textual-inversion keys ("clip_l", "clip_g").
+    embeddings: Optional[dict] = None
 
     def to_log(self) -> dict:
         return {
@@ -624,10 +820,14 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer: str)
     return token_id
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion files: one row per text encoder
+
+
 def concept_inversion(pipe, images, config: InversionConfig, progress: bool = False) -> InversionResult:
     """Learn an embedding for ``config.token`` that makes ``pipe`` (as loaded, adapter active) denoise the images.
 
-    Only the new token's embedding row changes. The loss is the model's own diffusion loss
+    Only the new token's embedding row changes (SDXL: its row in each of the two text encoders, learned together,
+    as diffusers' SDXL textual inversion does). The loss is the model's own diffusion loss
     (noise or v target, as it was trained); it is measured before and after on one fixed set of
     (image, prompt, noise, timestep) draws, so the two numbers are comparable.
     """
@@ -639,42 +839,47 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
         raise UsageError(
-            f"concept inversion needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}"
+            f"concept inversion needs a UNet pipeline with CLIP text encoders (Stable Diffusion 1.x/2.x or XL); {type(pipe).__name__} lacks {', '.join(missing)}"
         )
     if not images:
         raise UsageError("concept inversion needs at least one image of the concept")
     if not all("{}" in template for template in config.templates):
         raise UsageError("every --inversion_template needs a {} where the learned token goes")
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    condition = TextCondition.from_pipe(pipe, "concept inversion")
+    unet, vae = pipe.unet, pipe.vae
     device = unet.device
-    model_dtype, text_dtype = unet.dtype, text_encoder.dtype
+    model_dtype = unet.dtype
+    text_dtypes = [encoder.dtype for encoder in condition.text_encoders]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise UsageError(
             f"concept inversion supports epsilon and v-prediction models, not {noise_scheduler.config.prediction_type}"
         )
 
-    token_id = add_placeholder_token(tokenizer, text_encoder, config.token, config.initializer)
+    token_ids = [
+        add_placeholder_token(tokenizer, encoder, config.token, config.initializer)
+        for tokenizer, encoder in zip(condition.tokenizers, condition.text_encoders)
+    ]
     prompts = [template.format(config.token) for template in config.templates]
-    prompt_ids = tokenize(tokenizer, prompts)
-    if not (prompt_ids == token_id).any(dim=1).all():
+    prompt_ids = condition.tokenize(prompts)
+    if not all((ids == token_id).any(dim=1).all() for ids, token_id in zip(prompt_ids, token_ids)):
         raise UsageError(f"the tokenizer splits --inversion_token {config.token}: choose a token like <my-concept>")
 
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *condition.text_encoders):
         module.requires_grad_(False)
     # The embedding trains in fp32 whatever the pipeline's dtype, as in diffusers' textual inversion.
-    text_encoder.to(torch.float32)
-    embeddings = text_encoder.get_input_embeddings().weight
-    embeddings.requires_grad_(True)
-    frozen_rows = torch.arange(len(embeddings), device=embeddings.device) != token_id
-    original_embeddings = embeddings.detach().clone()
+    tables, frozen, originals = [], [], []
+    for encoder, token_id in zip(condition.text_encoders, token_ids):
+        encoder.to(torch.float32)
+        table = encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        tables.append(table)
+        frozen.append(torch.arange(len(table), device=table.device) != token_id)
+        originals.append(table.detach().clone())
 
     resolution = unet.config.sample_size * pipe.vae_scale_factor
     with torch.no_grad():
-        pixels = images_to_pixels(images, resolution).to(device, dtype=vae.dtype)
-        latents = torch.cat([vae.encode(pixels[i : i + 8]).latent_dist.mean for i in range(0, len(pixels), 8)])
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * vae.config.scaling_factor).float()
+        latents = encode_latents(vae, images_to_pixels(images, resolution))
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def draw(count, generator):
@@ -690,8 +895,9 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         target = diffusion_target(noise_scheduler, clean, noise, timesteps)
-        condition = text_encoder(prompt_ids[prompt_index].to(device))[0].to(model_dtype)
-        prediction = unet(noisy.to(model_dtype), timesteps, condition).sample
+        states, pooled = condition.encode([ids[prompt_index] for ids in prompt_ids])
+        extra = condition.unet_kwargs(pooled, len(clean), resolution, model_dtype)
+        prediction = unet(noisy.to(model_dtype), timesteps, states.to(model_dtype), **extra).sample
         return F.mse_loss(prediction.float(), target.float())
 
     evaluation_draws = draw(config.num_eval_draws, torch.Generator().manual_seed(config.seed + 1))
@@ -708,7 +914,7 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
         )
 
     initial_loss = evaluation_loss()
-    optimizer = torch.optim.AdamW([embeddings], lr=config.effective_learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(tables, lr=config.effective_learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
     for _ in tqdm(range(config.num_steps), desc=f"Concept inversion {config.token}", disable=not progress):
@@ -720,13 +926,22 @@ def concept_inversion(pipe, images, config: InversionConfig, progress: bool = Fa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            embeddings[frozen_rows] = original_embeddings[frozen_rows]
+            for table, rows, original in zip(tables, frozen, originals):
+                table[rows] = original[rows]
         losses.append(float(loss.detach()))
-    embeddings.requires_grad_(False)
+    for table in tables:
+        table.requires_grad_(False)
     final_loss = evaluation_loss()
-    text_encoder.to(text_dtype)
+    for encoder, dtype in zip(condition.text_encoders, text_dtypes):
+        encoder.to(dtype)
+    rows = [table[token_id].detach().float().cpu().clone() for table, token_id in zip(tables, token_ids)]
     return InversionResult(
-        config.token, embeddings[token_id].detach().float().cpu().clone(), initial_loss, final_loss, losses
+        config.token,
+        rows[0],
+        initial_loss,
+        final_loss,
+        losses,
+        embeddings=dict(zip(SDXL_EMBEDDING_KEYS, rows)) if condition.is_sdxl else None,
     )
 
 
@@ -736,11 +951,31 @@ def inversion_prompts(config: InversionConfig, num_prompts: int) -> List[str]:
 
 
 def save_learned_embedding(result: InversionResult, path: str):
-    """diffusers' textual inversion format, loadable with ``pipe.load_textual_inversion(path)``."""
+    """diffusers' textual inversion format, loadable with ``pipe.load_textual_inversion(path)``; SDXL: one row per
+    text encoder under "clip_l" and "clip_g", as diffusers' SDXL embeddings are saved (``load_learned_embedding``)."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file({result.token: result.embedding.contiguous()}, path)
+    if result.embeddings:
+        save_file({key: row.contiguous() for key, row in result.embeddings.items()}, path)
+    else:
+        save_file({result.token: result.embedding.contiguous()}, path)
+
+
+def load_learned_embedding(pipe, path: str, token: str):
+    """Load a learned token into ``pipe``: SD's one row, or SDXL's row per text encoder."""
+    from safetensors.torch import load_file
+
+    rows = load_file(path)
+    if set(rows) == set(SDXL_EMBEDDING_KEYS):
+        pipe.load_textual_inversion(
+            rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+    else:
+        pipe.load_textual_inversion(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -811,19 +1046,7 @@ def encode_with_prefix_embeddings(text_encoder, input_ids: torch.Tensor, prefix:
     The token-embedding layer's output is swapped in a forward hook, so the rest of the encoder
     (positions, causal mask, final norm) runs exactly as for a tokenized prompt.
     """
-    layer = text_encoder.get_input_embeddings()
-
-    def replace_prefix(module, inputs, output):
-        return torch.cat(
-            [
-                output[:, :1],
-                prefix.unsqueeze(0).to(output.dtype).expand(len(output), -1, -1),
-                output[:, 1 + len(prefix) :],
-            ],
-            dim=1,
-        )
-
-    handle = layer.register_forward_hook(replace_prefix)
+    handle = text_encoder.get_input_embeddings().register_forward_hook(_prefix_hook(prefix))
     try:
         return text_encoder(input_ids.to(text_encoder.device))[0]
     finally:
@@ -853,6 +1076,10 @@ def unlearndiffatk(
 ) -> dict:
     """One prompt attacked against ``pipe`` (as loaded: adapter active, or another method's UNet).
 
+    SDXL: one distribution per position over the two tokenizers' one vocabulary; the drawn tokens' rows of
+    each text encoder's embedding table are swapped in, and the UNet reads both encoders' states with the
+    second's pooled projection and the time ids of the attack's resolution (see ``TextCondition``).
+
     The variable is one probability distribution over ``vocabulary`` per prepended token. Each
     iteration draws one token per position (straight-through), encodes [start, drawn tokens, prompt],
     and takes an Adam step on the model's own diffusion loss at the current timestep on the target
@@ -872,7 +1099,7 @@ def unlearndiffatk(
     missing = [name for name in ("tokenizer", "text_encoder", "unet", "vae") if getattr(pipe, name, None) is None]
     if missing:
         raise UsageError(
-            f"UnlearnDiffAtk needs a UNet pipeline with a CLIP text encoder (Stable Diffusion 1.x/2.x); {type(pipe).__name__} lacks {', '.join(missing)}"
+            f"UnlearnDiffAtk needs a UNet pipeline with CLIP text encoders (Stable Diffusion 1.x/2.x or XL); {type(pipe).__name__} lacks {', '.join(missing)}"
         )
     result = {
         "target": prompt,
@@ -890,19 +1117,27 @@ def unlearndiffatk(
         result.update(broken=True, broken_without_attack=True)
         return result
 
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    condition = TextCondition.from_pipe(pipe, "UnlearnDiffAtk")
+    tokenizer, unet, vae = condition.tokenizer, pipe.unet, pipe.vae
     device, model_dtype = unet.device, unet.dtype
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     vocabulary = all_token_ids(tokenizer) if vocabulary is None else vocabulary
-    table = text_encoder.get_input_embeddings().weight.detach()[vocabulary.to(text_encoder.device)].float()
+    tables = [
+        encoder.get_input_embeddings().weight.detach()[vocabulary.to(encoder.device)].float()
+        for encoder in condition.text_encoders
+    ]
     placeholder_ids = [int(vocabulary[0])] * config.num_tokens
-    input_ids, prompt_ids = prefixed_token_ids(tokenizer, prompt, placeholder_ids)
+    _, prompt_ids = prefixed_token_ids(tokenizer, prompt, placeholder_ids)
+
+    def framed(prefix_ids):
+        return condition.frame(torch.tensor([list(prefix_ids) + prompt_ids]))
+
+    input_ids = framed(placeholder_ids)
 
     resolution = unet.config.sample_size * pipe.vae_scale_factor
     with torch.no_grad():
-        pixels = images_to_pixels([target_image], resolution).to(device, dtype=vae.dtype)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latent = ((vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor).float()
+        latent = encode_latents(vae, images_to_pixels([target_image], resolution))
+        latent = latent.to(device)
 
     timesteps = attack_timesteps(noise_scheduler.config.num_train_timesteps, config.num_timesteps)
     draws = torch.Generator().manual_seed(config.seed + 1)
@@ -911,13 +1146,13 @@ def unlearndiffatk(
     @torch.no_grad()
     def evaluation_loss(prefix_ids, timestep):
         """The diffusion loss of [prefix, prompt] at one timestep on fixed noise: comparable before and after."""
-        condition = text_encoder(prefixed_token_ids(tokenizer, prompt, prefix_ids)[0].to(text_encoder.device))[0].to(
-            model_dtype
-        )
+        states, pooled = condition.encode(framed(prefix_ids))
         clean = latent.expand(config.num_eval_draws, -1, -1, -1)
         t = torch.full((config.num_eval_draws,), timestep, device=device)
         noisy = noise_scheduler.add_noise(clean, evaluation_noise, t)
-        prediction = unet(noisy.to(model_dtype), t, condition.expand(config.num_eval_draws, -1, -1)).sample
+        extra = condition.unet_kwargs(pooled, config.num_eval_draws, resolution, model_dtype)
+        states = states.to(model_dtype).expand(config.num_eval_draws, -1, -1)
+        prediction = unet(noisy.to(model_dtype), t, states, **extra).sample
         return float(
             F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, clean, evaluation_noise, t).float())
         )
@@ -928,18 +1163,18 @@ def unlearndiffatk(
     )
     optimizer = torch.optim.Adam([distributions], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *condition.text_encoders):
         module.requires_grad_(False)
     for timestep in tqdm(timesteps, desc="UnlearnDiffAtk", disable=not progress, leave=False):
         t = torch.tensor([timestep], device=device)
         before = evaluation_loss(project_to_token_ids(distributions.detach(), vocabulary).tolist(), timestep)
         for _ in range(config.iterations):
             one_hot = _SampleOneHot.apply(distributions, generator)
-            prefix = one_hot @ table
-            condition = encode_with_prefix_embeddings(text_encoder, input_ids, prefix).to(model_dtype)
+            states, pooled = condition.encode(input_ids, prefixes=[one_hot @ table for table in tables])
             noise = torch.randn(latent.shape, generator=generator).to(device)
             noisy = noise_scheduler.add_noise(latent, noise, t)
-            prediction = unet(noisy.to(model_dtype), t, condition).sample
+            extra = condition.unet_kwargs(pooled, 1, resolution, model_dtype)
+            prediction = unet(noisy.to(model_dtype), t, states.to(model_dtype), **extra).sample
             loss = F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, latent, noise, t).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,6 +14,14 @@ listed in a manifest; a rerun generates only what is missing and recomputes the 
 
 Attacks: ``prompts`` (a prompt file), ``ring_a_bell``, ``concept_inversion`` and ``unlearndiffatk``
 (see duo_plugin.attacks), at their originals' defaults. SneakyPrompt is not implemented yet.
+
+Model families: Stable Diffusion 1.x/2.x, SDXL, SD3 and FLUX.1 (and other text-to-image pipelines, with the
+prompt attack). Every metric and the prompt attack apply to all; the three built attacks work in the CLIP token
+space of a UNet (SD 1.x/2.x; SDXL with both of its CLIP encoders), and an attack that does not apply to the base
+model's family is skipped with its reason in ``results.json`` (``skipped_attacks``; see
+``attacks.NOT_APPLICABLE``). FLUX.1 is sampled as it is used: ``--guidance_scale`` is its guidance embedding's
+value (default the pipeline's: 3.5 for [dev]; [schnell] has none), its default step count is the pipeline's (28;
+[schnell] 4), and the guidance columns of prompt files (classifier-free guidance scales of SD) are not used.
 """
 
 import argparse
@@ -55,6 +63,8 @@ HELDOUT_SEED_OFFSET = 7_000_000_000_000
 PLOT_NAME = "dsr_vs_prior_preservation.png"
 MANIFEST_NAME = "manifest.jsonl"
 SETTINGS_NAME = "evaluation_settings.json"
+DEFAULT_NUM_INFERENCE_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 7.5
 
 
 def parse_args(argv=None):
@@ -305,9 +315,18 @@ def parse_args(argv=None):
     generation = parser.add_argument_group("generation")
     generation.add_argument("--output_dir", type=str, default=None, help="default: eval-<concept>")
     generation.add_argument("--num_images_per_prompt", type=int, default=1)
-    generation.add_argument("--num_inference_steps", type=int, default=50)
     generation.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="default for prompts whose file gives none"
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_NUM_INFERENCE_STEPS}; FLUX.1: its pipeline's (28; [schnell] 4)",
+    )
+    generation.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance for prompts whose file gives none; default {DEFAULT_GUIDANCE_SCALE}. FLUX.1: "
+        "the guidance embedding's value for every prompt, default its pipeline's (3.5; [schnell] has none)",
     )
     generation.add_argument("--resolution", type=int, default=None, help="default: the model's")
     generation.add_argument(
@@ -469,6 +488,54 @@ def load_model(spec: ModelSpec, args, dtype, device):
     return pipe
 
 
+def resolve_family(args) -> str:
+    """The base model's family (read from its model_index.json), with the family's generation defaults filled
+    into the flags left unset: FLUX.1 is sampled as it is used (see the module docstring), every other family
+    with classifier-free guidance 7.5 over 50 steps."""
+    from .families import detect_pipeline_class, pipeline_family
+
+    try:
+        family = pipeline_family(detect_pipeline_class(args.base_model, args.revision))
+    except UsageError:
+        family = "other"  # not a diffusers pipeline folder: loading it says what is wrong
+    steps, guidance = DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE
+    if family == "flux":
+        from .pairs import inspect_base_model
+
+        info = inspect_base_model(args.base_model, args.revision)
+        steps, guidance = info.default_num_inference_steps, info.default_guidance_scale
+        if args.resolution is not None and args.resolution % info.resolution_multiple:
+            raise UsageError(
+                f"--resolution {args.resolution} is not a multiple of {info.resolution_multiple} for this FLUX.1 "
+                f"model: its pipeline would resize the images"
+            )
+    args.family = family
+    args.num_inference_steps = steps if args.num_inference_steps is None else args.num_inference_steps
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
+    return family
+
+
+def skip_inapplicable_attacks(args, family: str) -> Dict[str, str]:
+    """Drop from ``args.attack`` the attacks that do not apply to the base model's family; returns {attack: the
+    one-line reason} for the report. Refuses a run left without any attack."""
+    from .families import FAMILY_NAMES
+
+    skipped = {}
+    for attack in args.attack:
+        reason = attacks.not_applicable_reason(attack, family)
+        if reason is not None:
+            skipped[attack] = reason
+            logger.warning("--attack %s is skipped for this %s model: %s", attack, FAMILY_NAMES[family], reason)
+    if skipped and len(skipped) == len(args.attack):
+        first = next(iter(skipped))
+        raise UsageError(
+            f"--attack {' '.join(args.attack)}: none applies to a {FAMILY_NAMES[family]} model ({first}: "
+            f"{skipped[first]}); add --attack prompts"
+        )
+    args.attack = [attack for attack in args.attack if attack not in skipped]
+    return skipped
+
+
 # --------------------------------------------------------------------------------------------------
 # Images on disk
 # --------------------------------------------------------------------------------------------------
@@ -493,15 +560,18 @@ def image_seed(base_seed: int, prompt_index: int, image_index: int, prompt_seed:
     return (first + image_index * 1_000_003) % (2**63 - 1)
 
 
+def prompt_guidance(spec: attacks.PromptSpec, args) -> float:
+    """The guidance of a prompt's images: its file's, else ``--guidance_scale``. FLUX.1 always takes
+    ``--guidance_scale`` (its guidance embedding's value): a file's guidance column is a classifier-free guidance
+    scale of SD (I2P's sd_guidance_scale), which FLUX.1 does not have."""
+    if spec.guidance_scale is None or getattr(args, "family", None) == "flux":
+        return args.guidance_scale
+    return spec.guidance_scale
+
+
 def make_jobs(specs: Sequence[attacks.PromptSpec], args) -> List[Job]:
     return [
-        Job(
-            i,
-            k,
-            spec.prompt,
-            image_seed(args.seed, i, k, spec.seed),
-            spec.guidance_scale if spec.guidance_scale is not None else args.guidance_scale,
-        )
+        Job(i, k, spec.prompt, image_seed(args.seed, i, k, spec.seed), prompt_guidance(spec, args))
         for i, spec in enumerate(specs)
         for k in range(args.num_images_per_prompt)
     ]
@@ -818,7 +888,7 @@ def check_args(args):
         "unlearndiffatk_iterations",
         "unlearndiffatk_timesteps",
     ):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if args.ring_a_bell_generations < (1 if args.ring_a_bell_search == "original" else 0):
         raise UsageError(
@@ -860,20 +930,18 @@ def ring_a_bell_prompts(pipe, targets, args, preset, config, output_dir, state) 
     state.wait_for_everyone()
     mine = todo[state.process_index :: state.num_processes]
     if mine:
-        if getattr(pipe, "tokenizer", None) is None or getattr(pipe, "text_encoder", None) is None:
-            raise UsageError(
-                f"Ring-A-Bell needs a pipeline with a tokenizer and text encoder; {type(pipe).__name__} has none"
-            )
-        direction, source = ring_a_bell_direction(args, preset, pipe.text_encoder, pipe.tokenizer)
+        # SD 1.x/2.x: its CLIP encoder; SDXL: both CLIP encoders, as its UNet reads them (attacks.TextCondition).
+        condition = attacks.TextCondition.from_pipe(pipe, "Ring-A-Bell", needs_unet=False)
+        direction, source = ring_a_bell_direction(args, preset, condition, condition.tokenizer)
         if state.is_main_process:
             atomic_write_text(os.path.join(folder, "concept_vector.json"), json.dumps(source))
-        vocabulary = attacks.ring_a_bell_vocabulary(pipe.tokenizer, config)
+        vocabulary = attacks.ring_a_bell_vocabulary(condition.tokenizer, config)
         from tqdm.auto import tqdm
 
         for index in tqdm(mine, desc="Ring-A-Bell prompts", disable=not state.is_local_main_process):
             target_config = dataclasses.replace(config, seed=config.seed + index)
             result = attacks.ring_a_bell_search(
-                pipe.text_encoder, pipe.tokenizer, targets[index].prompt, direction, target_config, vocabulary
+                condition, condition.tokenizer, targets[index].prompt, direction, target_config, vocabulary
             )
             append_jsonl(
                 os.path.join(folder, f"prompts.rank{state.process_index}.jsonl"), [{"target_index": index, **result}]
@@ -915,8 +983,12 @@ def ring_a_bell_default_targets(args, unsafe_sources, unsafe_sets) -> List[attac
 
 
 def ring_a_bell_direction(args, preset, text_encoder, tokenizer):
-    """(concept vector, where it came from): a saved vector, the user's prompt pairs, or the concept's own pairs."""
-    shape = (tokenizer.model_max_length, text_encoder.config.hidden_size)
+    """(concept vector, where it came from): a saved vector, the user's prompt pairs, or the concept's own pairs.
+
+    ``text_encoder``: a CLIP encoder with its ``tokenizer``, or an ``attacks.TextCondition`` (SDXL: the vector
+    spans both encoders' features, 2048 wide, so SD1.4's published 768-wide vectors are refused)."""
+    text_encoder = attacks.TextCondition.of(text_encoder, tokenizer)
+    shape = text_encoder.shape
     if args.ring_a_bell_concept_vector:
         return attacks.load_concept_vector(args.ring_a_bell_concept_vector, shape), {
             "vector": args.ring_a_bell_concept_vector
@@ -983,7 +1055,7 @@ def unlearndiffatk_target_images(pipe, targets, args, state) -> str:
         for index, target in enumerate(targets):
             path = os.path.join(folder, f"{index:05d}.png")
             if not os.path.isfile(path):
-                guidance = target.guidance_scale if target.guidance_scale is not None else args.guidance_scale
+                guidance = prompt_guidance(target, args)
                 generate_one(pipe, target.prompt, target.seed, guidance, args).save(path + ".tmp.png")
                 os.replace(path + ".tmp.png", path)
     state.wait_for_everyone()
@@ -1010,7 +1082,7 @@ def run_unlearndiffatk(pipe, model: str, targets, detector, store: "ImageStore",
         for index, target in enumerate(targets):
             if index in done and (index, 0) in stored and os.path.isfile(store.path(stored[(index, 0)])):
                 continue
-            guidance = target.guidance_scale if target.guidance_scale is not None else args.guidance_scale
+            guidance = prompt_guidance(target, args)
             judged = {}
 
             def is_flagged(prompt):
@@ -1132,7 +1204,7 @@ def apply_concept_inversion(pipe, model: str, images, config, output_dir, state)
         learned_here = True
     state.wait_for_everyone()
     if not learned_here:
-        pipe.load_textual_inversion(embedding_path)
+        attacks.load_learned_embedding(pipe, embedding_path, config.token)
     log = read_state_json(log_path, f"delete {folder} to learn the embedding again")
     return {k: v for k, v in log.items() if k != "losses"}
 
@@ -1380,6 +1452,8 @@ def main(argv=None):
         format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO if state.is_main_process else logging.ERROR
     )
     specs = resolve_models(args)
+    family = resolve_family(args)
+    skipped_attacks = skip_inapplicable_attacks(args, family)
 
     plan = plan_prompt_sets(args, preset, specs)
     prompt_sets, ring_targets, inversion = plan.prompt_sets, plan.ring_a_bell_targets, plan.inversion
@@ -1483,6 +1557,9 @@ def main(argv=None):
         "metrics": computed["metrics"],
         "attacks": attack_logs,
         "attack_settings": attack_settings(args, plan),
+        "family": family,
+        # Asked for, but not applicable to this model family: {attack: why} (attacks.NOT_APPLICABLE).
+        "skipped_attacks": skipped_attacks,
         "not_implemented_attacks": sorted(attacks.NOT_IMPLEMENTED_ATTACKS.values()),
         "num_images_generated_this_run": generated,
         "files": {"manifest": MANIFEST_NAME, "detections": "detections.jsonl" if "detector" in networks else None},

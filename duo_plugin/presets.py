@@ -69,10 +69,11 @@ FAMILY_RECIPES = {
     "sdxl": FamilyRecipe(
         base_learning_rate=1e-4, t_min=0, t_max=750, lora_target="self_attn", default_resolution=1024, from_paper=False
     ),
-    # Not from the paper. FLUX.1 is SD3's kind of model (rectified flow over the same shifted sigma table, shift 3, an
-    # MMDiT with joint attention), so SD3's recipe carries over: σ-table indices [1, 750), LoRA on the image-stream
-    # attention projections, 3e-5 at β = 100, λ derived at σ = 1 from the official SD3 strength (the tables' last
-    # entries coincide). 512 px as the official SD3 run.
+    # Not from the paper. FLUX.1 is SD3's kind of model (rectified flow, an MMDiT with joint attention), so SD3's
+    # recipe carries over: indices [1, 750) of its training σ table (unshifted: FLUX shifts by resolution only when
+    # sampling, so the indices cover σ ∈ (0.25, 1)), LoRA on the attention projections, 3e-5 at β = 100, λ at σ = 1
+    # with the official SD3 run's effective strength (train_duo_flux.py's docstring derives it). 512 px as the
+    # official SD3 run.
     "flux": FamilyRecipe(base_learning_rate=3e-5, t_min=1, t_max=750, lora_target="attn", from_paper=False),
 }
 

@@ -148,7 +148,7 @@ def generate_retain_images(
                 json.dumps({"format_version": 1, "recipe": asdict(recipe)}, indent=2),
             )
             pipeline = load_text2img_pipeline(
-                recipe, accelerator.device, generation_dtype(dtype, accelerator.device), cache_dir
+                recipe, accelerator.device, generation_dtype(dtype, accelerator.device, recipe.family), cache_dir
             )
             detector = get_detector(recipe.verifier, recipe.detector_threshold)
             progress = tqdm(total=len(pending), desc="Retain images", disable=not accelerator.is_local_main_process)

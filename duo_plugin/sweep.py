@@ -61,6 +61,10 @@ SETTING_KEYS = (
     "retain_weight",
 )
 SATURATION_KEYS = ("margin", "saturated_share", "unsafe_error_change", "delta_safe", "delta_unsafe")
+# The training script of each family (families.SCRIPT_OF_FAMILY), as the messages name them.
+TRAINING_SCRIPTS_TEXT = (
+    "train_duo.py (Stable Diffusion 1.x/2.x and XL), train_duo_sd3.py (SD3) or train_duo_flux.py (FLUX.1)"
+)
 
 
 def parse_args(argv=None):
@@ -121,8 +125,9 @@ def parse_args(argv=None):
     runs.add_argument(
         "--training_script",
         type=str,
-        default=os.path.join(REPO_ROOT, "train_duo.py"),
-        help="train_duo.py or train_duo_sd3.py",
+        default=None,
+        help=f"{TRAINING_SCRIPTS_TEXT}; default: the base model's family's (train_duo.py when its "
+        "model_index.json cannot be read)",
     )
     runs.add_argument(
         "--train_args",
@@ -197,10 +202,7 @@ def check_args(args):
         if not 0 <= seed < 2**32:
             raise UsageError(f"--train_seeds {seed}: give seeds between 0 and 2**32 - 1")
     check_output_dir(args.output_dir)
-    if not os.path.isfile(args.training_script):
-        raise UsageError(
-            f"--training_script {args.training_script} does not exist: give train_duo.py or train_duo_sd3.py"
-        )
+    resolve_training_script(args)
     for flag in ("baseline_unet", "baseline_pipeline", "baseline_adapter"):
         for value in getattr(args, flag):
             name, _, path = value.partition("=")
@@ -237,6 +239,36 @@ def check_args(args):
 # --------------------------------------------------------------------------------------------------
 # The grid
 # --------------------------------------------------------------------------------------------------
+
+
+def base_model_family(args) -> Optional[str]:
+    """The base model's family from its model_index.json, or None when that cannot be read here (a Hub id offline:
+    the training script then says what is wrong)."""
+    from .families import detect_pipeline_class, pipeline_family
+
+    try:
+        return pipeline_family(detect_pipeline_class(args.pretrained_model_name_or_path, None))
+    except Exception:  # noqa: BLE001 - any failure to read the config leaves the choice to the user
+        return None
+
+
+def resolve_training_script(args):
+    """``--training_script``: the base model's family's DUO script unless given; a DUO script of another family
+    is refused, naming the right one (any other script is taken as given)."""
+    from .families import FAMILY_NAMES, SCRIPT_OF_FAMILY
+
+    family = base_model_family(args)
+    if args.training_script is None:
+        args.training_script = os.path.join(REPO_ROOT, SCRIPT_OF_FAMILY.get(family, "train_duo.py"))
+    if not os.path.isfile(args.training_script):
+        raise UsageError(f"--training_script {args.training_script} does not exist: give {TRAINING_SCRIPTS_TEXT}")
+    name = os.path.basename(args.training_script)
+    expected = SCRIPT_OF_FAMILY.get(family)
+    if expected is not None and name in SCRIPT_OF_FAMILY.values() and name != expected:
+        raise UsageError(
+            f"--training_script {name} does not train {args.pretrained_model_name_or_path}, a {FAMILY_NAMES[family]} "
+            f"model: give {expected} ({TRAINING_SCRIPTS_TEXT})"
+        )
 
 
 def preservation_weight_value(value: str, beta: float) -> float:

@@ -17,22 +17,29 @@ Definitions (on the switch-to-"" curve f(t), t the first timestep sampled with t
   below t_c, dropping the prompt keeps the concept in most images;
 * it is **open** at t while the normalised curve (f(t) − f(first step)) / (1 − f(first step)) is at
   most ``--open_level`` (0.1): there, switching still undoes ≥ 90% of what the prompt decided;
-* the **recommended window** runs from the lowest open timestep down: for SD1.x/2.x
-  ``--t_max`` = that timestep + 1, rounded up to a multiple of 50 (at most num_train_timesteps). A
-  concept decided at the first step (open only there) gets t_max = num_train_timesteps. For SD3, whose
-  ``--t_max`` indexes the descending σ table, it is the table index where the concept has become
-  committed (normalised curve ≥ 1 − open_level), rounded up likewise.
+* the **recommended window** runs from the lowest open timestep down: for SD1.x/2.x and SDXL (DDPM
+  UNets) ``--t_max`` = that timestep + 1, rounded up to a multiple of 50 (at most num_train_timesteps). A
+  concept decided at the first step (open only there) gets t_max = num_train_timesteps. For SD3 and
+  FLUX.1 (rectified flow), whose ``--t_max`` indexes the descending σ table of training, it is the table
+  index where the concept has become committed (normalised curve ≥ 1 − open_level), rounded up likewise.
+  The sampling step and the table entry are matched by their noise level σ (see ``recommended_t_max_flow``).
+
+"Without the prompt" is the empty prompt's embeddings in place of the prompt's, as the pipeline would
+build them: for the guided families ([unconditional; conditional] with classifier-free guidance), and
+for FLUX.1 (no unconditional branch: [dev] is guidance-distilled, [schnell] unguided) the empty prompt's
+T5 and CLIP pooled embeddings fed to the transformer from step k on, at the same guidance embedding.
 
     python -m duo_plugin.timing --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
         --concept nudity --pairs_dir ~/.cache/duo/pairs/... --output_dir timing-nudity
     accelerate launch -m duo_plugin.timing ...   # the work split across processes
 
 Writes ``timing.json`` (every count and setting, one record per image), ``timing.png`` (both curves
-against t, and σ for SD3, with the training window) and prints the verdict. A rerun resumes: finished
-work units are read back from ``records.rank*.jsonl``. ``train_duo.py --t_max auto`` runs it first.
+against t, and σ for SD3 and FLUX.1, with the training window) and prints the verdict. A rerun resumes: finished
+work units are read back from ``records.rank*.jsonl``. ``--t_max auto`` of the training scripts runs it first.
 """
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -57,6 +64,8 @@ UNSWITCHED = "unswitched"
 RENOISE = "renoise"
 DEFAULT_OPEN_LEVEL = 0.1
 ROUND_TO = 50
+DEFAULT_NUM_INFERENCE_STEPS = 20
+FLUX_SCHNELL_STEPS = 4  # FLUX.1-schnell is timestep-distilled for 4 steps (as duo_plugin.pairs samples it)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,12 +149,26 @@ def recommended_t_max_sd(window: dict, num_train_timesteps: int) -> int:
 
 
 def recommended_t_max_sd3(window: dict, sigma_table: Sequence[float], num_train_timesteps: int) -> int:
-    """SD3: ``--t_max`` indexes the descending σ table; the window must reach down to where the concept is committed."""
+    """SD3 and FLUX.1: ``--t_max`` indexes the descending σ table of training; the window must reach down to where
+    the concept is committed.
+
+    The sampling step and the table entry are matched by σ, the noise level itself (x_σ = (1 − σ)·x + σ·ε, and the
+    model is told σ in both), not by their positions: a flow-matching pipeline's timestep is 1000·σ of its own,
+    possibly shifted, schedule, so σ = t / num_train_timesteps. For SD3 the training table is shifted as sampling
+    is (shift 3 in both). FLUX.1's scheduler shifts only at sampling time (``use_dynamic_shifting``: μ from the
+    image's token count, about 1.15 at 1024², a shift of e^μ ≈ 3.2), while its training table, the scheduler's
+    ``sigmas`` as loaded, is unshifted, σ_i ≈ 1 − i/1000. So a FLUX.1 step at σ = 0.76 (halfway through a 1024²
+    schedule) is table index ≈ 240, not the 500 its position would suggest.
+    """
     if window.get("done_timestep") is None:
         return num_train_timesteps
     sigma_done = window["done_timestep"] / num_train_timesteps
     index = next((i for i, sigma in enumerate(sigma_table) if sigma <= sigma_done), len(sigma_table))
     return round_up(index + 1, ROUND_TO, num_train_timesteps)
+
+
+recommended_t_max_flow = recommended_t_max_sd3
+FLOW_FAMILIES = ("sd3", "flux")  # --t_max indexes the σ table; t = 1000·σ
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,11 +221,29 @@ class RecordStore:
 # --------------------------------------------------------------------------------------------------
 
 
+# FLUX.1's T5 length while sampling: FluxPipeline's default, given explicitly so that the empty prompt's embeddings
+# (encoded outside the loop) have the length of the loop's own.
+FLUX_MAX_SEQUENCE_LENGTH = 512
+
+
+def is_flux(pipe) -> bool:
+    from .families import pipeline_family
+
+    return pipeline_family(type(pipe).__name__) == "flux"
+
+
 def embedding_names(pipe) -> List[str]:
+    """The loop's prompt tensors a step callback may replace: the sequence embeddings and, where the pipeline
+    has one, the pooled embedding (SD3's ``pooled_prompt_embeds``, SDXL's ``add_text_embeds``)."""
     names = ["prompt_embeds"]
-    if "pooled_prompt_embeds" in getattr(pipe, "_callback_tensor_inputs", []):
-        names.append("pooled_prompt_embeds")
+    for pooled in ("pooled_prompt_embeds", "add_text_embeds"):
+        if pooled in getattr(pipe, "_callback_tensor_inputs", []):
+            names.append(pooled)
     return names
+
+
+def _flux_kwargs(pipe) -> dict:
+    return {"max_sequence_length": FLUX_MAX_SEQUENCE_LENGTH} if is_flux(pipe) else {}
 
 
 @torch.no_grad()
@@ -210,8 +251,15 @@ def prompt_embeddings(pipe, prompts: List[str], guidance_scale: float, size: dic
     """The embeddings the pipeline's loop uses for ``prompts`` (with classifier-free guidance: [negative; positive]).
 
     Read from the pipeline itself through its step callback, then interrupted: whatever the pipeline
-    (SD, SD3), the switch then hands the loop exactly what it would have built.
+    (SD, SDXL, SD3), the switch then hands the loop exactly what it would have built. FLUX.1's callback exposes
+    only the T5 embeddings, not the CLIP pooled one: its two are taken from ``encode_prompt``, the call its loop
+    makes (FLUX.1 has no classifier-free guidance, so there is no negative half).
     """
+    if is_flux(pipe):
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompts, None, device=pipe._execution_device, max_sequence_length=FLUX_MAX_SEQUENCE_LENGTH
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     names = embedding_names(pipe)
     captured = {}
 
@@ -242,36 +290,98 @@ def sample_with_switch(
     args,
     size: dict,
 ):
-    """Images sampled with ``prompts`` for steps < ``switch_step`` and with ``target``'s embeddings from it on."""
+    """Images sampled with ``prompts`` for steps < ``switch_step`` and with ``target``'s embeddings from it on.
+
+    FLUX.1: "without the prompt" means the empty prompt's T5 and CLIP pooled embeddings in the transformer's
+    call from step k on (the guidance embedding unchanged). FLUX.1-dev is guidance-distilled and has no
+    unconditional branch to switch to; the empty prompt's embeddings are what its true-CFG "negative" branch
+    would read, the nearest thing to the unconditional model. Its loop lets a callback replace only the T5
+    embeddings, so both are swapped in a pre-hook on the transformer, turned on by the callback after step k − 1.
+    """
     names = embedding_names(pipe)
+    hook = None
+    switched = {"on": False}
+    if is_flux(pipe) and target is not None:
+
+        def replace_prompt(module, module_args, kwargs):
+            if not switched["on"]:
+                return None
+            dtype = kwargs["encoder_hidden_states"].dtype
+            return module_args, {
+                **kwargs,
+                "encoder_hidden_states": target["prompt_embeds"].to(dtype),
+                "pooled_projections": target["pooled_prompt_embeds"].to(dtype),
+            }
+
+        hook = pipe.transformer.register_forward_pre_hook(replace_prompt, with_kwargs=True)
 
     def switch(pipeline, step, timestep, tensors):
         # Called after step ``step``: the next step is the first with the target prompt.
         if target is not None and step == switch_step - 1:
+            if hook is not None:
+                switched["on"] = True
+                return {}
             return {name: target[name] for name in names}
         return {}
 
-    return pipe(
-        prompt=prompts,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        callback_on_step_end=switch,
-        callback_on_step_end_tensor_inputs=names,
-        **size,
-    ).images
+    try:
+        return pipe(
+            prompt=prompts,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            callback_on_step_end=switch,
+            callback_on_step_end_tensor_inputs=names,
+            **size,
+            **_flux_kwargs(pipe),
+        ).images
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
-def sampling_timesteps(pipe, num_inference_steps: int) -> List[float]:
-    """The timesteps the pipeline samples at (descending), as its own loop sets them."""
+@torch.no_grad()
+def sampling_timesteps(pipe, num_inference_steps: int, size: Optional[dict] = None) -> List[float]:
+    """The timesteps the pipeline samples at (descending), as its own loop sets them.
+
+    A scheduler with resolution-dependent shift (FLUX.1's ``use_dynamic_shifting``) is set by the pipeline with
+    μ from the image's token count (and FLUX with its own σ grid), so its timesteps are read from the pipeline
+    itself: one call at ``size`` whose first step callback reads the scheduler and stops the loop.
+    """
     from copy import deepcopy
 
+    if getattr(pipe.scheduler.config, "use_dynamic_shifting", False):
+        seen = []
+
+        def read(pipeline, step, timestep, tensors):
+            seen.extend(float(t) for t in pipeline.scheduler.timesteps)
+            pipeline._interrupt = True
+            return {}
+
+        pipe(
+            prompt=[""],
+            num_inference_steps=num_inference_steps,
+            output_type="latent",
+            callback_on_step_end=read,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **(size or {}),
+            **_flux_kwargs(pipe),
+        )
+        return seen
     scheduler = deepcopy(pipe.scheduler)
-    kwargs = {}
-    if getattr(scheduler.config, "use_dynamic_shifting", False):
-        kwargs["mu"] = 0.0
-    scheduler.set_timesteps(num_inference_steps, **kwargs)
+    scheduler.set_timesteps(num_inference_steps)
     return [float(t) for t in scheduler.timesteps]
+
+
+def renoise_strength(family: str, num_steps: int, start_step: int) -> float:
+    """The img2img strength whose first step is sampling step ``start_step``.
+
+    SD 1.x/2.x and SDXL img2img start at step S − int(S·strength); SD3 and FLUX.1 at int(S − S·strength). Half a
+    step off the exact value on the side each rounding needs gives ``start_step`` in both.
+    """
+    if family in FLOW_FAMILIES:
+        return (num_steps - start_step - 0.5) / num_steps
+    return min(1.0, (num_steps - start_step + 0.5) / num_steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,8 +441,20 @@ def add_timing_arguments(parser):
         help="prompt-switch targets: the empty prompt, the safe prompt",
     )
     parser.add_argument("--no_renoise", action="store_true", help="skip the re-noise curve")
-    parser.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps: the switch points")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the preset's (7.5)")
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help=f"sampling steps: the switch points; default {DEFAULT_NUM_INFERENCE_STEPS} "
+        f"(FLUX.1-schnell: its {FLUX_SCHNELL_STEPS})",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance; default: the preset's (7.5). FLUX.1: the guidance embedding's value, "
+        "default the pipeline's (3.5 for [dev]; [schnell] has none)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call (across prompts)")
@@ -395,21 +517,52 @@ def make_detector(name: Optional[str], threshold: Optional[float], concept: str)
     return get_detector(name, threshold)
 
 
+TIMED_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+
+
 def load_base(args):
+    """The base pipeline and its family; fills the family's sampling defaults into ``args`` (guidance, steps)."""
     from diffusers import DiffusionPipeline
 
-    from .families import detect_pipeline_class, pipeline_family
-    from .pairs import generation_dtype
+    from .families import FAMILY_NAMES, detect_pipeline_class, pipeline_family
+    from .pairs import generation_dtype, inspect_base_model
 
     pipeline_class = detect_pipeline_class(args.pretrained_model_name_or_path, args.revision)
     family = pipeline_family(pipeline_class)
+    if family not in TIMED_FAMILIES:
+        covered = ", ".join(FAMILY_NAMES[f] for f in TIMED_FAMILIES)
+        raise UsageError(f"{pipeline_class} is not supported by the timing diagnostic: it covers {covered}")
+    resolve_family_defaults(args, inspect_base_model(args.pretrained_model_name_or_path, args.revision))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"revision": args.revision, "variant": args.variant, "dtype": generation_dtype(args.dtype, device)}
+    kwargs = {
+        "revision": args.revision,
+        "variant": args.variant,
+        "dtype": generation_dtype(args.dtype, device, family),
+    }
     if family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe, family
+
+
+def resolve_family_defaults(args, info):
+    """Sampling defaults of the base model's family, for flags left unset.
+
+    FLUX.1 has no classifier-free guidance: ``--guidance_scale`` is its guidance embedding's value (the
+    pipeline's 3.5 for [dev]; [schnell] has no embedding, 0), never the preset's CFG 7.5. [schnell] samples in
+    its distilled 4 steps. Every other family: the preset's CFG scale (set by the caller) and 20 steps.
+    """
+    if args.num_inference_steps is None:
+        schnell = info.family == "flux" and info.guidance_embeds is False
+        args.num_inference_steps = FLUX_SCHNELL_STEPS if schnell else DEFAULT_NUM_INFERENCE_STEPS
+    if args.guidance_scale is None and info.default_guidance_scale is not None:
+        args.guidance_scale = info.default_guidance_scale
+    if info.family == "flux" and args.resolution is not None and args.resolution % info.resolution_multiple:
+        raise UsageError(
+            f"--resolution {args.resolution} is not a multiple of {info.resolution_multiple} for this FLUX.1 model: "
+            f"its pipeline would resize the images"
+        )
 
 
 def source_images_for_renoise(args, detector, unswitched_rows: List[dict]) -> List[str]:
@@ -441,7 +594,17 @@ def source_images_for_renoise(args, detector, unswitched_rows: List[dict]) -> Li
 
 
 def run_units(
-    pipe, units: List[Unit], prompt_pairs, args, detector, store: RecordStore, state, size, timesteps, renoise_sources
+    pipe,
+    units: List[Unit],
+    prompt_pairs,
+    args,
+    detector,
+    store: RecordStore,
+    state,
+    size,
+    timesteps,
+    renoise_sources,
+    family: str = "sd",
 ):
     """Run this process's share of ``units``, appending one record per image. Switch units batch the
     (prompt pair, image) jobs, ``args.batch_size`` at a time, across prompts."""
@@ -450,7 +613,7 @@ def run_units(
 
     mine = units[state.process_index :: state.num_processes]
     targets: Dict[tuple, dict] = {}
-    img2img = None
+    img2img = img2img_size = None
     progress = tqdm(total=len(mine), desc="timing", disable=not state.is_local_main_process or not mine)
     images_dir = os.path.join(args.output_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
@@ -464,10 +627,12 @@ def run_units(
 
                 img2img = AutoPipelineForImage2Image.from_pipe(pipe)
                 img2img.set_progress_bar_config(disable=True)
+                # SD3's and FLUX.1's img2img take the size (and FLUX's shift depends on it); SD's and SDXL's do not.
+                takes_size = "height" in inspect.signature(img2img.__call__).parameters
+                img2img_size = size if takes_size else {}
             paths = renoise_sources[unit.prompt_index * args.batch_size : (unit.prompt_index + 1) * args.batch_size]
             num_steps = args.num_inference_steps
-            # img2img starts at timesteps[S − ⌊S·strength⌋]: this strength starts at timesteps[unit.step].
-            strength = min(1.0, (num_steps - unit.step + 0.5) / num_steps)
+            strength = renoise_strength(family, num_steps, unit.step)  # starts at timesteps[unit.step]
             seeds = [
                 image_seed(args.seed + 7, unit.prompt_index * args.batch_size + i, unit.step)
                 for i in range(len(paths))
@@ -477,9 +642,12 @@ def run_units(
                 image=[Image.open(p).convert("RGB") for p in paths],
                 strength=strength,
                 num_inference_steps=num_steps,
-                guidance_scale=1.0,
+                # Denoised with the empty prompt alone: guidance 1 turns classifier-free guidance off; FLUX.1 has
+                # none to turn off, and its [dev] guidance embedding keeps the sampling value.
+                guidance_scale=args.guidance_scale if family == "flux" else 1.0,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                **({"height": size["height"], "width": size["width"]} if size else {}),
+                **img2img_size,
+                **_flux_kwargs(pipe),
             ).images
             for i, (path, image, detection) in enumerate(zip(paths, images, detector(images))):
                 rows.append(
@@ -589,8 +757,8 @@ def summarise(
         }
     reference = "empty" if "empty" in curves else next(iter(curves))
     window = recommend_window(switch_t, curves[reference]["still_flagged"], num_train_timesteps, args.open_level)
-    if family == "sd3":
-        t_max = recommended_t_max_sd3(window, sigma_table, num_train_timesteps)
+    if family in FLOW_FAMILIES:
+        t_max = recommended_t_max_flow(window, sigma_table, num_train_timesteps)
     else:
         t_max = recommended_t_max_sd(window, num_train_timesteps)
     committed = curves[reference]["committed_timestep"]
@@ -619,20 +787,49 @@ def verdict(concept: str, result: dict, open_level: float) -> str:
     return f'{concept}: {where} (prompt switch to "" crosses one half); {still}: recommended --t_max {result["recommended_t_max"]}'
 
 
-def plot(result: dict, settings: dict, path: str, family: str, num_train_timesteps: int):
+def default_window(family: str) -> List[int]:
+    """The family's training window [t_min, t_max) of its recipe (σ-table indices for SD3 and FLUX.1)."""
+    from .presets import FAMILY_RECIPES
+
+    recipe = FAMILY_RECIPES.get(family, FAMILY_RECIPES["sd"])
+    return [recipe.t_min, recipe.t_max]
+
+
+def window_sigma(sigma_table: Sequence[float], index: int) -> float:
+    """σ at a table index of a window bound (the index past the table's end: its last σ)."""
+    return float(sigma_table[min(index, len(sigma_table) - 1)])
+
+
+def plot(result: dict, settings: dict, path: str, family: str, num_train_timesteps: int, sigma_table=None):
+    """Both curves against t, with the training window and the recommended --t_max.
+
+    SD1.x/2.x and SDXL: the window's timesteps are t itself. SD3 and FLUX.1: t = 1000·σ, and the window's σ-table
+    indices are drawn at 1000·σ of their table entries (FLUX.1's table is unshifted, so index i sits near
+    t = 1000 − i, not at t = i); σ is the top axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    flow = family in FLOW_FAMILIES and sigma_table is not None
+
+    def at(index: int) -> float:
+        return num_train_timesteps * window_sigma(sigma_table, index) if flow else index
+
     figure, axes = plt.subplots(figsize=(7.5, 4.2))
     window = settings["window"]
+    kind = "σ-table indices" if flow else "timesteps"
     axes.axvspan(
-        window[0], window[1], color="tab:green", alpha=0.12, label=f"training window [{window[0]}, {window[1]})"
+        min(at(window[0]), at(window[1])),
+        max(at(window[0]), at(window[1])),
+        color="tab:green",
+        alpha=0.12,
+        label=f"training window: {kind} [{window[0]}, {window[1]})",
     )
     labels = {"empty": 'prompt switch to ""', "safe": "prompt switch to the safe prompt"}
-    for kind, curve in result["curves"].items():
-        axes.plot(curve["timestep"], curve["still_flagged"], marker="o", markersize=3, label=labels[kind])
+    for curve_kind, curve in result["curves"].items():
+        axes.plot(curve["timestep"], curve["still_flagged"], marker="o", markersize=3, label=labels[curve_kind])
     if "renoise" in result:
         renoise = result["renoise"]
         axes.plot(
@@ -644,20 +841,24 @@ def plot(result: dict, settings: dict, path: str, family: str, num_train_timeste
             label='re-noise to t, denoise with ""',
         )
     axes.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    t_max = result["recommended_t_max"]
     axes.axvline(
-        result["recommended_t_max"],
+        at(t_max),
         color="black",
         linestyle="--",
         linewidth=1,
-        label=f"recommended --t_max {result['recommended_t_max']}",
+        label=f"recommended --t_max {t_max}"
+        + (f" (σ-table index, σ = {window_sigma(sigma_table, t_max):.3f})" if flow else ""),
     )
     axes.set_xlim(0, num_train_timesteps)
     axes.set_ylim(-0.02, 1.02)
+    shift_note = ", σ of the shifted sampling schedule" if family == "flux" else ""
     axes.set_xlabel(
-        "t (timestep of the first step without the prompt / noise level)" + (" = 1000·σ" if family == "sd3" else "")
+        "t (timestep of the first step without the prompt / noise level)"
+        + (f" = 1000·σ{shift_note}" if family in FLOW_FAMILIES else "")
     )
     axes.set_ylabel("share still showing the concept")
-    if family == "sd3":
+    if family in FLOW_FAMILIES:
         secondary = axes.secondary_xaxis(
             "top", functions=(lambda t: t / num_train_timesteps, lambda s: s * num_train_timesteps)
         )
@@ -693,22 +894,31 @@ def run_timing(args, state=None) -> dict:
     state = state or PartialState(cpu=cpu_only_multi_process())
     preset = resolve_preset(args)
     detector = make_detector(args.detector or preset.detector, args.detector_threshold, preset.name)
-    args.guidance_scale = args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
     args.output_dir = args.output_dir or f"timing-{preset.name}"
     validation.check_output_dir(args.output_dir)
-    prompt_pairs = list(dict.fromkeys(preset.prompt_pairs))[: args.max_prompts]
-    if not prompt_pairs:
-        raise UsageError(f"the concept {preset.name!r} has no prompt pairs: pass --unsafe_prompt and --safe_prompt")
-    if args.num_inference_steps < 2 or args.num_images_per_prompt < 1:
+    if (args.num_inference_steps is not None and args.num_inference_steps < 2) or args.num_images_per_prompt < 1:
         raise UsageError("--num_inference_steps must be at least 2 and --num_images_per_prompt at least 1")
     if not 0.0 < args.open_level < 0.5:
         raise UsageError(f"--open_level {args.open_level}: give a level in (0, 0.5)")
 
-    pipe, family = load_base(args)
+    prompt_pairs = list(dict.fromkeys(preset.prompt_pairs))[: args.max_prompts]
+    if not prompt_pairs:
+        raise UsageError(f"the concept {preset.name!r} has no prompt pairs: pass --unsafe_prompt and --safe_prompt")
+
+    pipe, family = load_base(args)  # fills the family's defaults of --num_inference_steps and (FLUX.1) guidance
+    args.guidance_scale = args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
+    if args.num_inference_steps < 2:
+        raise UsageError("--num_inference_steps must be at least 2")
     pipe.to(state.device)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
-    timesteps = sampling_timesteps(pipe, args.num_inference_steps)
-    window = args.window or ([0, 750] if family == "sd" else [1, 750])
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    if family == "flux" and not size:
+        # FLUX.1's shift depends on the image size, and its img2img would otherwise take the source images' size:
+        # every call (and the timesteps read here) at the pipeline's own default size.
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        size = {"height": default, "width": default}
+    timesteps = sampling_timesteps(pipe, args.num_inference_steps, size)
+    window = args.window or default_window(family)
     settings = {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
@@ -728,7 +938,6 @@ def run_timing(args, state=None) -> dict:
     }
     check_settings(args.output_dir, settings, state.is_main_process)
     state.wait_for_everyone()
-    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     store = RecordStore(args.output_dir)
 
     def pending(units):
@@ -773,15 +982,17 @@ def run_timing(args, state=None) -> dict:
             )
         todo = pending(renoise_units)
         state.wait_for_everyone()
-        run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, sources)
+        run_units(pipe, todo, prompt_pairs, args, detector, store, state, size, timesteps, sources, family)
         state.wait_for_everyone()
 
     if not state.is_main_process:
         return None
     sigma_table = None
-    if family == "sd3":
+    if family in FLOW_FAMILIES:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        # The training table, as the training scripts build it (a fresh scheduler from the config): SD3's shifted
+        # by 3; FLUX.1's unshifted (use_dynamic_shifting shifts at sampling time only). See recommended_t_max_sd3.
         sigma_table = [float(s) for s in FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).sigmas]
     records = store.read()
     # A unit interrupted after writing some of its lines is rerun in full: keep one record per image.
@@ -791,6 +1002,9 @@ def run_timing(args, state=None) -> dict:
     records = list(unique.values())
     result = summarise(records, timesteps, args, family, num_train_timesteps, sigma_table)
     settings["window"] = list(window)
+    if sigma_table is not None:
+        result["window_sigmas"] = [window_sigma(sigma_table, index) for index in window]
+        result["recommended_t_max_sigma"] = window_sigma(sigma_table, result["recommended_t_max"])
     settings["open_level"] = args.open_level
     result = {
         **result,
@@ -799,7 +1013,9 @@ def run_timing(args, state=None) -> dict:
             "timestep": "prompt switch: the first timestep sampled with the target prompt (0: never switched); re-noise: the noise level t",
             "committed_timestep": 'where the switch-to-"" curve crosses one half (linear between points)',
             "open_timestep": f"lowest switch timestep down to which the normalised curve (f − f_first)/(1 − f_first) stays ≤ {args.open_level}",
-            "recommended_t_max": "SD1.x/2.x: open timestep + 1 rounded up to 50; SD3: σ-table index where the concept is committed, rounded up to 50",
+            "recommended_t_max": "SD1.x/2.x and SDXL: open timestep + 1 rounded up to 50; SD3 and FLUX.1: index of the "
+            "training σ table (descending; FLUX.1's unshifted) where σ falls to the committed step's σ = t/1000, "
+            "+ 1, rounded up to 50",
         },
         "family": family,
         "sampling_timesteps": timesteps,
@@ -819,7 +1035,7 @@ def run_timing(args, state=None) -> dict:
         "files": {"plot": PLOT_NAME, "images": "images/"},
     }
     atomic_write_json(os.path.join(args.output_dir, RESULT_NAME), result, indent=1)
-    plot(result, settings, os.path.join(args.output_dir, PLOT_NAME), family, num_train_timesteps)
+    plot(result, settings, os.path.join(args.output_dir, PLOT_NAME), family, num_train_timesteps, sigma_table)
     logger.info(result["verdict"])
     return result
 

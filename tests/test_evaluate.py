@@ -166,13 +166,23 @@ def test_fid_matches_closed_form_on_injected_features():
         metrics.frechet_inception_distance(fid, reference[:1], reference)
 
 
-def test_fid_without_inception_says_what_is_missing():
-    import importlib.util
+def test_fid_without_torch_fidelity_says_what_to_install(monkeypatch):
+    """torchmetrics decides at import whether torch-fidelity is there; the test tells it it is not."""
+    import torchmetrics.image.fid
 
-    if importlib.util.find_spec("torch_fidelity") is not None:
-        pytest.skip("torch-fidelity is installed; its weights would be downloaded")
+    monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(UsageError, match="pip install torch-fidelity"):
         metrics.load_fid()
+
+
+def test_fid_without_its_inception_weights_names_the_file_and_the_flag(tmp_path):
+    """The real loading path of torch-fidelity's Inception network, given a weights file that is not there (as
+    offline, where the first-use download fails): one line naming the file, the flag and the way out."""
+    with pytest.raises(UsageError) as error:
+        metrics.load_fid(inception_weights=str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    message = str(error.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in message and "--fid_inception_weights" in message
+    assert "FileNotFoundError" in message
 
 
 def test_clip_score_matches_hand_computation(tiny_clip):
