@@ -71,14 +71,21 @@ def cast_lora_params_to_fp32(model):
 def adapters_disabled(model):
     """The reference model: the same network with its LoRA adapter switched off.
 
-    Pass the *unwrapped* model: under DDP the reference forward must not go through the wrapper.
+    Pass the *unwrapped* model: under DDP the reference forward must not go through the wrapper (under FSDP2 the
+    unwrapped model is the sharded one: every process runs this forward, each all-gathering what it lacks).
     peft turns requires_grad off while disabled; enable_adapters turns it back on.
     """
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.disable_adapters()
     try:
         yield model
     finally:
         model.enable_adapters()
+        # Under FSDP2 peft switches the parameters registered at the time: the shards going in, the all-gathered
+        # copies coming out when the forward kept them. The shards the optimizer updates must train again.
+        for param in trainable:
+            if not param.requires_grad:
+                param.requires_grad_(True)
 
 
 def lora_state_dict(model) -> Dict[str, torch.Tensor]:
@@ -89,21 +96,102 @@ def lora_state_dict(model) -> Dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def load_lora_state_dict(model, lora_dir: str, prefix: str):
-    """Restore adapter weights saved by ``save_lora_weights`` into a model that has the adapter."""
+def _lora_parameters(model) -> Dict[str, torch.nn.Parameter]:
+    """The adapter's parameters as registered on ``model`` now (under FSDP2 this process's shards, DTensors), under
+    the names ``get_peft_model_state_dict`` gives them: the same selection, in the same order on every process."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()))
+
+
+def _is_dtensor(tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def lora_is_sharded(model) -> bool:
+    """True when the adapter's weights are split across processes (FSDP2 shards them as DTensors)."""
+    return any(_is_dtensor(param) for param in _lora_parameters(model).values())
+
+
+def gather_lora_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The whole adapter in diffusers' LoRA format, on CPU, on every process that calls it.
+
+    Sharded (FSDP2), each process holds a slice of every LoRA weight: they are all-gathered one weight after the
+    other, in the same order everywhere, so EVERY process must call this, not only the one that writes. Only the
+    adapter is gathered, never the frozen base weights (``get_model_state_dict(full_state_dict=True)`` would gather
+    the whole model onto one process). Unsharded, it is ``lora_state_dict`` and nothing is exchanged.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    parameters = _lora_parameters(model)
+    if not any(_is_dtensor(param) for param in parameters.values()):
+        return lora_state_dict(model)
+    gathered = {}
+    with torch.no_grad():
+        for key, param in parameters.items():
+            value = param.full_tensor() if _is_dtensor(param) else param
+            gathered[key] = value.detach().to("cpu", copy=True)
+    return convert_state_dict_to_diffusers(gathered)
+
+
+def _read_lora_file(lora_dir: str, prefix: str) -> Dict[str, torch.Tensor]:
+    """The adapter file of ``lora_dir`` under peft's names (without the adapter name), ``prefix``'s keys only."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
 
     # The family's own LoRA reader: the same key handling as ``load_lora_weights``. With the metadata asked
     # for, both families return a tuple whose first item is the state dict.
     pipeline_class = StableDiffusion3Pipeline if prefix == "transformer" else StableDiffusionPipeline
     state = pipeline_class.lora_state_dict(lora_dir, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)[0]
     state = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    state = convert_unet_state_dict_to_peft(state)
+    return convert_unet_state_dict_to_peft(state)
+
+
+def _unexpected_keys_error(lora_dir: str, key: str) -> UsageError:
+    return UsageError(
+        f"checkpoint {lora_dir} has adapter weights this model lacks ({key}, ...): resume with the --lora_target it was trained with"
+    )
+
+
+def load_lora_state_dict(model, lora_dir: str, prefix: str):
+    """Restore adapter weights saved by ``save_lora_weights`` into a model that has the adapter.
+
+    Sharded (FSDP2), every process reads the whole file and keeps its own slice of each weight: nothing is
+    exchanged, and every process ends with the adapter that was saved, not only the first."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = _read_lora_file(lora_dir, prefix)
+    if lora_is_sharded(model):
+        set_sharded_lora_state(model, state, lora_dir)
+        return
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise UsageError(
-            f"checkpoint {lora_dir} has adapter weights this model lacks ({unexpected[0]}, ...): resume with the --lora_target it was trained with"
-        )
+        raise _unexpected_keys_error(lora_dir, unexpected[0])
+
+
+def set_sharded_lora_state(model, state: Dict[str, torch.Tensor], source: str):
+    """Copy whole adapter weights (peft's names, as ``_read_lora_file`` returns them) into a sharded model: each
+    process cuts its own slice (``distribute_tensor`` with no source rank sends nothing)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    parameters = _lora_parameters(model)
+    unexpected = [key for key in state if key not in parameters]
+    if unexpected:
+        raise _unexpected_keys_error(source, unexpected[0])
+    with torch.no_grad():
+        for key, value in state.items():
+            param = parameters[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise UsageError(
+                    f"checkpoint {source} has {key} of shape {tuple(value.shape)}, the model {tuple(param.shape)}: "
+                    f"resume with the --rank it was trained with"
+                )
+            value = value.to(device=param.device, dtype=param.dtype)
+            if _is_dtensor(param):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)

@@ -218,18 +218,42 @@ class TrainingRun:
             num_cycles=args.lr_num_cycles,
             power=args.lr_power,
         )
+        checkpoints.check_sharding(accelerator)
+        self.sharded = checkpoints.is_fsdp(accelerator)
+        if self.sharded and not args.skip_validation:
+            # Sampling runs on the main process only; a sharded model needs every process for each forward.
+            logger.warning(
+                "FSDP: validation images and model card samples are skipped (as with --skip_validation); "
+                "sample from the saved adapter instead"
+            )
+            args.skip_validation = True
+        self._configure_deepspeed()
         self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+        if self.sharded:
+            # FSDP2 replaced the parameters by their shards (DTensors): clip and count those the optimizer holds.
+            self.lora_params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.optimization = Optimization(
             accelerator, self.denoiser, self.optimizer, self.lr_scheduler, self.lora_params
         )
         self.model = accelerator.unwrap_model(self.denoiser)
         checkpoints.register_adapter_state_hooks(accelerator, self.model, save_lora_weights, lora_prefix=lora_prefix)
+        # Under FSDP checkpoints are written by every process together (accelerate would save the whole model).
+        self.sharded_state = (
+            checkpoints.ShardedState(
+                accelerator, self.model, self.optimizer, self.lr_scheduler, save_lora_weights, lora_prefix
+            )
+            if self.sharded
+            else None
+        )
+        self.adapter_state = None  # the gathered adapter, under FSDP, from finish() on
 
         self.first_step = 0
         self.last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
         if self.last_checkpoint is not None:
             accelerator.print(f"Resuming from {self.last_checkpoint}")
-            self.first_step = checkpoints.load_checkpoint(accelerator, self.last_checkpoint)
+            self.first_step = checkpoints.load_checkpoint(
+                accelerator, self.last_checkpoint, sharded_state=self.sharded_state
+            )
 
         if accelerator.is_main_process:
             accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
@@ -242,6 +266,16 @@ class TrainingRun:
         # Warns once if the preference loss saturates before the unsafe images' denoising error has moved.
         self.saturation_watch = saturation.SaturationWatch(enabled=accelerator.is_main_process)
         self.progress_bar = None
+
+    def _configure_deepspeed(self):
+        """DeepSpeed sizes its batches from a prepared dataloader, and DUO prepares none: it gets the micro-batch."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = self.args.train_batch_size
 
     def micro_step(self, family_step, step: int, micro_step: int):
         """``duo_plugin.step.duo_micro_step`` on this micro-step's pairs and random draws."""
@@ -312,6 +346,7 @@ class TrainingRun:
                 args.checkpoints_total_limit,
                 settings,
                 self.checkpoint_size,
+                sharded_state=self.sharded_state,
             )
 
     def validation_due(self, global_step: int) -> bool:
@@ -323,17 +358,33 @@ class TrainingRun:
         )
 
     def finish(self):
+        """End of the loop, on every process: under FSDP this also gathers the adapter (``gather_adapter_state``)."""
         self.progress_bar.close()
+        if self.sharded:
+            self.gather_adapter_state()
         self.accelerator.wait_for_everyone()
+
+    def gather_adapter_state(self):
+        """Under FSDP, gather the whole adapter from every process's shards for ``save_adapter``; every process
+        must call it (``finish`` does). Kept on the main process only. Unsharded, there is nothing to gather."""
+        from .lora import gather_lora_state_dict
+
+        if not self.sharded:
+            return
+        state = gather_lora_state_dict(self.model)
+        self.adapter_state = state if self.accelerator.is_main_process else None
 
     def save_adapter(self, save_lora_weights, architecture: dict, target_modules: List[str], extra=None) -> dict:
         """The adapter, then ``duo_config.json`` (before anything optional can fail, so the folder loads)."""
         from . import outputs
         from .lora import lora_state_dict
 
+        if self.sharded and self.adapter_state is None:
+            raise RuntimeError("under FSDP the adapter must be gathered on every process first: call run.finish()")
+        state = self.adapter_state if self.sharded else lora_state_dict(self.model)
         outputs.save_adapter(
             self.args.output_dir,
-            lambda folder: save_lora_weights(folder, lora_state_dict(self.model), self.model),
+            lambda folder: save_lora_weights(folder, state, self.model),
             self.last_checkpoint,
         )
         return outputs.write_duo_config(self.args.output_dir, self.args, architecture, target_modules, extra=extra)

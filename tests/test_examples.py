@@ -360,8 +360,8 @@ def test_real_runs_refuse_missing_inputs_before_running_anything():
     )
     result = run_recipe("compare_methods", I2P_PROMPTS="x", COCO_CAPTIONS="y")
     assert result.returncode == 2 and "set ADAPTERS" in result.stderr and result.stdout == ""
-    result = run_recipe("multi_gpu", "--dry-run", MODE="fsdp")
-    assert result.returncode == 2 and "MODE=fsdp: use ddp or deepspeed" in result.stderr
+    result = run_recipe("multi_gpu", "--dry-run", MODE="zero3")
+    assert result.returncode == 2 and "MODE=zero3: use ddp, fsdp or deepspeed" in result.stderr
     result = run_recipe("multi_gpu", "--dry-run", NUM_GPUS=3)
     assert result.returncode == 2 and "not a multiple of NUM_GPUS=3" in result.stderr
     result = run_recipe("custom_concept", "--smok")
