@@ -67,6 +67,7 @@ def main(argv=None):
             args.pretrained_model_name_or_path,
             subfolder="unet",
             variant=args.variant,
+            dtype=weight_dtype,
             **quantization.denoiser_load_kwargs(args.quantize_base, weight_dtype, device),
             **model_kwargs,
         ),

@@ -38,7 +38,7 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   (B = ``--train_batch_size`` pairs) at resolution/8 (SD3, FLUX: 16 latent channels; FLUX packs 2×2
   patches into tokens, [3·B, (H/2)(W/2), 64] at H = resolution/8, and the loss unpacks them), its
   conditioning (77 CLIP tokens; SDXL: + the pooled CLIP-G projection and 6 time ids; SD3: 77 +
-  ``max_sequence_length`` tokens; FLUX: ``max_sequence_length`` T5 tokens, 77 by default, the pooled CLIP-L
+  ``max_sequence_length`` tokens; FLUX: ``max_sequence_length`` T5 tokens, 512 by default as train_duo_flux.py's, the pooled CLIP-L
   vector, text and image position ids and, for [dev], the fp32 guidance vector) and the fp32 targets of the
   2·B pair images.
 * **Activations.** The reference forward runs under ``no_grad`` with the adapter disabled: its
@@ -77,6 +77,38 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   distilled into its guidance embedding) and T5 at 512 tokens (SD3's: 256). SDXL's pipelines upcast an
   fp16 VAE whose config says ``force_upcast`` (SDXL-base's) to fp32 for the decode and img2img's encode;
   an fp16-safe VAE (``--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix``) stays in fp16.
+
+* **A quantized base** (``--quantize_base nf4|int8``, duo_plugin/quantization.py). bitsandbytes cannot run on
+  fake tensors, so ``QuantizedLinear`` stands in for its ``Linear4bit`` / ``Linear8bitLt``: it holds exactly
+  bitsandbytes' tensors (nf4: the 4-bit codes two per byte, one fp32 absmax per 64 weights — no double
+  quantization, the scripts' config —, the 16-value code book: 0.5625 bytes per weight; int8: one byte per
+  weight and an fp32 scale per row) and makes the allocations of bitsandbytes 0.50's forward and backward, traced
+  like every other operator: nf4 dequantizes one layer's weight into the compute dtype for each forward and
+  backward call (a temporary), keeps no activation, and returns the input's dtype (fp32 after a norm, where a
+  plain linear layer under autocast returns bf16: FLUX's residual stream becomes fp32, its checkpointed block
+  inputs double); int8 quantizes the input through an fp16 copy, multiplies into int32, dequantizes to fp16,
+  dequantizes the weight for the backward, and keeps each input for the backward as an autograd-context
+  attribute that gradient checkpointing cannot drop (bitsandbytes issue #2034 describes the mechanism): under
+  checkpointing int8 keeps every linear layer's input. Every ``nn.Linear`` is quantized (diffusers' and
+  transformers' ``replace_with_bnb_linear``), except the class's ``_keep_in_fp32_modules`` (T5's ``wo``);
+  convolutions, norms and embeddings keep the load dtype: the mixed-precision dtype for SD3 and FLUX, fp16 for
+  train_duo.py's UNet (it passes no dtype; diffusers' quantizer then loads fp16). T5 (SD3's text_encoder_3,
+  FLUX's text_encoder_2) is quantized the same way; CLIP is not. The LoRA and its optimizer are unchanged
+  (fp32). A quantized denoiser is on the GPU before the prompts are encoded, so the run has one more phase,
+  "prompt encoding" (the quantized denoiser, CLIP and the quantized T5 encoding 8 prompts at a time). The
+  weights equal, to the byte, those of the same tiny models loaded by diffusers'/transformers' bitsandbytes
+  quantizers on a CPU (tests/test_memory.py); the allocations are read from bitsandbytes' code, not measured on
+  a GPU. Pair generation and evaluation stay full precision.
+* **Several GPUs** (``--num_processes N --sharding none|fsdp|zero2``; at start-up ``WORLD_SIZE`` and accelerate
+  launch's ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` + ``ACCELERATE_DEEPSPEED_ZERO_STAGE``): one GPU's
+  peak, computed from the one-GPU trace (``shard_estimate``): every GPU runs its own batch (activations and
+  temporaries unchanged); FSDP divides the denoiser's frozen weights, the LoRA, its gradients and optimizer
+  state by N but keeps whole the root unit (embeddings and output layers, gathered from forward to backward)
+  and the largest unit being computed (a transformer block; a UNet down/up/mid block); ZeRO-2 divides the
+  optimizer state and gradients; DDP divides nothing and adds its gradient buckets (a copy of the LoRA
+  gradients). The prompt encoding of a quantized run is not divided (each process loads the quantized denoiser
+  whole). Not counted: FSDP's backward prefetch (one more unit), a loader that puts the whole full-precision
+  denoiser on every GPU before accelerate shards it, communication buffers.
 
 ``estimate_training_step`` and friends return a ``MemoryEstimate``; ``check_training_memory(args, family)``
 is what the training scripts call at start-up.
@@ -132,7 +164,10 @@ TRAINING_SCRIPT = {
 }
 # T5 tokens of the inference pipelines' prompts (their max_sequence_length defaults).
 INFERENCE_T5_TOKENS = {"sd3": 256, "flux": 512}
-FLUX_TRAINING_T5_TOKENS = 77  # the FLUX run's --max_sequence_length default, as train_duo_sd3.py's
+# T5 tokens of the training prompts when --max_sequence_length is not given: FLUX follows train_duo_flux.py's default
+# (duo_plugin.flux.DEFAULT_MAX_SEQUENCE_LENGTH, 512, FluxPipeline's sampling length); SD3's estimate keeps the SD3
+# pipeline's 256, an upper bound of train_duo_sd3.py's 77.
+SD3_TRAINING_T5_TOKENS = 256
 # The text encoders each family's pipeline has, in model_index.json's names.
 TEXT_ENCODER_NAMES = {
     "sd": ("text_encoder",),
@@ -321,6 +356,31 @@ class AllocationTracker(TorchDispatchMode):
         self.peak = sum(self.current.values())
         self.peak_breakdown = dict(self.current)
 
+    def __enter__(self):
+        _ACTIVE_TRACKERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        _ACTIVE_TRACKERS.remove(self)
+        return super().__exit__(*exc_info)
+
+
+_ACTIVE_TRACKERS: List[AllocationTracker] = []
+
+
+@contextlib.contextmanager
+def _booked_as_temporaries():
+    """Allocations inside count as temporaries (a quantized layer's dequantized weight, whichever phase runs it)."""
+    tracker = _ACTIVE_TRACKERS[-1] if _ACTIVE_TRACKERS else None
+    if tracker is None:
+        yield
+        return
+    previous, tracker.category = tracker.category, "temporaries"
+    try:
+        yield
+    finally:
+        tracker.category = previous
+
 
 # CUDA autocast's op lists (torch/csrc/autograd autocast_mode.cpp, "CUDA Ops that can autocast to ...").
 _LOWER_PRECISION_FUNCTIONS = {
@@ -430,6 +490,24 @@ class TrainingMemorySettings:
     max_sequence_length: int = 256
     num_validation_images: int = 2
     validation: bool = True
+    quantize_base: str = "none"  # none / nf4 / int8: the frozen denoiser (and T5) as bitsandbytes loads them
+    num_processes: int = 1  # GPUs of the run; the estimate is per GPU
+    sharding: str = "none"  # with several processes: none (DDP), fsdp, zero2 (DeepSpeed ZeRO-2)
+
+
+@dataclass(frozen=True)
+class ShardingLayout:
+    """What multi-GPU sharding divides: the trained denoiser's resident bytes, split as FSDP wraps it (one unit per
+    transformer block, UNet down/up block and mid block; the rest, embeddings and output layers, in the root unit),
+    and the LoRA parameters and their optimizer state. Bytes as the allocator rounds each tensor."""
+
+    denoiser_frozen_bytes: int  # the frozen (possibly quantized) weights and buffers
+    root_frozen_bytes: int  # of which outside every unit
+    largest_unit_frozen_bytes: int  # the largest unit (by frozen + LoRA bytes): its frozen bytes
+    largest_unit_lora_bytes: int  # ... and its LoRA parameters
+    lora_bytes: int
+    optimizer_bytes: int
+    num_units: int = 0
 
 
 @dataclass
@@ -438,6 +516,9 @@ class MemoryEstimate:
     breakdown: Dict[str, int]  # bytes per category at the peak
     phase: str  # what peaks: "training step", "validation", "generation", ...
     seconds: float = 0.0
+    layout: Optional[ShardingLayout] = None  # training phases: what sharding would divide (shard_estimate)
+    num_processes: int = 1  # > 1: the peak of one GPU of a run over this many
+    sharding: str = "none"
 
     def smallest_card_gb(self) -> Optional[int]:
         return smallest_card(self.peak_bytes)
@@ -537,6 +618,199 @@ def eight_bit_adam_state_bytes(numels: List[int]) -> int:
     return sum(2 * n + 2 * 4 * math.ceil(n / EIGHT_BIT_BLOCK) if n >= EIGHT_BIT_MIN_SIZE else 8 * n for n in numels)
 
 
+# --------------------------------------------------------------------------------------------------
+# --quantize_base: bitsandbytes' quantized linear layers, re-created for fake tensors
+# --------------------------------------------------------------------------------------------------
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default: one fp32 absmax per 64 weights (no double quantization)
+NF4_CODE_VALUES = 16  # the NF4 code book each quantized weight's QuantState holds (16 fp32 values)
+PROMPT_ENCODING_BATCH = 8  # duo_plugin.prompts.encode_once: distinct prompts encoded at a time
+
+
+def quantized_weight_tensors(out_features: int, in_features: int, mode: str, device=None) -> Dict[str, torch.Tensor]:
+    """The tensors bitsandbytes keeps for one quantized ``nn.Linear`` weight (the bias stays as it was):
+
+    * nf4 (``Linear4bit``, ``Params4bit``): the 4-bit codes packed two per byte, shape ((n + 1) // 2, 1) uint8; one
+      fp32 absmax per 64-weight block; the 16-value NF4 code book — 0.5625 bytes per weight.
+    * int8 (``Linear8bitLt``, ``Int8Params``): the int8 weight (out, in) and one fp32 scale per output row (SCB).
+    """
+    n = out_features * in_features
+    if mode == "nf4":
+        return {
+            "weight": torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device),
+            "absmax": torch.empty(math.ceil(n / NF4_BLOCKSIZE), dtype=torch.float32, device=device),
+            "code": torch.empty(NF4_CODE_VALUES, dtype=torch.float32, device=device),
+        }
+    if mode == "int8":
+        return {
+            "weight": torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+            "SCB": torch.empty(out_features, dtype=torch.float32, device=device),
+        }
+    raise ValueError(f"quantization mode {mode!r}: one of nf4, int8")
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, mode: str, rounding: int = 1) -> int:
+    """Closed form of ``quantized_weight_tensors``: nf4 ⌈n/2⌉ + 4·⌈n/64⌉ + 64 bytes, int8 n + 4·out (each tensor
+    rounded up to ``rounding``, as the allocator does)."""
+    tensors = quantized_weight_tensors(out_features, in_features, mode, device="meta")
+    return sum(math.ceil(t.numel() * t.element_size() / rounding) * rounding for t in tensors.values())
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """The memory of bitsandbytes' ``MatMul4Bit``: the forward dequantizes the weight into the compute dtype and
+    multiplies (its ``gemm_4bit`` does so on a GPU above 1536 rows, where a training batch is; its fused kernel for
+    fewer rows skips the copy: the estimate always counts it), keeps no activation for the backward (the weight is
+    frozen), and the backward dequantizes the weight again for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, weight_shape):
+        ctx.weight_shape = weight_shape
+        with _booked_as_temporaries():
+            weight = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with _booked_as_temporaries():
+            weight = torch.empty(ctx.weight_shape, dtype=grad_output.dtype, device=grad_output.device)
+        return torch.matmul(grad_output, weight), None, None, None
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """The memory of bitsandbytes' ``MatMul8bitLt`` on CUDA (LLM.int8, threshold 6.0, outlier columns assumed absent:
+    they depend on the data): the input cast to fp16 (and its |A| ≥ 6 mask) for its row-wise int8 quantization, the
+    int32 product, its fp16 dequantization and the cast to the input's dtype. When the input needs a gradient it is
+    kept for the backward as an attribute of the autograd context (``ctx.tensors``), which gradient checkpointing's
+    saved-tensor hooks do not see: a checkpointed block's int8 layers keep their inputs. The backward dequantizes the
+    int8 weight into the input's dtype for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_features):
+        shape = x.shape
+        a = x.reshape(-1, shape[-1])
+        rows, cols = a.shape
+        with _booked_as_temporaries():
+            a16 = a.to(torch.float16)
+            magnitude = torch.empty(rows, cols, dtype=torch.float16, device=x.device)
+            outliers = torch.empty(rows, cols, dtype=torch.bool, device=x.device)
+            del magnitude, outliers
+            quantized = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
+            row_stats = torch.empty(rows, dtype=torch.float32, device=x.device)
+            del a16
+            accumulator = torch.empty(rows, out_features, dtype=torch.int32, device=x.device)
+            half = torch.empty(rows, out_features, dtype=torch.float16, device=x.device)
+        output = half if x.dtype == torch.float16 else half.to(x.dtype)
+        del half, accumulator, quantized, row_stats
+        ctx.weight_shape = (out_features, cols)
+        ctx.grad_shape = shape
+        ctx.dtype_a = a.dtype
+        ctx.tensors = (None, torch.empty(0, dtype=a.dtype, device=x.device), a) if ctx.needs_input_grad[0] else None
+        return output.reshape(*shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
+        with _booked_as_temporaries():
+            weight = torch.empty(ctx.weight_shape, dtype=ctx.dtype_a, device=grad_output.device)
+        grad_a = torch.matmul(grad_output.to(ctx.dtype_a), weight).view(ctx.grad_shape)
+        ctx.tensors = None
+        return grad_a, None, None, None
+
+
+class QuantizedLinear(torch.nn.Linear):
+    """A stand-in for bitsandbytes' ``Linear4bit`` (nf4) or ``Linear8bitLt`` (int8) that runs on any device, fake
+    tensors included: bitsandbytes' storage (``quantized_weight_tensors``) and the allocations of its forward and
+    backward (``_NF4MatMul``, ``_Int8MatMul``), not its arithmetic. ``Linear4bit`` casts the input to its compute
+    dtype and its output back to the input's dtype; ``Linear8bitLt`` computes from an fp16 copy and returns the
+    input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear, mode: str, compute_dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.compute_dtype = mode, compute_dtype
+        tensors = quantized_weight_tensors(self.out_features, self.in_features, mode, linear.weight.device)
+        self.weight = torch.nn.Parameter(tensors.pop("weight"), requires_grad=False)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x):
+        if self.mode == "nf4":
+            input_dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            shape = (self.out_features, self.in_features)
+            return _NF4MatMul.apply(x, self.weight, bias, shape).to(input_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _Int8MatMul.apply(x, self.weight, bias, self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def _name_matches(name: str, keys) -> bool:
+    parts = name.split(".")
+    return any(key == name or key in parts or name.startswith(key + ".") or f".{key}." in f".{name}." for key in keys)
+
+
+def quantize_linears(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype, keep=()) -> List[str]:
+    """Replace every ``nn.Linear`` of ``model`` (except those named in ``keep``) by a ``QuantizedLinear``, in place,
+    as diffusers' and transformers' bitsandbytes quantizers replace them (``replace_with_bnb_linear``: linear layers
+    only; convolutions, norms and embeddings keep the load dtype). Returns the replaced names."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not isinstance(module, QuantizedLinear)
+        if not _name_matches(name, keep)
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedLinear(getattr(parent, child), mode, compute_dtype))
+    return names
+
+
+def _kept_modules(model: torch.nn.Module) -> List[str]:
+    """The modules a bitsandbytes quantizer leaves unquantized: the class's ``_keep_in_fp32_modules`` (T5's ``wo``;
+    none for the UNets, SD3 and FLUX transformers)."""
+    return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def build_quantized_denoiser(configs: BaseModelConfigs, weight_dtype: torch.dtype, mode: str):
+    """The denoiser as ``from_pretrained(quantization_config=...)`` loads it for the training scripts: its linear
+    layers quantized with the mixed-precision dtype as compute dtype, the rest in the dtype passed to
+    ``from_pretrained`` — the mixed-precision dtype for SD3 and FLUX; ``train_duo.py`` passes none for its UNet,
+    and diffusers' bitsandbytes quantizer then loads the rest in fp16 (kept in the estimate as fp32 without mixed
+    precision)."""
+    rest_dtype = torch.float16 if configs.family in ("sd", "sdxl") and weight_dtype != torch.float32 else weight_dtype
+    denoiser = build_denoiser(configs, rest_dtype)
+    quantize_linears(denoiser, mode, weight_dtype, keep=_kept_modules(denoiser))
+    return denoiser
+
+
+def quantize_text_encoders(configs: BaseModelConfigs, encoders: Dict[str, torch.nn.Module], mode: str, dtype):
+    """T5 (SD3's text_encoder_3, FLUX's text_encoder_2) quantized as the scripts' ``PipelineQuantizationConfig``
+    does; the CLIP encoders stay in ``dtype``."""
+    if mode == "none":
+        return encoders
+    for name, encoder in encoders.items():
+        if _is_t5(configs.text_encoders[name]):
+            quantize_linears(encoder, mode, dtype, keep=_kept_modules(encoder))
+    return encoders
+
+
+def _disable_lora_input_cast(denoiser, mixed_precision: str):
+    """peft's bitsandbytes LoRA layers cast the input to the LoRA's fp32 only outside autocast; under the run's
+    mixed precision they leave it in the half dtype (the generic LoRA layer the stand-ins get would cast it)."""
+    if mixed_precision not in HALF_DTYPES:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), QuantizedLinear):
+            module.cast_input_dtype_enabled = False
+
+
 class _Optimizer:
     """AdamW (torch, foreach, states initialised as after the first step) or 8-bit AdamW's state with an
     in-place update (bitsandbytes' fused kernel allocates nothing per step)."""
@@ -590,13 +864,20 @@ def _build_training_models(
     # train_duo_sd3.py keeps its VAE in fp32 (SD3's latents are sensitive); so do the SDXL (its VAE overflows in
     # fp16) and FLUX runs.
     vae_dtype = torch.float32 if configs.family in ("sdxl", "sd3", "flux") else weight_dtype
+    quantize = settings.quantize_base
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
-        denoiser = build_denoiser(configs, weight_dtype)
+        if quantize == "none":
+            denoiser = build_denoiser(configs, weight_dtype)
+        else:
+            denoiser = build_quantized_denoiser(configs, weight_dtype, quantize)
         if settings.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing(_checkpointing_under_autocast(settings.mixed_precision))
         add_adapter(denoiser, settings, configs.family)
+        if quantize != "none":
+            _disable_lora_input_cast(denoiser, settings.mixed_precision)
         vae = build_vae(configs, vae_dtype) if need_encoders else None
         text_encoders = build_text_encoders(configs, weight_dtype) if need_encoders else {}
+        quantize_text_encoders(configs, text_encoders, quantize, weight_dtype)
     if fake_mode is not None:
         for module in (denoiser, vae, *text_encoders.values()):
             if module is not None:
@@ -923,20 +1204,30 @@ def _fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+RUN_PHASES = ("prompt encoding", "training step", "validation")
+
+
 def estimate_training(
     configs: BaseModelConfigs, settings: TrainingMemorySettings, fake: bool = True, rounding: int = ALLOCATOR_ROUNDING
 ) -> Dict[str, MemoryEstimate]:
-    """Peaks of one training step and (``settings.validation``) of the in-training validation; the
-    ``"run"`` entry is the larger. With ``fake=False`` the same accounting runs on real CPU tensors."""
+    """Peaks of one training step, of the in-training validation (``settings.validation``) and, for a quantized
+    base (``settings.quantize_base``), of the prompt encoding at start-up; the ``"run"`` entry is the largest. With
+    ``settings.num_processes`` > 1 the step and the validation are one GPU's (``shard_estimate``). With
+    ``fake=False`` the same accounting runs on real CPU tensors."""
     _quiet()
     start = time.perf_counter()
     official = settings.recipe == "official"
     with_encoders = official or settings.encoders_resident
     results = {}
     fake_mode = _fake_mode() if fake else None
-    need_encoders = with_encoders or settings.validation
+    # A quantized denoiser is loaded onto the GPU (device_map) before the prompts are encoded; a full-precision one
+    # waits on the CPU until the encoders are gone.
+    encoding_phase = settings.quantize_base != "none" and not with_encoders
+    need_encoders = with_encoders or settings.validation or encoding_phase
     models = _build_training_models(configs, settings, need_encoders, fake_mode)
     with fake_mode if fake else contextlib.nullcontext():
+        if encoding_phase:
+            results["prompt encoding"] = _estimate_prompt_encoding(configs, models, settings, rounding, start)
         if settings.validation and not with_encoders:
             # SDXL, SD3 and FLUX delete their text encoders after encoding the prompts once; SD1/2 keeps its
             # text encoder on the CPU and brings it back.
@@ -967,9 +1258,124 @@ def estimate_training(
             results["validation"] = MemoryEstimate(
                 tracker.peak, dict(tracker.peak_breakdown), "validation", time.perf_counter() - start
             )
-    run = max(results.values(), key=lambda e: e.peak_bytes)
+    layout = sharding_layout(models, configs.family, rounding)
+    for phase in ("training step", "validation"):
+        if phase in results:
+            results[phase] = shard_estimate(
+                replace(results[phase], layout=layout), settings.num_processes, settings.sharding
+            )
+    run = max((results[phase] for phase in RUN_PHASES if phase in results), key=lambda e: e.peak_bytes)
     results["run"] = replace(run, seconds=time.perf_counter() - start)
     return results
+
+
+def _estimate_prompt_encoding(configs, models: _Models, settings: TrainingMemorySettings, rounding: int, start):
+    """The start-up encoding of a quantized run: the quantized denoiser already on the GPU (no adapter yet), the text
+    encoders (T5 quantized) encoding ``PROMPT_ENCODING_BATCH`` prompts at a time without grad. Not sharded: each
+    process loads the quantized denoiser whole before accelerate prepares it."""
+    tracker = AllocationTracker(rounding)
+    lora = {id(p) for p in models.lora_params}
+    for module in (models.denoiser, *models.text_encoders.values()):
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in lora:
+                tracker.register(tensor, "weights")
+    tracker.category = "activations"
+    with tracker, torch.no_grad():
+        for name, encoder in models.text_encoders.items():
+            output = _encode_prompt(configs, name, encoder, PROMPT_ENCODING_BATCH, settings.max_sequence_length)
+            del output
+    return MemoryEstimate(tracker.peak, dict(tracker.peak_breakdown), "prompt encoding", time.perf_counter() - start)
+
+
+# The modules FSDP wraps one by one (accelerate's transformer-based auto-wrap of the blocks); the rest is the root.
+FSDP_UNITS = {
+    "sd": ("down_blocks", "up_blocks", "mid_block"),
+    "sdxl": ("down_blocks", "up_blocks", "mid_block"),
+    "sd3": ("transformer_blocks",),
+    "flux": ("transformer_blocks", "single_transformer_blocks"),
+}
+SHARDING_MODES = ("none", "fsdp", "zero2")
+
+
+def _fsdp_units(denoiser: torch.nn.Module, family: str) -> List[torch.nn.Module]:
+    units = []
+    for name in FSDP_UNITS[family]:
+        module = getattr(denoiser, name, None)
+        if isinstance(module, torch.nn.ModuleList):
+            units.extend(module)
+        elif module is not None:
+            units.append(module)
+    return units
+
+
+def sharding_layout(models: _Models, family: str, rounding: int = ALLOCATOR_ROUNDING) -> ShardingLayout:
+    """The resident bytes multi-GPU sharding divides, from the built models (``ShardingLayout``)."""
+    lora = {id(p) for p in models.lora_params}
+
+    def size(tensor):
+        return math.ceil(tensor.numel() * tensor.element_size() / rounding) * rounding
+
+    def split(module):
+        tensors = list(module.parameters()) + list(module.buffers())
+        frozen = sum(size(t) for t in tensors if id(t) not in lora)
+        return frozen, sum(size(t) for t in tensors if id(t) in lora)
+
+    frozen, lora_bytes = split(models.denoiser)
+    units = [split(unit) for unit in _fsdp_units(models.denoiser, family)]
+    largest = max(units, key=sum, default=(0, 0))
+    return ShardingLayout(
+        denoiser_frozen_bytes=frozen,
+        root_frozen_bytes=frozen - sum(unit[0] for unit in units),
+        largest_unit_frozen_bytes=largest[0],
+        largest_unit_lora_bytes=largest[1],
+        lora_bytes=lora_bytes,
+        optimizer_bytes=sum(size(t) for t in models.optimizer.state) if models.optimizer is not None else 0,
+        num_units=len(units),
+    )
+
+
+def shard_estimate(estimate: MemoryEstimate, num_processes: int, sharding: str = "none") -> MemoryEstimate:
+    """One GPU's peak of a training phase run on ``num_processes`` GPUs, from the one-GPU estimate and its layout:
+
+    * ``fsdp`` (full sharding): the denoiser's frozen weights, the LoRA parameters, their gradients and optimizer
+      state divided by N, plus what is whole on every GPU: the root unit (embeddings, output layers: FSDP's root
+      keeps its parameters gathered from the forward to the backward) and the largest unit gathered for its forward
+      or backward (its frozen weights and LoRA parameters). FSDP's backward prefetch, which gathers the next unit
+      while the current one computes, would add one more unit (not counted).
+    * ``zero2`` (DeepSpeed ZeRO-2): optimizer state and gradients divided by N; weights and LoRA whole.
+    * ``none`` (DDP): nothing divided; DDP's gradient buckets add one more fp32 copy of the LoRA gradients.
+
+    Activations and temporaries are each GPU's own batch: unchanged. The VAE and the text encoders (resident for
+    the validation or the official step) are not sharded."""
+    if num_processes <= 1 or estimate.layout is None:
+        return estimate
+    if sharding not in SHARDING_MODES:
+        raise UsageError(f"sharding {sharding!r}: one of {', '.join(SHARDING_MODES)}")
+    n, layout = num_processes, estimate.layout
+    breakdown = dict(estimate.breakdown)
+    if sharding == "fsdp":
+        sharded_frozen = layout.denoiser_frozen_bytes - layout.root_frozen_bytes
+        breakdown["weights"] += (
+            math.ceil(sharded_frozen / n)
+            + layout.root_frozen_bytes
+            + layout.largest_unit_frozen_bytes
+            - layout.denoiser_frozen_bytes
+        )
+        trained = layout.lora_bytes + layout.optimizer_bytes
+        breakdown["lora_and_optimizer"] += math.ceil(trained / n) + layout.largest_unit_lora_bytes - trained
+        breakdown["gradients"] = math.ceil(breakdown["gradients"] / n)
+    elif sharding == "zero2":
+        breakdown["lora_and_optimizer"] += math.ceil(layout.optimizer_bytes / n) - layout.optimizer_bytes
+        breakdown["gradients"] = math.ceil(breakdown["gradients"] / n)
+    else:
+        breakdown["gradients"] += layout.lora_bytes
+    return replace(
+        estimate,
+        peak_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        num_processes=n,
+        sharding=sharding,
+    )
 
 
 def estimate_inference(
@@ -1136,12 +1542,60 @@ def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings
         lora_target=args.lora_target or DEFAULT_LORA_TARGET[family],
         gradient_checkpointing=args.gradient_checkpointing,
         use_8bit_adam=args.use_8bit_adam,
-        max_sequence_length=getattr(args, "max_sequence_length", None)
-        or (FLUX_TRAINING_T5_TOKENS if family == "flux" else 256),
+        max_sequence_length=getattr(args, "max_sequence_length", None) or default_max_sequence_length(family),
         num_validation_images=args.num_validation_images,
         validation=not args.skip_validation,
+        quantize_base=getattr(args, "quantize_base", None) or "none",
+        num_processes=process_count(args),
+        sharding=sharding_of(args),
     )
     return replace(settings, **overrides)
+
+
+def default_max_sequence_length(family: str) -> int:
+    """T5 tokens of the training prompts when the command line gives none: train_duo_flux.py's default for FLUX
+    (``duo_plugin.flux.DEFAULT_MAX_SEQUENCE_LENGTH``, 512); for SD3 the pipeline's 256, an upper bound of
+    train_duo_sd3.py's 77."""
+    if family == "flux":
+        from .flux import DEFAULT_MAX_SEQUENCE_LENGTH
+
+        return DEFAULT_MAX_SEQUENCE_LENGTH
+    return SD3_TRAINING_T5_TOKENS
+
+
+def process_count(args) -> int:
+    """The run's processes (GPUs): ``args.num_processes`` (the estimate's flag), else what the launcher exported to
+    each process before any Accelerator exists (``WORLD_SIZE``: accelerate launch, torchrun)."""
+    given = getattr(args, "num_processes", None)
+    if given:
+        return int(given)
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def sharding_of(args) -> str:
+    """How the run shards across its processes: ``args.sharding`` (the estimate's flag) or ``args.distributed_type``
+    if a script has one, else accelerate launch's environment (``ACCELERATE_USE_FSDP``; ``ACCELERATE_USE_DEEPSPEED``
+    with ``ACCELERATE_DEEPSPEED_ZERO_STAGE``: 2 is ZeRO-2, 3 is estimated as FSDP, lower as unsharded); "none"
+    (DDP) otherwise."""
+    given = getattr(args, "sharding", None)
+    if given:
+        return given
+    distributed_type = str(getattr(args, "distributed_type", "") or "").upper().rsplit(".", 1)[-1]
+    if distributed_type == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+        return "fsdp"
+    if distributed_type == "DEEPSPEED" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        return {"2": "zero2", "3": "fsdp"}.get(stage.strip(), "none")
+    return "none"
+
+
+def _bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 # The flags that lower a run's memory, as (flag text, settings change), tried from the smallest change.
@@ -1150,6 +1604,12 @@ _MEMORY_FLAGS = (
     ("--use_8bit_adam", lambda s: s.use_8bit_adam, {"use_8bit_adam": True}),
     ("--mixed_precision bf16", lambda s: s.mixed_precision != "no", {"mixed_precision": "bf16"}),
     ("--skip_validation", lambda s: not s.validation, {"validation": False}),
+    # last: the adapter is then trained against the quantized base
+    (
+        "--quantize_base nf4",
+        lambda s: s.quantize_base != "none" or not _bitsandbytes_available(),
+        {"quantize_base": "nf4"},
+    ),
 )
 
 
@@ -1177,7 +1637,8 @@ def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
     """Stop before any weight is downloaded when the run's estimated peak exceeds the GPU's free memory.
 
     Called by the training scripts at start-up; does nothing without CUDA or with ``--skip_memory_check``.
-    Reads only the base model's config files. An estimate that fails (an unusual config) is reported and
+    Reads only the base model's config files. The estimate follows ``--quantize_base`` and is one GPU's: the
+    process count and sharding come from the launch's environment (``process_count``, ``sharding_of``). An estimate that fails (an unusual config) is reported and
     skipped: the check must never stop a run it cannot judge.
     """
     if getattr(args, "skip_memory_check", False) or not torch.cuda.is_available():
@@ -1206,10 +1667,19 @@ def check_training_memory(args, family: str) -> Optional[MemoryEstimate]:
         return estimate
     fix = flags_that_fit(configs, settings, free_bytes)
     advice = f"add {' '.join(fix)}" if fix else "lower --resolution or --train_batch_size, or use a larger GPU"
+    per_process = (
+        f", per GPU of {settings.num_processes} ({_sharding_name(settings.sharding)})"
+        if settings.num_processes > 1
+        else ""
+    )
     raise UsageError(
-        f"estimated peak GPU memory {estimate.peak_bytes / GiB:.1f} GiB ({estimate.phase}; +{FRAGMENTATION_MARGIN:.0%} allocator margin) "
+        f"estimated peak GPU memory {estimate.peak_bytes / GiB:.1f} GiB ({estimate.phase}{per_process}; +{FRAGMENTATION_MARGIN:.0%} allocator margin) "
         f"exceeds the {free_bytes / GiB:.1f} GiB free on GPU {device}: {advice} (or --skip_memory_check to try anyway)"
     )
+
+
+def _sharding_name(sharding: str) -> str:
+    return {"none": "DDP", "fsdp": "FSDP", "zero2": "DeepSpeed ZeRO-2"}.get(sharding, sharding)
 
 
 def _format_row(label: str, estimate: MemoryEstimate) -> str:
@@ -1232,7 +1702,22 @@ def parse_args(argv=None):
         "--max_sequence_length",
         type=int,
         default=None,
-        help="SD3/FLUX: T5 tokens of the training prompts (train_duo_sd3.py's flag; default 256 for SD3, 77 for FLUX)",
+        help="SD3/FLUX: T5 tokens of the training prompts (the scripts' flag; default 256 for SD3, an upper bound of "
+        "train_duo_sd3.py's 77; 512 for FLUX, train_duo_flux.py's default)",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=1,
+        help="GPUs of the run (accelerate launch --num_processes): the training rows are then one GPU's peak",
+    )
+    parser.add_argument(
+        "--sharding",
+        default="none",
+        choices=list(SHARDING_MODES),
+        help="with several processes: none (DDP, every GPU holds everything), fsdp (weights, LoRA, gradients and "
+        "optimizer state sharded; one block gathered at a time), zero2 (DeepSpeed ZeRO-2: optimizer state and "
+        "gradients sharded)",
     )
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
@@ -1269,6 +1754,7 @@ def check_args(args):
         "generation_batch_size",
         "evaluation_batch_size",
         "max_sequence_length",
+        "num_processes",
     ):
         validation.at_least(args, name, 1)
     if args.json:
@@ -1284,7 +1770,7 @@ def main(argv=None):
     )
     family = configs.family
     if args.max_sequence_length is None:
-        args.max_sequence_length = FLUX_TRAINING_T5_TOKENS if family == "flux" else 256
+        args.max_sequence_length = default_max_sequence_length(family)
     if args.resolution is None:
         args.resolution = 1024 if family in ("sd3", "flux") else 8 * configs.denoiser.get("sample_size", 64)
     if args.resolution % 8:
@@ -1304,7 +1790,15 @@ def main(argv=None):
     print(
         f"{args.pretrained_model_name_or_path} ({TRAINING_SCRIPT[family]}), {args.resolution} px, "
         f"{settings.train_batch_size} pair(s) per micro-step, mixed precision {settings.mixed_precision}, LoRA rank {settings.rank}"
+        + (f", base quantized to {settings.quantize_base}" if settings.quantize_base != "none" else "")
     )
+    if settings.num_processes > 1:
+        print(
+            f"training rows: one GPU of {settings.num_processes} ({_sharding_name(settings.sharding)}); "
+            f"pair generation and evaluation: one GPU, full precision"
+        )
+    elif settings.quantize_base != "none":
+        print("pair generation and evaluation: full precision (only training quantizes the base)")
     print(
         f"estimated peak GPU memory (max_memory_allocated; a card fits when peak x {1 + FRAGMENTATION_MARGIN:.2f} + "
         f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB <= its memory)\n"
@@ -1316,6 +1810,8 @@ def main(argv=None):
         ("training step, every memory option on", replace(all_on, validation=False)),
     ):
         results = estimate_training(configs, row_settings)
+        if label == "training step, your flags" and "prompt encoding" in results:
+            rows.append(("prompt encoding at start-up, your flags", results["prompt encoding"]))
         rows.append((label, results["training step"]))
         if label.endswith("your flags") and "validation" in results:
             rows.append(("validation during training, your flags", results["validation"]))

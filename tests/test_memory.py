@@ -405,12 +405,290 @@ def test_start_up_check_accepts_sdxl_and_flux(family, tiny_sdxl_base, tiny_flux_
 
 
 def test_cli_flux_defaults(tiny_flux_bases, capsys):
-    """FLUX: the training prompts' 77 T5 tokens by default, train_duo_flux.py named, a resolution refused unless it
-    packs into 2x2 patches."""
+    """FLUX: the training prompts' T5 tokens by default as train_duo_flux.py's (512, its pipeline's sampling length),
+    train_duo_flux.py named, a resolution refused unless it packs into 2x2 patches."""
     rows = memory.main(["--pretrained_model_name_or_path", tiny_flux_bases[True], "--resolution", "32", "--rank", "4"])
     out = capsys.readouterr().out
     assert "train_duo_flux.py" in out and len(rows) == 6 and all(e.peak_bytes > 0 for _, e in rows)
-    assert memory.settings_from_args(training_args(tiny_flux_bases[True]), "flux").max_sequence_length == 77
+    assert memory.settings_from_args(training_args(tiny_flux_bases[True]), "flux").max_sequence_length == 512
     with pytest.raises(SystemExit):  # FLUX.1: 8x VAE, 2x2 patches
         memory.main(["--pretrained_model_name_or_path", os.path.join(CONFIGS_DIR, "flux1-dev"), "--resolution", "520"])
     assert "not a multiple of 16" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# --quantize_base nf4|int8, and several GPUs (DDP, FSDP, DeepSpeed ZeRO-2)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quantizing_on_cpu(monkeypatch):
+    """diffusers' and transformers' bitsandbytes quantizers on the CPU: only their GPU check lifted (bitsandbytes
+    has CPU kernels for nf4 and int8), as in tests/test_quantization.py."""
+    pytest.importorskip("bitsandbytes")
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+    from transformers.quantizers import quantizer_bnb_4bit, quantizer_bnb_8bit
+
+    def allow(self, *args, **kwargs):
+        return None
+
+    for quantizer in (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer):
+        monkeypatch.setattr(quantizer, "validate_environment", allow)
+    for module in (quantizer_bnb_4bit, quantizer_bnb_8bit):
+        for name in dir(module):
+            candidate = getattr(module, name)
+            if isinstance(candidate, type) and name.startswith("Bnb") and hasattr(candidate, "validate_environment"):
+                monkeypatch.setattr(candidate, "validate_environment", allow)
+
+
+def bitsandbytes_bytes(model) -> int:
+    """Bytes a bitsandbytes-quantized model holds: its parameters and buffers, plus each 4-bit weight's QuantState
+    (absmax, code book) and each int8 weight's row scales (SCB), which are not parameters."""
+    tensors = {}
+    for module in model.modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None:
+                tensors[id(tensor)] = tensor
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            tensors.update({id(t): t for t in (state.absmax, state.code)})
+            assert not state.nested  # the scripts' config: no double quantization
+        if getattr(weight, "SCB", None) is not None:
+            tensors[id(weight.SCB)] = weight.SCB
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_quantized_weight_closed_form():
+    """nf4: half a byte per weight plus one fp32 absmax per 64 and the 16-value code book (0.5625 bytes per weight);
+    int8: a byte per weight plus one fp32 scale per output row."""
+    n = 3072 * 3072
+    assert memory.quantized_weight_bytes(3072, 3072, "nf4") == n // 2 + 4 * n // 64 + 4 * 16
+    assert memory.quantized_weight_bytes(3072, 3072, "int8") == n + 4 * 3072
+    assert memory.quantized_weight_bytes(3, 5, "nf4", rounding=512) == 3 * 512  # three tensors, one block each
+    with pytest.raises(ValueError):
+        memory.quantized_weight_bytes(3, 5, "fp8")
+
+
+@pytest.mark.parametrize("family, mode", [("flux", "nf4"), ("flux", "int8"), ("sdxl", "nf4")])
+def test_quantized_weights_match_bitsandbytes(family, mode, quantizing_on_cpu, tiny_sdxl_base, tiny_flux_bases):
+    """The estimate's resident weights of a quantized base equal (within 1 %) the bytes of the same tiny denoiser
+    loaded by diffusers' own bitsandbytes quantizer, as the training scripts load it (real Params4bit / Int8Params on
+    the CPU): the same layers quantized, the rest in the load dtype (train_duo.py's UNet: fp16, diffusers' default);
+    likewise FLUX's T5 through transformers' quantizer (its ``wo`` layers kept unquantized)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from duo_plugin import quantization
+
+    base = tiny_sdxl_base if family == "sdxl" else tiny_flux_bases[True]
+    configs = memory.load_base_model_configs(base)
+    load = quantization.denoiser_load_kwargs(mode, torch.bfloat16, "cpu")
+    if family == "sdxl":  # train_duo.py passes no dtype
+        real = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load)
+    else:
+        real = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=torch.bfloat16, **load)
+    assert any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in real.modules())
+    settings = memory.TrainingMemorySettings(
+        resolution=32, rank=4, max_sequence_length=16, quantize_base=mode, validation=False
+    )
+    estimate = memory.estimate_training(configs, settings, rounding=1)["training step"]
+    assert relative_error(estimate.breakdown["weights"], bitsandbytes_bytes(real)) < 0.01
+    with torch.device("meta"):
+        full_precision = memory.build_denoiser(configs, torch.bfloat16)
+    assert estimate.breakdown["weights"] < 0.7 * sum(p.numel() * 2 for p in full_precision.parameters())
+    if family == "flux":
+        import transformers
+
+        # the scripts' T5 quantization (PipelineQuantizationConfig's kwargs) through transformers' own quantizer
+        kwargs = quantization.text_quantization_config(mode, torch.bfloat16, ["text_encoder_2"]).quant_kwargs
+        t5 = transformers.T5EncoderModel.from_pretrained(
+            base,
+            subfolder="text_encoder_2",
+            dtype=torch.bfloat16,
+            device_map={"": "cpu"},
+            quantization_config=transformers.BitsAndBytesConfig(**kwargs),
+        )
+        with torch.device("meta"):
+            encoders = memory.build_text_encoders(configs, torch.bfloat16)
+            t5_estimate = memory.quantize_text_encoders(configs, encoders, mode, torch.bfloat16)["text_encoder_2"]
+        estimated = sum(t.numel() * t.element_size() for t in [*t5_estimate.parameters(), *t5_estimate.buffers()])
+        assert relative_error(estimated, bitsandbytes_bytes(t5)) < 0.01
+
+
+@pytest.mark.parametrize(
+    "family, mode, gradient_checkpointing, mixed_precision",
+    [("flux", "nf4", True, "bf16"), ("flux", "int8", False, "no"), ("sdxl", "nf4", False, "bf16")],
+)
+def test_quantized_estimate_matches_memtracker_on_real_tensors(
+    family, mode, gradient_checkpointing, mixed_precision, tiny_sdxl_base, tiny_flux_bases
+):
+    """The quantized layers' stand-ins (bitsandbytes' storage and allocations, on fake tensors) account the same on
+    real CPU tensors, as PyTorch's MemTracker measures them."""
+    configs = memory.load_base_model_configs(tiny_sdxl_base if family == "sdxl" else tiny_flux_bases[True])
+    settings = memory.TrainingMemorySettings(
+        resolution=32,
+        mixed_precision=mixed_precision,
+        rank=4,
+        gradient_checkpointing=gradient_checkpointing,
+        max_sequence_length=16,
+        quantize_base=mode,
+        validation=False,
+    )
+    estimate = memory.estimate_training(configs, settings, rounding=1)["training step"]
+    measured = memory.measure_training_step(configs, settings)
+    assert relative_error(estimate.peak_bytes, measured) < 0.10, (estimate.peak_bytes, measured)
+    assert sum(estimate.breakdown.values()) == estimate.peak_bytes
+
+
+def test_quantized_run_counts_the_prompt_encoding_and_the_dequantized_weights(tiny_flux_bases):
+    """A quantized run encodes its prompts with the quantized denoiser already on the GPU (T5 quantized too); the
+    dequantized weight of one layer at a time is a temporary of the step."""
+    configs = memory.load_base_model_configs(tiny_flux_bases[True])
+    settings = memory.TrainingMemorySettings(resolution=32, rank=4, max_sequence_length=16, validation=False)
+    plain = memory.estimate_training(configs, settings, rounding=1)
+    nf4 = memory.estimate_training(configs, memory.replace(settings, quantize_base="nf4"), rounding=1)
+    assert "prompt encoding" not in plain and "prompt encoding" in nf4
+    assert nf4["prompt encoding"].breakdown["weights"] > nf4["training step"].breakdown["weights"]
+    assert nf4["run"].peak_bytes == max(nf4[p].peak_bytes for p in ("prompt encoding", "training step"))
+    with torch.device("meta"):
+        denoiser = memory.build_quantized_denoiser(configs, torch.bfloat16, "nf4")
+    quantized = [m for m in denoiser.modules() if isinstance(m, memory.QuantizedLinear)]
+    assert quantized and not any(type(m) is torch.nn.Linear for m in denoiser.modules())  # every linear layer
+
+
+def test_quantized_layer_dequantizes_one_weight_at_a_time():
+    """nf4: the forward and the backward each dequantize the layer's weight into the compute dtype, a temporary
+    freed with the call; int8: the int32 product and its fp16 dequantization, and the input kept for the
+    backward."""
+    linear = torch.nn.Linear(128, 256, dtype=torch.bfloat16)
+    for mode in ("nf4", "int8"):
+        layer = memory.QuantizedLinear(linear, mode, torch.bfloat16)
+        x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+        tracker = memory.AllocationTracker(rounding=1)
+        with tracker:
+            y = layer(x)
+        output_bytes = 4 * 256 * 2
+        if mode == "nf4":
+            assert tracker.peak == 256 * 128 * 2 + output_bytes
+            assert tracker.peak_breakdown["temporaries"] == 256 * 128 * 2
+        else:
+            assert tracker.peak_breakdown["temporaries"] >= 4 * 256 * (4 + 2)  # int32 product + fp16 output
+        assert tracker.current["temporaries"] == 0
+        tracker.reset_peak()
+        with tracker:
+            y.float().sum().backward()
+        weight_copy = 256 * 128 * 2
+        assert tracker.peak - tracker.current["activations"] >= weight_copy and x.grad.shape == x.shape
+
+
+def test_sharding_divides_what_it_shards(tiny_flux_bases, tiny_sdxl_base):
+    """Per GPU, 4 processes: FSDP < ZeRO-2 < one GPU < DDP (its gradient buckets); FSDP keeps the root and the
+    largest unit whole; the estimate with num_processes equals the one-GPU estimate sharded."""
+    for base in (tiny_flux_bases[True], tiny_sdxl_base):
+        configs = memory.load_base_model_configs(base)
+        settings = memory.TrainingMemorySettings(
+            resolution=32, rank=4, max_sequence_length=16, gradient_checkpointing=True, use_8bit_adam=False
+        )
+        one = memory.estimate_training(configs, settings)
+        step, layout = one["training step"], one["training step"].layout
+        assert layout.num_units == {"flux": 3, "sdxl": 5}[configs.family]
+        assert layout.largest_unit_frozen_bytes <= layout.denoiser_frozen_bytes - layout.root_frozen_bytes
+        peaks = {s: memory.shard_estimate(step, 4, s).peak_bytes for s in memory.SHARDING_MODES}
+        assert peaks["fsdp"] < peaks["zero2"] < step.peak_bytes < peaks["none"]
+        fsdp = memory.shard_estimate(step, 4, "fsdp")
+        sharded = layout.denoiser_frozen_bytes - layout.root_frozen_bytes
+        expected_weights = -(-sharded // 4) + layout.root_frozen_bytes + layout.largest_unit_frozen_bytes
+        assert fsdp.breakdown["weights"] == expected_weights and fsdp.num_processes == 4
+        assert fsdp.breakdown["activations"] == step.breakdown["activations"]
+        assert memory.shard_estimate(step, 1, "fsdp") is step
+        four = memory.estimate_training(configs, memory.replace(settings, num_processes=4, sharding="fsdp"))
+        assert four["training step"].peak_bytes == fsdp.peak_bytes
+        assert four["run"].peak_bytes < one["run"].peak_bytes
+
+
+def test_settings_follow_the_launch_environment(tiny_flux_bases, monkeypatch):
+    """The start-up check reads --quantize_base and the launcher's environment (WORLD_SIZE; accelerate's FSDP and
+    DeepSpeed variables) before any Accelerator exists."""
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    args = training_args(tiny_flux_bases[True], quantize_base="nf4")
+    settings = memory.settings_from_args(args, "flux")
+    assert (settings.quantize_base, settings.num_processes, settings.sharding) == ("nf4", 1, "none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert memory.settings_from_args(args, "flux").num_processes == 4
+    assert memory.settings_from_args(args, "flux").sharding == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert memory.settings_from_args(args, "flux").sharding == "zero2"
+    assert memory.sharding_of(types.SimpleNamespace(distributed_type="DistributedType.FSDP")) == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert memory.settings_from_args(training_args(tiny_flux_bases[True]), "flux").sharding == "none"  # DDP
+
+
+def test_start_up_check_uses_quantize_base_and_the_process_count(tiny_flux_bases, monkeypatch):
+    base = tiny_flux_bases[True]
+    configs = memory.load_base_model_configs(base)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * memory.GiB, 80 * memory.GiB))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    # every memory flag on (8-bit Adam: no torch AdamW step asking CUDA for its stream), so a refusal tries none
+    flags = {
+        "max_sequence_length": 16,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "use_8bit_adam": True,
+        "skip_validation": True,
+    }
+    args = training_args(base, quantize_base="nf4", **flags)
+    estimate = memory.check_training_memory(args, "flux")
+    expected = memory.TrainingMemorySettings(
+        resolution=32,
+        mixed_precision="bf16",
+        rank=4,
+        lora_target="attn",
+        gradient_checkpointing=True,
+        use_8bit_adam=True,
+        max_sequence_length=16,
+        validation=False,
+        quantize_base="nf4",
+        num_processes=2,
+        sharding="fsdp",
+    )
+    assert estimate.peak_bytes == memory.estimate_training(configs, expected)["run"].peak_bytes
+    assert memory.check_training_memory(training_args(base, **flags), "flux").peak_bytes != estimate.peak_bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (estimate.peak_bytes // 8, 80 * memory.GiB))
+    with pytest.raises(UsageError, match=r"per GPU of 2 \(FSDP\).*lower --resolution"):
+        memory.check_training_memory(args, "flux")
+
+
+def test_cli_accepts_quantization_and_process_flags(tiny_flux_bases, capsys):
+    rows = memory.main(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_flux_bases[True],
+            "--resolution",
+            "32",
+            "--rank",
+            "4",
+            "--max_sequence_length",
+            "16",
+            "--quantize_base",
+            "nf4",
+            "--num_processes",
+            "4",
+            "--sharding",
+            "fsdp",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "quantized to nf4" in out and "one GPU of 4 (FSDP)" in out and "prompt encoding" in out
+    assert len(rows) == 7
+    step = dict(rows)["training step, your flags"]
+    assert step.num_processes == 4 and step.sharding == "fsdp"
+    with pytest.raises(SystemExit):
+        memory.main(["--pretrained_model_name_or_path", tiny_flux_bases[True], "--sharding", "zero3"])
+    with pytest.raises(SystemExit):
+        memory.main(["--pretrained_model_name_or_path", tiny_flux_bases[True], "--num_processes", "0"])
