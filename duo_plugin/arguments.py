@@ -40,9 +40,18 @@ OBJECTIVES = {
 }
 
 
+def t_max_value(value: str):
+    """``--t_max``: an integer timestep, or ``auto`` (measured by ``duo_plugin.timing`` before training)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give an integer timestep or auto") from None
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_resolution: int):
     """The flags both scripts share, named as in diffusers' DreamBooth-LoRA and Diffusion-DPO examples."""
-    from .timing import t_max_value  # here, not at the top: ``python -m duo_plugin.timing`` imports this module
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=default_model)

@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import validation
+from .arguments import t_max_value  # noqa: F401 - the flag's parser, as the timing commands name it
 from .errors import UsageError, exit_on_usage_error
 from .files import atomic_write_json, read_state_json
 
@@ -1043,16 +1044,6 @@ def run_timing(args, state=None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # --t_max auto
 # --------------------------------------------------------------------------------------------------
-
-
-def t_max_value(value: str):
-    """``--t_max``: an integer timestep, or ``auto`` (measured by this diagnostic before training)."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: give an integer timestep or auto") from None
 
 
 def resolve_t_max(args, preset, accelerator, default: int) -> int:
