@@ -15,7 +15,7 @@ import torch
 
 from . import objective, sd3
 from .errors import UsageError
-from .lora import LORA_WEIGHT_NAME
+from .lora import LORA_WEIGHT_NAME, require_joint_attention_target
 from .prompts import PromptEmbeddings, encode_once
 from .quantization import text_quantization_config, to_device
 from .step import FamilyStep
@@ -189,11 +189,7 @@ def architecture_info(pipeline_class, transformer, noise_scheduler) -> dict:
 
 def check_flux_args(args):
     """FLUX-only refusals, after the family's defaults are filled in."""
-    if args.lora_target != "attn":
-        raise UsageError(
-            f"--lora_layers {args.lora_target}: FLUX's joint attention has no separate self-attention; use --lora_layers "
-            f"attn (to_q, to_k, to_v, to_out.0 of every transformer block)"
-        )
+    require_joint_attention_target(args.lora_target, "FLUX")
     if args.max_sequence_length < 1 or args.max_sequence_length > 512:
         raise UsageError(f"--max_sequence_length {args.max_sequence_length}: FLUX's T5 takes 1 to 512 tokens")
     if args.resolution % 16 != 0:

@@ -33,6 +33,15 @@ def lora_target_modules(model: torch.nn.Module, lora_target: str) -> List[str]:
     return names
 
 
+def require_joint_attention_target(lora_target: str, family_name: str):
+    """SD3 and FLUX: joint attention has no separate self-attention, so only ``attn`` places the adapter."""
+    if lora_target != "attn":
+        raise UsageError(
+            f"--lora_layers {lora_target}: {family_name}'s joint attention has no separate self-attention; use "
+            f"--lora_layers attn (to_q, to_k, to_v, to_out.0 of every transformer block)"
+        )
+
+
 def target_module_patterns(target_modules: List[str]) -> List[str]:
     """The distinct layer kinds adapted, e.g. ``attn1.to_q``, for the config and the model card."""
     return sorted({re.sub(r"^.*?\b(attn\d*\.)", r"\1", name) for name in target_modules})

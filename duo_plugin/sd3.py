@@ -13,7 +13,7 @@ import torch
 from . import objective
 from .errors import UsageError
 from .families import base_has_t5
-from .lora import LORA_WEIGHT_NAME
+from .lora import LORA_WEIGHT_NAME, require_joint_attention_target
 from .prompts import PromptEmbeddings, encode_once, pair_condition
 from .quantization import text_quantization_config, to_device
 from .step import FamilyStep, StepSettings, duo_losses
@@ -295,11 +295,7 @@ def architecture_info(pipeline_class, transformer, noise_scheduler, has_t5: bool
 
 def check_sd3_args(args):
     """SD3-only refusals, after the family's defaults are filled in."""
-    if args.lora_target != "attn":
-        raise UsageError(
-            f"--lora_layers {args.lora_target}: SD3's joint attention has no separate self-attention; use --lora_layers attn "
-            f"(to_q, to_k, to_v, to_out.0 of every transformer block)"
-        )
+    require_joint_attention_target(args.lora_target, "SD3")
     if args.max_sequence_length < 1:
         raise UsageError("--max_sequence_length must be at least 1 (the pipeline's default is 256)")
 

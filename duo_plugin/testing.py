@@ -79,6 +79,29 @@ def tiny_t5_tokenizer(model_max_length: int = 16):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_t5_encoder(width: int, seed: int):
+    """The tiny T5 tokenizer and a 2-layer T5 encoder of hidden size ``width`` (SD3's and FLUX's prompt encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=2 * width,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return tokenizer, encoder
+
+
 def make_vae_nearly_deterministic(vae, logvar_bias: float = -20.0):
     """Collapse the posterior's variance so a pair's images stay distinguishable in latent space.
 
@@ -244,7 +267,7 @@ def make_tiny_sd3_pipeline(output_dir: str, with_t5: bool = True, resolution: in
     factor, and a flow-matching scheduler with SD3's shift of 3.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     clip_hidden_size, projection_dim, joint_attention_dim, latent_channels = 16, 16, 32, 16
     clip_tokenizer = tiny_clip_tokenizer()
@@ -269,22 +292,7 @@ def make_tiny_sd3_pipeline(output_dir: str, with_t5: bool = True, resolution: in
 
     text_encoder_3 = tokenizer_3 = None
     if with_t5:
-        tokenizer_3 = tiny_t5_tokenizer()
-        torch.manual_seed(seed + 3)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=joint_attention_dim,
-                d_kv=8,
-                d_ff=2 * joint_attention_dim,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        tokenizer_3, text_encoder_3 = tiny_t5_encoder(joint_attention_dim, seed + 3)
     vae = tiny_vae(resolution, latent_channels=latent_channels, seed=seed, shift_factor=0.1)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(seed + 4)
@@ -415,28 +423,13 @@ def make_tiny_flux_pipeline(output_dir: str, resolution: int = 32, seed: int = 0
     shift (base 0.5 at 256 image tokens to 1.15 at 4096).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     clip_hidden_size, joint_attention_dim, latent_channels = 16, 32, 16
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, clip_hidden_size))
-    tokenizer_2 = tiny_t5_tokenizer()
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=joint_attention_dim,
-            d_kv=8,
-            d_ff=2 * joint_attention_dim,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    tokenizer_2, text_encoder_2 = tiny_t5_encoder(joint_attention_dim, seed + 3)
     vae = tiny_vae(resolution, latent_channels=latent_channels, seed=seed, shift_factor=0.1, use_quant_conv=False)
     torch.manual_seed(seed + 4)
     transformer = FluxTransformer2DModel(
