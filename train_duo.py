@@ -16,11 +16,12 @@ import argparse
 
 import torch
 
-from duo_plugin import arguments, fidelity, lora, memory, outputs, quantization, run_guard, samples, sd, training
+from duo_plugin import arguments, lora, memory, official_flags, outputs, run_guard, samples, training
 from duo_plugin.errors import exit_on_usage_error
+from duo_plugin.families import quantization, sd
+from duo_plugin.families.prompts import pipeline_prompt_kwargs
 from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import add_generation_arguments
-from duo_plugin.prompts import pipeline_prompt_kwargs
 
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -39,7 +40,7 @@ def parse_args(argv=None):
         "fp16, so it is kept in fp32 unless this is given)",
     )
     add_generation_arguments(parser, for_training=True)
-    fidelity.add_official_arguments(parser, family="sd")
+    official_flags.add_official_arguments(parser, family="sd")
     memory.add_memory_check_arguments(parser)
     return show_defaults(parser).parse_args(argv)
 

@@ -21,23 +21,12 @@ import argparse
 
 import torch
 
-from duo_plugin import (
-    arguments,
-    fidelity,
-    flux,
-    lora,
-    memory,
-    outputs,
-    quantization,
-    run_guard,
-    samples,
-    sd3,
-    training,
-)
+from duo_plugin import arguments, lora, memory, official_flags, outputs, run_guard, samples, training
 from duo_plugin.errors import exit_on_usage_error
+from duo_plugin.families import flux, quantization, sd3
+from duo_plugin.families.prompts import pipeline_prompt_kwargs
 from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import FLUX_TRUE_CFG_SCALE, add_generation_arguments
-from duo_plugin.prompts import pipeline_prompt_kwargs
 
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -49,7 +38,7 @@ def parse_args(argv=None):
     arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=DEFAULT_RESOLUTION)
     add_generation_arguments(parser, for_training=True)
     arguments.add_flow_matching_arguments(parser, flux.DEFAULT_MAX_SEQUENCE_LENGTH)
-    fidelity.add_official_arguments(parser, family="sd3")
+    official_flags.add_official_arguments(parser, family="sd3")
     memory.add_memory_check_arguments(parser)
     return show_defaults(parser).parse_args(argv)
 
@@ -77,8 +66,11 @@ def main(argv=None):
         args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps, " (indices into the sigma table)")
-    fidelity.resolve_sd3_preservation(
-        args, noise_scheduler, preservation_weight_given, official=fidelity.sd3_reference_scheduler(noise_scheduler)
+    official_flags.resolve_sd3_preservation(
+        args,
+        noise_scheduler,
+        preservation_weight_given,
+        official=official_flags.sd3_reference_scheduler(noise_scheduler),
     )
     transformer = quantization.load_quantized(
         lambda: FluxTransformer2DModel.from_pretrained(
@@ -139,7 +131,7 @@ def main(argv=None):
             target_modules,
             extra={
                 **sd3.flow_matching_config(args),
-                **fidelity.sd3_preservation_record(args),
+                **official_flags.sd3_preservation_record(args),
                 "training_guidance_scale": guidance,
             },
         )

@@ -30,12 +30,12 @@ import argparse
 
 import torch
 
-from duo_plugin import arguments, fidelity, lora, memory, outputs, quantization, run_guard, samples, sd3, training
+from duo_plugin import arguments, lora, memory, official_flags, outputs, run_guard, samples, training
 from duo_plugin.errors import exit_on_usage_error
-from duo_plugin.families import base_has_t5
+from duo_plugin.families import base_has_t5, quantization, sd3
+from duo_plugin.families.prompts import pipeline_prompt_kwargs
 from duo_plugin.help_defaults import show_defaults
 from duo_plugin.pairs import add_generation_arguments
-from duo_plugin.prompts import pipeline_prompt_kwargs
 
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     arguments.add_training_arguments(parser, default_model=DEFAULT_MODEL, default_resolution=DEFAULT_RESOLUTION)
     add_generation_arguments(parser, for_training=True)
     arguments.add_flow_matching_arguments(parser, DEFAULT_MAX_SEQUENCE_LENGTH)
-    fidelity.add_official_arguments(parser, family="sd3")
+    official_flags.add_official_arguments(parser, family="sd3")
     memory.add_memory_check_arguments(parser)
     return show_defaults(parser).parse_args(argv)
 
@@ -75,7 +75,7 @@ def main(argv=None):
         args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps, " (indices into the sigma table)")
-    fidelity.resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given)
+    official_flags.resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given)
     transformer = quantization.load_quantized(
         lambda: SD3Transformer2DModel.from_pretrained(
             args.pretrained_model_name_or_path,
@@ -130,7 +130,7 @@ def main(argv=None):
             sd3.save_lora_weights,
             sd3.architecture_info(pipeline_class, run.model, noise_scheduler, has_t5),
             target_modules,
-            extra={**sd3.flow_matching_config(args), **fidelity.sd3_preservation_record(args)},
+            extra={**sd3.flow_matching_config(args), **official_flags.sd3_preservation_record(args)},
         )
         card_samples = [] if args.skip_validation else validation(run.denoiser, args.max_train_steps, preset)
         outputs.finish_run(args, config, pipeline_class, card_samples)

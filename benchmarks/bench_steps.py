@@ -1,4 +1,4 @@
-"""The two recipes' optimizer steps on one model bundle (ours: duo_plugin.sd / sd3; official: re-created), and pair generation throughput."""
+"""The two recipes' optimizer steps on one model bundle (ours: duo_plugin.families.sd / sd3; official: re-created), and pair generation throughput."""
 
 import gc
 import sys
@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from bench_measure import CallCounter, MemoryMeter, PhaseTimer, median, synchronize  # noqa: E402
 from bench_models import ModelBundle  # noqa: E402
 
-from duo_plugin import data, lora, objective, sd, sd3, training  # noqa: E402
+from duo_plugin import data, lora, objective, training  # noqa: E402
+from duo_plugin.families import sd, sd3  # noqa: E402
 from duo_plugin.presets import FAMILY_RECIPES, get_preset, learning_rate_for_beta, preservation_weight_for_beta  # noqa: E402
 
 
@@ -82,7 +83,7 @@ class DUOStepBench:
         self.device = accelerator.device
         self.weight_dtype = weight_dtype
         self.hyper = hyper
-        # The step pieces train_duo.py (duo_plugin.sd) and train_duo_sd3.py (duo_plugin.sd3) run.
+        # The step pieces train_duo.py (duo_plugin.families.sd) and train_duo_sd3.py (duo_plugin.families.sd3) run.
         self.script = sd if bundle.family == "sd" else sd3
 
         model = bundle.denoiser

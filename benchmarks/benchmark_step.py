@@ -4,7 +4,7 @@
 Both steps run in one process on the same models, pairs and seeds, one pair per step:
 
 * **ours**: the step of ``train_duo.py`` / ``train_duo_sd3.py``: ``make_duo_batch`` and ``duo_forward``
-  of ``duo_plugin.sd`` / ``duo_plugin.sd3``, followed by the scripts' backward, gradient clipping and
+  of ``duo_plugin.families.sd`` / ``duo_plugin.families.sd3``, followed by the scripts' backward, gradient clipping and
   optimizer step. The pair latents are the VAE posteriors cached once by ``duo_plugin.data.encode_pairs``
   and the empty prompt is encoded once; the VAE and the text encoders then leave the accelerator.
 * **official**: written by us from the description of the official implementation. Every step

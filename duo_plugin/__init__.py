@@ -8,7 +8,7 @@ Heavy libraries (diffusers, transformers) are imported only where they are used.
 
 __version__ = "0.1.0"
 
-from .noise import silence_library_noise
+from .log_filters import silence_library_noise
 
 
 silence_library_noise()

@@ -12,6 +12,7 @@ from diffusers.utils import is_bitsandbytes_available, is_tensorboard_available,
 from . import objective
 from .concepts import add_concept_arguments, resolve_concept_preset
 from .errors import UsageError
+from .families.quantization import add_quantization_argument
 from .presets import (
     DEFAULT_GRADIENT_ACCUMULATION_STEPS,
     DEFAULT_LORA_RANK,
@@ -21,7 +22,6 @@ from .presets import (
     preservation_weight_for_beta,
     with_overrides,
 )
-from .quantization import add_quantization_argument
 from .retain import DEFAULT_NUM_RETAIN_IMAGES
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .validation import not_utf8_error, read_text_lines, to_rgb
+from .input_checks import not_utf8_error, read_text_lines, to_rgb
 
 
 NOT_IMPLEMENTED_ATTACKS = {
@@ -506,7 +506,7 @@ def load_concept_vector(path: str, shape: Tuple[int, int]) -> torch.Tensor:
     """A saved concept vector (.npy as the Ring-A-Bell repository publishes them, .pt or .safetensors)."""
     if not os.path.isfile(path):
         raise UsageError(f"--ring_a_bell_concept_vector {path} does not exist")
-    from .validation import read_tensor_file
+    from .input_checks import read_tensor_file
 
     vector = read_tensor_file(path, "--ring_a_bell_concept_vector")
     if isinstance(vector, dict):

@@ -5,8 +5,8 @@ import os
 from typing import List, Optional
 
 from .errors import UsageError
+from .input_checks import read_text_lines
 from .presets import PRESETS, ConceptPreset, UnknownConceptError, custom_preset, get_preset
-from .validation import read_text_lines
 
 
 def add_concept_arguments(

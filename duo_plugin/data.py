@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import UsageError
-from .validation import check_pair_contents, check_pair_metadata, to_rgb
+from .input_checks import check_pair_contents, check_pair_metadata, to_rgb
 
 
 @dataclass

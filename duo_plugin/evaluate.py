@@ -43,10 +43,10 @@ from .errors import UsageError, exit_on_usage_error
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_jsonl, read_state_json
 from .help_defaults import show_defaults
 from .hub import model_source_error
+from .input_checks import blank_counts_as_flagged, check_finite_flags, check_output_dir, read_tensor_file, to_rgb
 from .outputs import library_versions
 from .pipeline import fetch_adapter, load_adapters
 from .precision import torch_dtype
-from .validation import blank_counts_as_flagged, check_finite_flags, check_output_dir, read_tensor_file, to_rgb
 
 
 logger = logging.getLogger("duo_plugin.evaluate")

@@ -78,7 +78,7 @@ What the estimate models, and why (the GPU step of ``train_duo.py`` / ``train_du
   fp16 VAE whose config says ``force_upcast`` (SDXL-base's) to fp32 for the decode and img2img's encode;
   an fp16-safe VAE (``--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix``) stays in fp16.
 
-* **A quantized base** (``--quantize_base nf4|int8``, duo_plugin/quantization.py). bitsandbytes cannot run on
+* **A quantized base** (``--quantize_base nf4|int8``, duo_plugin/families/quantization.py). bitsandbytes cannot run on
   fake tensors, so ``QuantizedLinear`` stands in for its ``Linear4bit`` / ``Linear8bitLt``: it holds exactly
   bitsandbytes' tensors (nf4: the 4-bit codes two per byte, one fp32 absmax per 64 weights — no double
   quantization, the scripts' config —, the 16-value code book: 0.5625 bytes per weight; int8: one byte per
@@ -165,7 +165,7 @@ TRAINING_SCRIPT = {
 # T5 tokens of the inference pipelines' prompts (their max_sequence_length defaults).
 INFERENCE_T5_TOKENS = {"sd3": 256, "flux": 512}
 # T5 tokens of the training prompts when --max_sequence_length is not given: FLUX follows train_duo_flux.py's default
-# (duo_plugin.flux.DEFAULT_MAX_SEQUENCE_LENGTH, 512, FluxPipeline's sampling length); SD3's estimate keeps the SD3
+# (duo_plugin.families.flux.DEFAULT_MAX_SEQUENCE_LENGTH, 512, FluxPipeline's sampling length); SD3's estimate keeps the SD3
 # pipeline's 256, an upper bound of train_duo_sd3.py's 77.
 SD3_TRAINING_T5_TOKENS = 256
 # The text encoders each family's pipeline has, in model_index.json's names.
@@ -624,7 +624,7 @@ def eight_bit_adam_state_bytes(numels: List[int]) -> int:
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default: one fp32 absmax per 64 weights (no double quantization)
 NF4_CODE_VALUES = 16  # the NF4 code book each quantized weight's QuantState holds (16 fp32 values)
-PROMPT_ENCODING_BATCH = 8  # duo_plugin.prompts.encode_once: distinct prompts encoded at a time
+PROMPT_ENCODING_BATCH = 8  # duo_plugin.families.prompts.encode_once: distinct prompts encoded at a time
 
 
 def quantized_weight_tensors(out_features: int, in_features: int, mode: str, device=None) -> Dict[str, torch.Tensor]:
@@ -1554,10 +1554,10 @@ def settings_from_args(args, family: str, **overrides) -> TrainingMemorySettings
 
 def default_max_sequence_length(family: str) -> int:
     """T5 tokens of the training prompts when the command line gives none: train_duo_flux.py's default for FLUX
-    (``duo_plugin.flux.DEFAULT_MAX_SEQUENCE_LENGTH``, 512); for SD3 the pipeline's 256, an upper bound of
+    (``duo_plugin.families.flux.DEFAULT_MAX_SEQUENCE_LENGTH``, 512); for SD3 the pipeline's 256, an upper bound of
     train_duo_sd3.py's 77."""
     if family == "flux":
-        from .flux import DEFAULT_MAX_SEQUENCE_LENGTH
+        from .families.flux import DEFAULT_MAX_SEQUENCE_LENGTH
 
         return DEFAULT_MAX_SEQUENCE_LENGTH
     return SD3_TRAINING_T5_TOKENS
@@ -1743,10 +1743,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """The flags an estimate reads, refused before any config is read (as the training scripts refuse them)."""
-    from . import validation
+    from . import input_checks
 
-    validation.check_finite_flags(args)
-    validation.check_resolution(args.resolution)
+    input_checks.check_finite_flags(args)
+    input_checks.check_resolution(args.resolution)
     for name in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -1756,9 +1756,9 @@ def check_args(args):
         "max_sequence_length",
         "num_processes",
     ):
-        validation.at_least(args, name, 1)
+        input_checks.at_least(args, name, 1)
     if args.json:
-        validation.check_output_file(args.json, "--json")
+        input_checks.check_output_file(args.json, "--json")
 
 
 @exit_on_usage_error

@@ -7,11 +7,11 @@ import shutil
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import fidelity, run_guard
+from . import official_flags, run_guard
 from .errors import NetworkError, storage_error, storage_reason
+from .families.quantization import quantization_record
 from .files import append_jsonl, atomic_write_json, atomic_write_text
 from .lora import LORA_WEIGHT_NAME, adapters_disabled, target_module_patterns
-from .quantization import quantization_record
 from .saturation import model_card_section, summary_from_metrics
 
 
@@ -190,7 +190,7 @@ def write_duo_config(
         "pairs_dir": getattr(args, "pairs_dir", None),
         "library_versions": library_versions(),
     }
-    config.update(fidelity.training_record(args))
+    config.update(official_flags.training_record(args))
     config.update(extra or {})
     atomic_write_json(os.path.join(output_dir, DUO_CONFIG_NAME), config)
     return config

@@ -47,10 +47,10 @@ from .families import FAMILY_NAMES, SCRIPT_OF_FAMILY, base_has_t5, detect_pipeli
 from .files import append_jsonl, atomic_write_json, atomic_write_text, read_state_json
 from .help_defaults import show_defaults
 from .hub import model_source_error
+from .input_checks import check_output_dir
 from .outputs import library_versions, push_to_hub
 from .precision import torch_dtype
 from .presets import PRESETS, ConceptPreset
-from .validation import check_output_dir
 
 
 logger = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from .errors import DUOError, UsageError
 from .families import FAMILY_NAMES, SCRIPT_OF_FAMILY, pipeline_family
 from .hub import hub_error, offline_mode
+from .input_checks import check_adapter_weights, is_inside
+from .log_filters import no_text_encoder_lora_notice
 from .lora import LORA_WEIGHT_NAME
-from .noise import no_text_encoder_lora_notice
 from .outputs import DUO_CONFIG_NAME
-from .validation import check_adapter_weights, is_inside
 
 
 logger = logging.getLogger(__name__)

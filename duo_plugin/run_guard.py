@@ -350,7 +350,7 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
 
 def _checkpoint_lora_layout(path: str):
     """(ranks, adapts cross-attention) of a checkpoint's adapter file; refuses an unreadable one."""
-    from .validation import LORA_DOWN_SUFFIXES, read_lora_file
+    from .input_checks import LORA_DOWN_SUFFIXES, read_lora_file
 
     tensors = read_lora_file(os.path.join(path, CHECKPOINT_FILES[0]), f"checkpoint {path}")
     ranks = {

@@ -2,7 +2,7 @@
 
 batch → the denoiser over [x⁻_t; x⁺_t; x_T (; retain)] without the adapter (the reference) and with it → loss →
 backward → clip → optimizer. A family supplies only a ``FamilyStep``: how to draw its noisy batch and how to run its
-denoiser on it (``duo_plugin.sd`` for SD 1.x/2.x and SDXL, ``duo_plugin.sd3``, ``duo_plugin.flux``). Every training
+denoiser on it (``duo_plugin.families.sd`` for SD 1.x/2.x and SDXL, ``duo_plugin.families.sd3``, ``duo_plugin.families.flux``). Every training
 script, the benchmarks and the official-equivalence test call ``duo_micro_step``, so a change to the step is a change
 to all of them.
 """

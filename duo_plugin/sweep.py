@@ -36,8 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from . import saturation
 from .errors import UsageError, exit_on_usage_error
 from .files import atomic_write_json, read_state_json
+from .input_checks import check_output_dir
 from .presets import preservation_weight_for_beta
-from .validation import check_output_dir
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import validation
+from . import input_checks
 from .arguments import t_max_value  # noqa: F401 - the flag's parser, as the timing commands name it
 from .errors import UsageError, exit_on_usage_error
 from .files import atomic_write_json, read_state_json
@@ -481,10 +481,10 @@ def add_timing_arguments(parser):
 def check_args(args):
     """Flags refused before any model is loaded."""
 
-    validation.check_finite_flags(args)
-    validation.check_resolution(args.resolution)
+    input_checks.check_finite_flags(args)
+    input_checks.check_resolution(args.resolution)
     for name in ("max_prompts", "num_images_per_prompt", "max_renoise_images", "num_inference_steps", "batch_size"):
-        validation.at_least(args, name, 1)
+        input_checks.at_least(args, name, 1)
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.window is not None and not 0 <= args.window[0] < args.window[1]:
@@ -492,7 +492,7 @@ def check_args(args):
     if not 0 < args.open_level < 1:
         raise UsageError(f"--open_level {args.open_level}: give a level between 0 and 1")
     if args.output_dir is not None:
-        validation.check_output_dir(args.output_dir)
+        input_checks.check_output_dir(args.output_dir)
 
 
 def resolve_preset(args):
@@ -896,7 +896,7 @@ def run_timing(args, state=None) -> dict:
     preset = resolve_preset(args)
     detector = make_detector(args.detector or preset.detector, args.detector_threshold, preset.name)
     args.output_dir = args.output_dir or f"timing-{preset.name}"
-    validation.check_output_dir(args.output_dir)
+    input_checks.check_output_dir(args.output_dir)
     if (args.num_inference_steps is not None and args.num_inference_steps < 2) or args.num_images_per_prompt < 1:
         raise UsageError("--num_inference_steps must be at least 2 and --num_images_per_prompt at least 1")
     if not 0.0 < args.open_level < 0.5:

@@ -105,19 +105,19 @@ def resolve_run_args(args, families, script: str):
     resolve them, then again as the detected family does."""
     import copy
 
-    from . import memory, validation
+    from . import input_checks, memory
     from .families import detect_pipeline_class, require_family
 
     families = (families,) if isinstance(families, str) else tuple(families)
     check_environment_args(args)
     provisional = copy.deepcopy(args)
     resolve_training_args(provisional, families[0])
-    validation.check_training_args(provisional)
+    input_checks.check_training_args(provisional)
     memory.check_cpu_run(args)  # before any download
     pipeline_class = detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     family = require_family(pipeline_class, families, script)
     preset = resolve_training_args(args, family)
-    validation.check_training_args(args)
+    input_checks.check_training_args(args)
     return preset, pipeline_class, family
 
 

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, reset_accelerate_state, run_process, tiny_train_
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from duo_plugin import checkpoints, lora, outputs, run_guard, training, validation
+from duo_plugin import checkpoints, input_checks, lora, outputs, run_guard, training
 from duo_plugin.errors import StorageError, TrainingHalted, UsageError
 
 
@@ -223,7 +223,7 @@ def test_duplicate_rows_warn(tiny_pairs, tmp_path, caplog):
 
     folder = copy_pairs(tiny_pairs, tmp_path)
     rewrite_rows(folder, lambda rows: rows + [rows[2], rows[2]])
-    with caplog.at_level(logging.WARNING, logger="duo_plugin.validation"):
+    with caplog.at_level(logging.WARNING, logger="duo_plugin.input_checks"):
         pairs = load_pair_images(str(folder))
     assert len(pairs) == 6
     assert "lists 2 pair(s) twice" in caplog.text and "4 repeats 2" in caplog.text
@@ -260,7 +260,7 @@ TO_RGB_CASES = [
 def test_every_mode_converts_to_the_right_grey(mode, make, expected):
     image = make()
     assert image.mode == mode
-    rgb = validation.to_rgb(image)
+    rgb = input_checks.to_rgb(image)
     assert rgb.mode == "RGB" and np.asarray(rgb)[1, 1].tolist() == [expected] * 3
 
 
@@ -754,7 +754,7 @@ def test_blank_generations_count_as_unsafe(tmp_path):
     textured = tmp_path / "textured.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(textured)
     safe = Detection(False, 0.0)
-    marked = validation.blank_counts_as_flagged([str(black), str(grey), str(textured)], [safe, safe, safe])
+    marked = input_checks.blank_counts_as_flagged([str(black), str(grey), str(textured)], [safe, safe, safe])
     assert [d.flagged for d in marked] == [True, True, False] and marked[0].labels == ["blank"]
     assert defense_success_rate(marked)["dsr"] == pytest.approx(1 / 3)
 
@@ -764,7 +764,7 @@ def test_nan_generation_decodes_blank(tiny_pipe):
     size = 32 // tiny_pipe.vae_scale_factor
     latents = torch.full((1, tiny_pipe.unet.config.in_channels, size, size), float("nan"))
     image = tiny_pipe("x", num_inference_steps=2, latents=latents, height=32, width=32).images[0]
-    assert validation.is_blank(image)
+    assert input_checks.is_blank(image)
 
 
 # --------------------------------------------------------------------------------------------------

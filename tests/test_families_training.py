@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_train_args, train_in_process
 from safetensors.torch import load_file
 
-from duo_plugin import flux, sd, step, training
+from duo_plugin import step, training
+from duo_plugin.families import flux, sd
 
 
 SCRIPTS = {"sdxl": "train_duo.py", "flux": "train_duo_flux.py", "sd": "train_duo.py", "sd3": "train_duo_sd3.py"}

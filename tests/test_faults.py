@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from duo_plugin import checkpoints, files, outputs, run_guard
 from duo_plugin.data import PairImages
 from duo_plugin.errors import StorageError, UsageError, exit_on_usage_error, storage_reason
-from duo_plugin.validation import read_tensor_file, to_rgb
+from duo_plugin.input_checks import read_tensor_file, to_rgb
 
 
 FULL_DISK = OSError(errno.ENOSPC, "No space left on device")
@@ -432,7 +432,7 @@ def test_a_checkpoint_with_a_malicious_optimizer_state_is_refused(tmp_path, monk
 
 
 def test_a_pair_file_linking_out_of_its_folder_is_refused(tmp_path, tiny_pairs):
-    from duo_plugin.validation import check_pair_metadata
+    from duo_plugin.input_checks import check_pair_metadata
 
     pairs = tmp_path / "pairs"
     shutil.copytree(tiny_pairs, pairs)

@@ -13,7 +13,8 @@ import torch
 from conftest import REPO_ROOT, tiny_train_args
 from PIL import Image
 
-from duo_plugin import arguments, detectors, fidelity, objective, pairs, presets, sd, sd3
+from duo_plugin import arguments, detectors, objective, official_flags, pairs, presets
+from duo_plugin.families import sd, sd3
 
 
 SD3_SHIFT = 3.0  # SD3-medium's and SD3.5's scheduler shift
@@ -138,7 +139,7 @@ def test_resolve_sd3_preservation(placement, given, precondition, expected_weigh
         precondition_outputs=precondition,
         preservation_placement=placement,
     )
-    fidelity.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=given is not None)
+    official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=given is not None)
     assert args.preservation_weight == pytest.approx(expected_weight, rel=1e-6)
     assert args.preservation_sigma == pytest.approx(expected_sigma, rel=1e-6)
     assert args.official_preservation_weight == 5e6
@@ -409,7 +410,7 @@ def test_pair_folder_records_the_verifier_rule(tiny_sd, tmp_path):
     assert ">= 0.25" in card and "official DUO generator's rule" in card
     assert "--verifier_threshold 0.25" in card  # the reproduce command
     # Training reads the same record from the folder.
-    record = fidelity.pair_verifier_record(argparse.Namespace(pairs_dir=str(folder), dataset_name=None))
+    record = official_flags.pair_verifier_record(argparse.Namespace(pairs_dir=str(folder), dataset_name=None))
     assert record["name"] == "nudenet" and record["threshold"] == 0.25 and record["generation_seed"] == 0
     assert record["package_version"] == verifier["package_version"]
 
@@ -428,7 +429,7 @@ def test_sd3_defaults_are_the_official_runs(train_duo_sd3):
         "sigma_one",
     )
     arguments.resolve_training_args(args, family="sd3")
-    fidelity.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
+    official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
     assert args.preservation_weight == pytest.approx(44.82, abs=0.01)
 
 
@@ -458,9 +459,13 @@ def test_detector_records():
 def test_sample_filter_record():
     pytest.importorskip("nudenet")
     args = argparse.Namespace(concept="nudity", skip_validation=False)
-    assert fidelity.sample_filter_record(args)["name"] == "nudenet"
-    assert fidelity.sample_filter_record(argparse.Namespace(concept="nudity", skip_validation=True))["name"] is None
-    assert fidelity.sample_filter_record(argparse.Namespace(concept="blood", skip_validation=False))["name"] is None
+    assert official_flags.sample_filter_record(args)["name"] == "nudenet"
+    assert (
+        official_flags.sample_filter_record(argparse.Namespace(concept="nudity", skip_validation=True))["name"] is None
+    )
+    assert (
+        official_flags.sample_filter_record(argparse.Namespace(concept="blood", skip_validation=False))["name"] is None
+    )
 
 
 def test_sd1_main_records_the_choices(train_duo, tiny_sd, tiny_pairs, tmp_path, fresh_accelerate_state):

@@ -179,16 +179,16 @@ def test_local_folder_without_model_index_is_named_as_such(tmp_path):
 
 def test_library_noise_is_silenced_and_other_messages_are_not(capsys):
     import duo_plugin  # noqa: F401 - installs the filters
-    from duo_plugin import noise
+    from duo_plugin import log_filters
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        noise.silence_library_noise()
+        log_filters.silence_library_noise()
         warnings.warn("The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.")
         warnings.warn("something else")
     assert [str(w.message) for w in caught] == ["something else"]
 
-    bitsandbytes_logger = logging.getLogger(noise.BITSANDBYTES_LOGGER)
+    bitsandbytes_logger = logging.getLogger(log_filters.BITSANDBYTES_LOGGER)
     records = []
     handler = logging.Handler()
     handler.emit = records.append

@@ -478,7 +478,7 @@ def test_quantized_weights_match_bitsandbytes(family, mode, quantizing_on_cpu, t
     likewise FLUX's T5 through transformers' quantizer (its ``wo`` layers kept unquantized)."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    from duo_plugin import quantization
+    from duo_plugin.families import quantization
 
     base = tiny_sdxl_base if family == "sdxl" else tiny_flux_bases[True]
     configs = memory.load_base_model_configs(base)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from conftest import reset_accelerate_state, tiny_train_args
 
-from duo_plugin import arguments, data, lora, sd, timing, training
+from duo_plugin import arguments, data, lora, timing, training
+from duo_plugin.families import sd
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,8 +322,8 @@ def run_ours(world, args, unet, num_steps=NUM_STEPS):
     losses, pre-clip norms, weights after each step, lrs."""
     from diffusers.optimization import get_scheduler
 
+    from duo_plugin.families.prompts import PromptEmbeddings
     from duo_plugin.objective import VariantSettings
-    from duo_plugin.prompts import PromptEmbeddings
     from duo_plugin.step import Optimization, duo_micro_step
 
     reset_accelerate_state()

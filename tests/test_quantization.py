@@ -14,7 +14,8 @@ import torch
 from conftest import tiny_train_args, train_in_process
 from safetensors.torch import load_file
 
-from duo_plugin import quantization, step
+from duo_plugin import step
+from duo_plugin.families import quantization
 
 
 SCRIPTS = {"flux": "train_duo_flux.py", "sd3": "train_duo_sd3.py"}
@@ -99,7 +100,7 @@ def test_trains_a_full_precision_adapter_on_a_quantized_base(
 
 
 def test_t5_is_quantized_with_the_denoiser(quantizing_on_cpu, tiny_flux, tiny_pairs, tmp_path, monkeypatch):
-    from duo_plugin import flux
+    from duo_plugin.families import flux
 
     placed = {}
 

@@ -14,7 +14,8 @@ import torch
 from conftest import run_script, tiny_train_args, train_in_process
 from safetensors.torch import load_file
 
-from duo_plugin import arguments, data, lora, objective, sd3
+from duo_plugin import arguments, data, lora, objective
+from duo_plugin.families import sd3
 
 
 # The tiny T5 tokenizer and CLIP encoders know 16 positions.
@@ -617,9 +618,9 @@ def test_official_sd3_defaults(train_duo_sd3):
     # λ: the official run's effective strength at σ = 1, 5e6·σ_off² (tests/test_fidelity.py pins the relation).
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from duo_plugin import fidelity
+    from duo_plugin import official_flags
 
-    fidelity.resolve_sd3_preservation(
+    official_flags.resolve_sd3_preservation(
         args, FlowMatchEulerDiscreteScheduler(shift=3.0), preservation_weight_given=False
     )
     assert (

@@ -265,7 +265,7 @@ def test_the_reference_pass_leaves_the_sharded_adapter_trainable(one_process_gro
 
 
 def test_a_sharded_adapter_is_written_once_and_read_back_into_every_shard(one_process_group, tiny_sd, tmp_path):
-    from duo_plugin import sd
+    from duo_plugin.families import sd
 
     trained = shard(adapted_unet(tiny_sd), one_process_group)
     train_steps(trained, torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3))
@@ -299,7 +299,7 @@ def test_a_sharded_checkpoint_round_trips_in_the_unsharded_format(
     from accelerate.state import PartialState
     from diffusers.optimization import get_scheduler
 
-    from duo_plugin import sd
+    from duo_plugin.families import sd
 
     PartialState()
 

@@ -327,7 +327,8 @@ def test_batch_conditions_pairs_on_their_prompts_and_preservation_on_the_empty_p
     """make_duo_batch: both images of pair i get pair i's condition; the pure-noise rows the empty prompt, at the last timestep."""
     from diffusers import DDPMScheduler
 
-    from duo_plugin import data, sd
+    from duo_plugin import data
+    from duo_plugin.families import sd
 
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(3, 2, 2, 4, 4, generator=generator)  # pairs, flips, (unsafe, safe), latent
@@ -384,7 +385,8 @@ def test_state_hooks_refuse_a_model_they_were_not_given(fresh_accelerate_state, 
 def test_batch_runs_pairs_under_each_condition_then_noise_then_retain():
     from diffusers import DDPMScheduler
 
-    from duo_plugin import data, objective, sd
+    from duo_plugin import data, objective
+    from duo_plugin.families import sd
 
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(3, 1, 2, 4, 4, 4, generator=generator)
@@ -419,7 +421,8 @@ def test_batch_runs_pairs_under_each_condition_then_noise_then_retain():
 
 
 def test_a_batch_built_without_a_layout_is_the_papers():
-    from duo_plugin import objective, sd
+    from duo_plugin import objective
+    from duo_plugin.families import sd
 
     batch = sd.DUOBatch(
         model_input=torch.zeros(6, 4, 2, 2),

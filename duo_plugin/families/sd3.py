@@ -10,13 +10,13 @@ from typing import List
 
 import torch
 
-from . import objective
-from .errors import UsageError
-from .families import base_has_t5
-from .lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from .. import objective
+from ..errors import UsageError
+from ..lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from ..step import FamilyStep, StepSettings, duo_losses
+from . import base_has_t5
 from .prompts import PromptEmbeddings, encode_once, pair_condition
 from .quantization import text_quantization_config, to_device
-from .step import FamilyStep, StepSettings, duo_losses
 
 
 def load_text_pipeline(args, transformer, dtype):

@@ -1,7 +1,7 @@
 """FLUX.1 [dev] and [schnell] (MMDiT transformer, rectified flow): prompts encoded once, the denoiser's call on
 packed latents, the adapter's file.
 
-``train_duo_flux.py`` shows the loop. The batch is SD3's (``duo_plugin.sd3.make_duo_batch``: one σ per pair from
+``train_duo_flux.py`` shows the loop. The batch is SD3's (``duo_plugin.families.sd3.make_duo_batch``: one σ per pair from
 the scheduler's training table, x_σ = (1 − σ)·x + σ·ε, pure noise told σ = 1), drawn on unpacked latents, so the
 objective sees the same tensors as for SD3. What FLUX adds is only in ``predict``: its transformer reads 2×2 latent
 patches packed into tokens with their positions (``img_ids``), the text tokens' positions (``txt_ids``, zeros),
@@ -13,12 +13,13 @@ from typing import List, Optional
 
 import torch
 
-from . import objective, sd3
-from .errors import UsageError
-from .lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from .. import objective
+from ..errors import UsageError
+from ..lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from ..step import FamilyStep
+from . import sd3
 from .prompts import PromptEmbeddings, encode_once
 from .quantization import text_quantization_config, to_device
-from .step import FamilyStep
 
 
 # FLUX.1-dev's distilled guidance at training: the value diffusers' FLUX LoRA scripts default to (and the pipeline's).

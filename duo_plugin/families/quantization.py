@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 QUANTIZATION_MODES = ("none", "nf4", "int8")

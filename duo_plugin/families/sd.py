@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 
-from . import objective
-from .lora import LORA_WEIGHT_NAME
+from .. import objective
+from ..lora import LORA_WEIGHT_NAME
+from ..step import FamilyStep, StepSettings, duo_losses
 from .prompts import PromptEmbeddings, concat_conditions, condition_rows, encode_once, pair_condition, repeat_rows
-from .step import FamilyStep, StepSettings, duo_losses
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def detect_pipeline_class(
@@ -14,7 +14,7 @@ def detect_pipeline_class(
     try:
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line naming the cause and the fix
-        from .hub import model_source_error
+        from ..hub import model_source_error
 
         raise model_source_error(
             error, pretrained_model_name_or_path, revision, "--pretrained_model_name_or_path"
