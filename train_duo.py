@@ -47,12 +47,12 @@ def parse_args(argv=None):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = parse_args(argv)
-    preset, pipeline_class, family = training.resolve_run_args(args, ("sd", "sdxl"), "train_duo.py")
+    # From here on the flags are resolved (preset, recipe, λ) and read-only: duo_plugin.settings.
+    args, preset, pipeline_class, family = training.resolve_run_args(parse_args(argv), ("sd", "sdxl"), "train_duo.py")
     memory.check_training_memory(args, family)  # before any weight is downloaded
     accelerator = training.create_accelerator(args)
     run_guard.claim_output_dir(args, accelerator)
-    run_data = training.load_run_data(args, preset, pipeline_class, accelerator)
+    args, run_data = training.load_run_data(args, preset, pipeline_class, accelerator)
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -94,10 +94,13 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    quantization.to_device(unet, device, None if weight_dtype == torch.float32 else weight_dtype)
+    quantization.to_device(
+        unet, training.denoiser_home(accelerator), None if weight_dtype == torch.float32 else weight_dtype
+    )
     target_modules = lora.prepare_denoiser_for_training(args, unet)
     family_step = sd.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents, family)
     run = training.TrainingRun(args, accelerator, unet, sd.save_lora_weights, "unet", run_data)
+    args = run.settings  # an FSDP run skips validation
 
     validation = samples.ValidationSampler(
         args,

@@ -45,15 +45,14 @@ def parse_args(argv=None):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = parse_args(argv)
-    preservation_weight_given = arguments.preservation_weight_given(args)
-    preset, pipeline_class, family = training.resolve_run_args(args, "flux", "train_duo_flux.py")
+    # From here on the flags are resolved (preset, recipe, λ) and read-only: duo_plugin.settings.
+    args, preset, pipeline_class, family = training.resolve_run_args(parse_args(argv), "flux", "train_duo_flux.py")
     flux.check_flux_args(args)
     memory.check_training_memory(args, family)  # before any weight is downloaded
     accelerator = training.create_accelerator(args)
     run_guard.claim_output_dir(args, accelerator)
     # FLUX.1 has no classifier-free guidance of its own: the guided preference uses the pairs' true CFG scale.
-    run_data = training.load_run_data(
+    args, run_data = training.load_run_data(
         args, preset, pipeline_class, accelerator, sampler_guidance=args.true_cfg_scale or FLUX_TRUE_CFG_SCALE
     )
 
@@ -66,12 +65,6 @@ def main(argv=None):
         args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps, " (indices into the sigma table)")
-    official_flags.resolve_sd3_preservation(
-        args,
-        noise_scheduler,
-        preservation_weight_given,
-        official=official_flags.sd3_reference_scheduler(noise_scheduler),
-    )
     transformer = quantization.load_quantized(
         lambda: FluxTransformer2DModel.from_pretrained(
             args.pretrained_model_name_or_path,
@@ -98,12 +91,13 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd3.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    quantization.to_device(transformer, device)
+    quantization.to_device(transformer, training.denoiser_home(accelerator))
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
     family_step = flux.family_step(
         args, latents_cache, noise_scheduler, embeddings, run_data, guidance, retain_latents
     )
     run = training.TrainingRun(args, accelerator, transformer, flux.save_lora_weights, "transformer", run_data)
+    args = run.settings  # an FSDP run skips validation
     validation = samples.ValidationSampler(
         args,
         accelerator,

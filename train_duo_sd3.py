@@ -57,14 +57,13 @@ def parse_args(argv=None):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = parse_args(argv)
-    preservation_weight_given = arguments.preservation_weight_given(args)
-    preset, pipeline_class, family = training.resolve_run_args(args, "sd3", "train_duo_sd3.py")
+    # From here on the flags are resolved (preset, recipe, λ) and read-only: duo_plugin.settings.
+    args, preset, pipeline_class, family = training.resolve_run_args(parse_args(argv), "sd3", "train_duo_sd3.py")
     sd3.check_sd3_args(args)
     memory.check_training_memory(args, family)  # before any weight is downloaded
     accelerator = training.create_accelerator(args)
     run_guard.claim_output_dir(args, accelerator)
-    run_data = training.load_run_data(args, preset, pipeline_class, accelerator)
+    args, run_data = training.load_run_data(args, preset, pipeline_class, accelerator)
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
@@ -75,7 +74,6 @@ def main(argv=None):
         args.pretrained_model_name_or_path, subfolder="scheduler", **model_kwargs
     )
     training.check_timestep_range(args, noise_scheduler.config.num_train_timesteps, " (indices into the sigma table)")
-    official_flags.resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given)
     transformer = quantization.load_quantized(
         lambda: SD3Transformer2DModel.from_pretrained(
             args.pretrained_model_name_or_path,
@@ -102,10 +100,11 @@ def main(argv=None):
     if retain_latents is not None:
         retain_latents = sd3.RetainLatents(retain_latents, embeddings(run_data.retain_prompts))
 
-    quantization.to_device(transformer, device)
+    quantization.to_device(transformer, training.denoiser_home(accelerator))
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
     family_step = sd3.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents)
     run = training.TrainingRun(args, accelerator, transformer, sd3.save_lora_weights, "transformer", run_data)
+    args = run.settings  # an FSDP run skips validation
     validation = samples.ValidationSampler(
         args,
         accelerator,

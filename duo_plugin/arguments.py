@@ -4,7 +4,7 @@ name them), the refusals that need nothing loaded, and the defaults a concept pr
 import argparse
 import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from diffusers.utils import is_bitsandbytes_available, is_tensorboard_available, is_xformers_available
@@ -16,13 +16,14 @@ from .families.quantization import add_quantization_argument
 from .presets import (
     DEFAULT_GRADIENT_ACCUMULATION_STEPS,
     DEFAULT_LORA_RANK,
+    DEFAULT_NUM_RETAIN_IMAGES,
     FAMILY_RECIPES,
     ConceptPreset,
     learning_rate_for_beta,
     preservation_weight_for_beta,
     with_overrides,
 )
-from .retain import DEFAULT_NUM_RETAIN_IMAGES
+from .settings import Settings
 
 
 # --objective: named settings; each flag the user gives still wins. ``paper`` takes β and λ from the concept
@@ -269,55 +270,67 @@ def check_environment_args(args, accelerator_device_type: Optional[str] = None):
         )
 
 
-def resolve_training_args(args, family: str) -> ConceptPreset:
-    """Fill every flag the user left unset from the concept's preset and the family's recipe; returns the preset
-    (with the β in use)."""
+def resolve_training_args(args, family: str) -> Tuple[Settings, ConceptPreset]:
+    """The run's settings: every flag the user left unset filled from the concept's preset, the named objective and
+    the family's recipe. ``args`` is left as parsed. Returns ``(settings, preset)`` (the preset with the β in use)."""
     recipe = FAMILY_RECIPES[family]
     preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
-    args.concept = preset.name
     named = OBJECTIVES[args.objective]
-    args.beta_dpo = args.beta_dpo if args.beta_dpo is not None else named.get("beta_dpo", preset.beta_dpo)
-    if args.beta_dpo <= 0:
-        raise UsageError(f"--beta_dpo must be positive, got {args.beta_dpo}")
-    if args.learning_rate is None:
-        args.learning_rate = learning_rate_for_beta(args.beta_dpo, recipe.base_learning_rate)
-    if args.preservation_weight is None:
-        args.preservation_weight = named.get("preservation_weight", preservation_weight_for_beta(args.beta_dpo))
-    if args.max_train_steps is None:
-        args.max_train_steps = preset.max_train_steps
-    if args.validation_prompts is None:
-        args.validation_prompts = list(preset.validation_prompts)
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
-    args.lora_target = args.lora_target or recipe.lora_target
-    args.tracker_name = args.tracker_name or ("duo" if family == "sd" else f"duo-{family}")
-    args.t_min = recipe.t_min if args.t_min is None else args.t_min
-    args.t_max = recipe.t_max if args.t_max is None else args.t_max
-    if args.resolution is None:
-        args.resolution = recipe.default_resolution
-    if args.output_dir is None:
-        args.output_dir = f"duo-{args.concept}"
-    resolve_objective_args(args)
-    return with_overrides(preset, beta_dpo=args.beta_dpo)
+    beta_dpo = args.beta_dpo if args.beta_dpo is not None else named.get("beta_dpo", preset.beta_dpo)
+    if beta_dpo <= 0:
+        raise UsageError(f"--beta_dpo must be positive, got {beta_dpo}")
+
+    def unless_given(name, value):
+        given = getattr(args, name)
+        return value if given is None else given
+
+    return Settings(
+        **{
+            **vars(args),
+            "concept": preset.name,
+            "beta_dpo": beta_dpo,
+            "learning_rate": unless_given(
+                "learning_rate", learning_rate_for_beta(beta_dpo, recipe.base_learning_rate)
+            ),
+            "preservation_weight": unless_given(
+                "preservation_weight", named.get("preservation_weight", preservation_weight_for_beta(beta_dpo))
+            ),
+            # Whether λ was chosen (by the user, or by the named objective) before any family derives its own.
+            "preservation_weight_given": preservation_weight_given(args),
+            "max_train_steps": unless_given("max_train_steps", preset.max_train_steps),
+            "validation_prompts": unless_given("validation_prompts", list(preset.validation_prompts)),
+            "lora_alpha": unless_given("lora_alpha", args.rank),
+            "lora_target": args.lora_target or recipe.lora_target,
+            "tracker_name": args.tracker_name or ("duo" if family == "sd" else f"duo-{family}"),
+            "t_min": unless_given("t_min", recipe.t_min),
+            "t_max": unless_given("t_max", recipe.t_max),
+            "resolution": unless_given("resolution", recipe.default_resolution),
+            "output_dir": unless_given("output_dir", f"duo-{preset.name}"),
+            **resolved_objective_args(args),
+        }
+    ), with_overrides(preset, beta_dpo=beta_dpo)
 
 
-def resolve_objective_args(args):
-    """Fill the concept-specific flags from ``--objective``; refuse combinations that cannot mean anything."""
+def resolved_objective_args(args) -> dict:
+    """The concept-specific flags filled from ``--objective``; refuses combinations that cannot mean anything."""
     named = OBJECTIVES[args.objective]
+    preference_conditions = args.preference_conditions
     if args.condition_on_prompts:
-        if args.preference_conditions is not None:
+        if preference_conditions is not None:
             raise UsageError("--condition_on_prompts is --preference_conditions prompt: give one of the two")
-        args.preference_conditions = ["prompt"]
-    if args.preference_conditions is None:
-        args.preference_conditions = list(named["preference_conditions"])
-    args.preference_conditions = list(dict.fromkeys(args.preference_conditions))
-    if args.retain_weight is None:
-        args.retain_weight = named["retain_weight"]
-    if not (args.retain_weight >= 0 and math.isfinite(args.retain_weight)):
-        raise UsageError(f"--retain_weight {args.retain_weight}: give 0 (off) or a positive, finite weight")
+        preference_conditions = ["prompt"]
+    if preference_conditions is None:
+        preference_conditions = list(named["preference_conditions"])
+    retain_weight = named["retain_weight"] if args.retain_weight is None else args.retain_weight
+    if not (retain_weight >= 0 and math.isfinite(retain_weight)):
+        raise UsageError(f"--retain_weight {retain_weight}: give 0 (off) or a positive, finite weight")
     if args.num_retain_images < 1:
         raise UsageError(f"--num_retain_images {args.num_retain_images}: give at least 1")
-    args.retain_conditions = list(dict.fromkeys(args.retain_conditions))
+    return {
+        "preference_conditions": list(dict.fromkeys(preference_conditions)),
+        "retain_weight": retain_weight,
+        "retain_conditions": list(dict.fromkeys(args.retain_conditions)),
+    }
 
 
 def needs_unsafe_prompts(args) -> bool:

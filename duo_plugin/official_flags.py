@@ -19,6 +19,7 @@ from typing import Optional
 from . import objective
 from .files import read_state_json
 from .presets import preservation_effective_weight, preservation_weight_for_beta, sd3_preservation_weight_for_beta
+from .settings import Settings
 
 
 PRESERVATION_NOISE_MODES = ("fresh", "pair")
@@ -63,30 +64,56 @@ def sd3_reference_scheduler(noise_scheduler):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=noise_scheduler.config.num_train_timesteps, shift=3.0)
 
 
-def resolve_sd3_preservation(args, noise_scheduler, preservation_weight_given: bool, official=None):
-    """Set the flow-matching λ (unless given) from the official SD3 run's effective strength, and what the config
-    records.
+def resolve_sd3_preservation(
+    settings, noise_scheduler, preservation_weight_given: Optional[bool] = None, official=None
+):
+    """The settings with the flow-matching λ (unless given) set from the official SD3 run's effective strength, and
+    what the config records of it.
 
-    ``preservation_weight_given``: whether the user passed ``--preservation_weight`` (the concept
-    resolution has filled in the SD1 value by now). ``official``: the scheduler whose table's last entry is the
-    official σ (default: ``noise_scheduler``, SD3's own).
+    ``preservation_weight_given``: whether λ was chosen before the family's default (default: what the settings
+    recorded when they were resolved; the concept resolution has filled in the SD1 value by now). ``official``: the
+    scheduler whose table's last entry is the official σ (default: ``noise_scheduler``, SD3's own).
     """
-    precondition = bool(args.precondition_outputs)
+    if preservation_weight_given is None:
+        preservation_weight_given = settings.preservation_weight_given
+    precondition = bool(settings.precondition_outputs)
     official_sigma = float(objective.official_preservation_sigma_and_timestep(official or noise_scheduler)[0])
     sigma, timestep = (
-        float(v) for v in objective.preservation_sigma_and_timestep(noise_scheduler, args.preservation_placement)
+        float(v) for v in objective.preservation_sigma_and_timestep(noise_scheduler, settings.preservation_placement)
     )
+    weight = settings.preservation_weight
     if not preservation_weight_given:
-        args.preservation_weight = sd3_preservation_weight_for_beta(args.beta_dpo, official_sigma, sigma, precondition)
-    official_weight = preservation_weight_for_beta(args.beta_dpo)
-    args.preservation_sigma = sigma
-    args.preservation_timestep = timestep
-    args.official_preservation_sigma = official_sigma
-    args.official_preservation_weight = official_weight
-    args.preservation_effective_weight = preservation_effective_weight(args.preservation_weight, sigma, precondition)
-    args.official_preservation_effective_weight = preservation_effective_weight(
-        official_weight, official_sigma, precondition
+        weight = sd3_preservation_weight_for_beta(settings.beta_dpo, official_sigma, sigma, precondition)
+    official_weight = preservation_weight_for_beta(settings.beta_dpo)
+    return Settings(
+        **{
+            **vars(settings),
+            "preservation_weight": weight,
+            "preservation_sigma": sigma,
+            "preservation_timestep": timestep,
+            "official_preservation_sigma": official_sigma,
+            "official_preservation_weight": official_weight,
+            "preservation_effective_weight": preservation_effective_weight(weight, sigma, precondition),
+            "official_preservation_effective_weight": preservation_effective_weight(
+                official_weight, official_sigma, precondition
+            ),
+        }
     )
+
+
+def resolve_flow_matching_preservation(settings, family: str):
+    """SD3's and FLUX's λ from the base's scheduler table (read from its config only). FLUX's table is unshifted
+    (it shifts at sampling), so the official σ is read off SD3's shift-3 table of the same length."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        settings.pretrained_model_name_or_path,
+        subfolder="scheduler",
+        revision=settings.revision,
+        cache_dir=settings.cache_dir,
+    )
+    official = sd3_reference_scheduler(noise_scheduler) if family == "flux" else None
+    return resolve_sd3_preservation(settings, noise_scheduler, official=official)
 
 
 def sd3_preservation_record(args) -> dict:

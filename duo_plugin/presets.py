@@ -78,6 +78,7 @@ FAMILY_RECIPES = {
 }
 
 # The official runs: rank-32 LoRA with alpha = rank, 1 pair x 4 GPUs per optimizer step (here: 4 accumulated micro-steps).
+DEFAULT_NUM_RETAIN_IMAGES = 32  # the concept objective's retain set: images of unrelated prompts
 DEFAULT_LORA_RANK = 32
 DEFAULT_GRADIENT_ACCUMULATION_STEPS = 4
 

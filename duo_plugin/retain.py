@@ -20,11 +20,11 @@ from PIL import Image
 
 from .errors import UsageError
 from .files import append_jsonl, atomic_write_text
+from .presets import DEFAULT_NUM_RETAIN_IMAGES
 
 
 RETAIN_CONFIG = "duo_retain_config.json"
 RETAIN_PROGRESS = "progress.jsonl"
-DEFAULT_NUM_RETAIN_IMAGES = 32
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,15 @@ def weight_dtype_for(accelerator) -> torch.dtype:
     return torch_dtype(accelerator.mixed_precision)
 
 
+def denoiser_home(accelerator) -> torch.device:
+    """Where the frozen denoiser waits for ``accelerator.prepare``: the process's device, except under FSDP, where it
+    stays in host memory and FSDP2's ``fully_shard`` moves each block's shard to the device as it shards it, so the
+    whole model (FLUX.1's 24 GB in bf16) never sits on one card."""
+    from .checkpoints import is_fsdp
+
+    return torch.device("cpu") if is_fsdp(accelerator) else accelerator.device
+
+
 def make_optimizer(args, params):
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -98,27 +107,27 @@ def average_logs(micro_step_logs: List[dict]) -> dict:
 
 
 def resolve_run_args(args, families, script: str):
-    """Checks that need nothing loaded, the base model's family (read from its model_index.json only), and the
-    flags filled from the concept's preset and that family's recipe. Returns ``(preset, pipeline_class, family)``.
+    """Checks that need nothing loaded, the base model's family (read from its model_index.json only), and the run's
+    settings: flags filled from the concept's preset and that family's recipe, and the flow-matching families' λ from
+    their scheduler's config. Returns ``(settings, preset, pipeline_class, family)``; ``args`` is left as parsed.
 
     Bad flags are refused before the model is looked up: they are checked once as the script's first family would
     resolve them, then again as the detected family does."""
-    import copy
-
-    from . import input_checks, memory
+    from . import input_checks, memory, official_flags
     from .families import detect_pipeline_class, require_family
 
     families = (families,) if isinstance(families, str) else tuple(families)
     check_environment_args(args)
-    provisional = copy.deepcopy(args)
-    resolve_training_args(provisional, families[0])
+    provisional, _ = resolve_training_args(args, families[0])
     input_checks.check_training_args(provisional)
     memory.check_cpu_run(args)  # before any download
     pipeline_class = detect_pipeline_class(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     family = require_family(pipeline_class, families, script)
-    preset = resolve_training_args(args, family)
-    input_checks.check_training_args(args)
-    return preset, pipeline_class, family
+    settings, preset = resolve_training_args(args, family)
+    input_checks.check_training_args(settings)
+    if family in ("sd3", "flux"):
+        settings = official_flags.resolve_flow_matching_preservation(settings, family)
+    return settings, preset, pipeline_class, family
 
 
 @dataclass
@@ -137,8 +146,10 @@ class RunData:
         return self.pairs.unsafe_prompts if any(c != "empty" for c in self.variant.pair_conditions) else None
 
 
-def load_run_data(args, preset, pipeline_class: str, accelerator, sampler_guidance: Optional[float] = None) -> RunData:
+def load_run_data(settings, preset, pipeline_class: str, accelerator, sampler_guidance: Optional[float] = None):
     """The pairs (generated when missing), the measured t_max with ``--t_max auto``, the objective and its retain set.
+    Returns ``(settings, run_data)``: the settings with what was learned here (the generated pair folder, the t_max
+    measured and how, the retain set's record).
 
     ``sampler_guidance``: the classifier-free guidance w of the guided preference (default: the pair recipe's)."""
     from . import retain, run_guard, timing
@@ -147,23 +158,27 @@ def load_run_data(args, preset, pipeline_class: str, accelerator, sampler_guidan
     from .pairs import get_pair_images
 
     # Pairs first: bad data is refused before any model weight is loaded.
-    pairs = get_pair_images(args, preset, pipeline_class, accelerator)
+    pairs = get_pair_images(settings, preset, pipeline_class, accelerator)
+    if pairs.generated_folder is not None:
+        settings = settings.replace(pairs_dir=pairs.generated_folder)
     pair_fingerprint = pairs.fingerprint()
-    run_guard.check_resume_pairs(args, pair_fingerprint)
-    args.t_max = timing.resolve_t_max(args, preset, accelerator, default=args.t_max)
-    if needs_unsafe_prompts(args) and pairs.unsafe_prompts is None:
+    run_guard.check_resume_pairs(settings, pair_fingerprint)
+    t_max, measurement = timing.resolve_t_max(settings, preset, accelerator, default=settings.t_max)
+    settings = settings.replace(t_max=t_max, t_max_measurement=measurement)
+    if needs_unsafe_prompts(settings) and pairs.unsafe_prompts is None:
         raise UsageError(
             "--preference_conditions prompt/guided (or --condition_on_prompts) needs an unsafe_prompt column in the pair data"
         )
     if sampler_guidance is None:
-        sampler_guidance = args.guidance_scale or preset.guidance_scale
-    variant = variant_settings(args, guidance_scale=sampler_guidance)
+        sampler_guidance = settings.guidance_scale or preset.guidance_scale
+    variant = variant_settings(settings, guidance_scale=sampler_guidance)
     run_data = RunData(pairs, pair_fingerprint, variant)
     if variant.uses_retain:
-        run_data.retain_images, run_data.retain_prompts, args.retain_record = retain.get_retain_set(
-            args, preset, pipeline_class, accelerator, conditions=variant.retain_conditions
+        run_data.retain_images, run_data.retain_prompts, retain_record = retain.get_retain_set(
+            settings, preset, pipeline_class, accelerator, conditions=variant.retain_conditions
         )
-    return run_data
+        settings = settings.replace(retain_record=retain_record)
+    return settings, run_data
 
 
 def prompts_to_encode(args, preset, run_data: RunData) -> List[str]:
@@ -204,8 +219,8 @@ class TrainingRun:
 
         from . import checkpoints, outputs, run_guard, saturation
 
-        self.args, self.accelerator, self.run_data = args, accelerator, run_data
-        self.settings = step_settings(args, accelerator, run_data.variant)
+        self.accelerator, self.run_data = accelerator, run_data
+        self.step_settings = step_settings(args, accelerator, run_data.variant)
         self.lora_params = [p for p in denoiser.parameters() if p.requires_grad]
         self.checkpoint_size = run_guard.check_free_space(args, self.lora_params)
         optimizer = make_optimizer(args, self.lora_params)
@@ -226,7 +241,8 @@ class TrainingRun:
                 "FSDP: validation images and model card samples are skipped (as with --skip_validation); "
                 "sample from the saved adapter instead"
             )
-            args.skip_validation = True
+            args = args.replace(skip_validation=True)
+        self.settings = args  # the scripts read on from these: FSDP runs skip validation
         self._configure_deepspeed()
         self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
         if self.sharded:
@@ -275,19 +291,19 @@ class TrainingRun:
             return
         config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            config["train_micro_batch_size_per_gpu"] = self.args.train_batch_size
+            config["train_micro_batch_size_per_gpu"] = self.settings.train_batch_size
 
     def micro_step(self, family_step, step: int, micro_step: int):
         """``duo_plugin.step.duo_micro_step`` on this micro-step's pairs and random draws."""
         pair_indices, generator = self.micro_step_draws(step, micro_step)
         return duo_micro_step(
-            self.optimization, family_step, self.settings, pair_indices, generator, step + 1, self.last_checkpoint
+            self.optimization, family_step, self.step_settings, pair_indices, generator, step + 1, self.last_checkpoint
         )
 
     def start(self, title: str, details: str = ""):
         from tqdm.auto import tqdm
 
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.settings, self.accelerator
         pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         logger.info(f"***** Running DUO training ({title}) *****")
         logger.info(
@@ -311,7 +327,7 @@ class TrainingRun:
         """The pairs of a micro-step and the generator of its random draws (its own, so resuming is exact)."""
         from . import data
 
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.settings, self.accelerator
         generator = data.step_generator(args.seed, step, micro_step, accelerator.process_index)
         pair_indices = data.pair_indices_for_step(
             len(self.run_data.pairs),
@@ -329,7 +345,7 @@ class TrainingRun:
         """Log the optimizer step and save a checkpoint when one is due."""
         from . import checkpoints, run_guard
 
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.settings, self.accelerator
         self.progress_bar.update(1)
         logs = average_logs(micro_step_logs)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -350,7 +366,7 @@ class TrainingRun:
             )
 
     def validation_due(self, global_step: int) -> bool:
-        args = self.args
+        args = self.settings
         return (
             bool(args.validation_steps)
             and global_step % args.validation_steps == 0
@@ -383,11 +399,13 @@ class TrainingRun:
             raise RuntimeError("under FSDP the adapter must be gathered on every process first: call run.finish()")
         state = self.adapter_state if self.sharded else lora_state_dict(self.model)
         outputs.save_adapter(
-            self.args.output_dir,
+            self.settings.output_dir,
             lambda folder: save_lora_weights(folder, state, self.model),
             self.last_checkpoint,
         )
-        return outputs.write_duo_config(self.args.output_dir, self.args, architecture, target_modules, extra=extra)
+        return outputs.write_duo_config(
+            self.settings.output_dir, self.settings, architecture, target_modules, extra=extra
+        )
 
 
 def cache_latents(args, accelerator, vae, run_data: RunData, dtype):

@@ -473,7 +473,7 @@ def test_a_model_index_naming_no_class_is_refused(tmp_path):
     ],
 )
 def test_an_edited_duo_config_is_refused_with_what_is_wrong(key, value, expected):
-    from duo_plugin import pipeline
+    from duo_plugin.pipeline import fetching as pipeline
 
     config = {"format_version": 1, "architecture": {"family": "sd"}, "concept": "nudity", key: value}
     with pytest.raises(UsageError, match=expected):
@@ -482,7 +482,7 @@ def test_an_edited_duo_config_is_refused_with_what_is_wrong(key, value, expected
 
 @pytest.mark.parametrize("weight", [1e30, -11, float("nan")])
 def test_absurd_adapter_weights_are_refused(weight):
-    from duo_plugin import pipeline
+    from duo_plugin.pipeline import attaching as pipeline
 
     with pytest.raises(UsageError, match="give a finite number between -10 and 10"):
         pipeline._normalize_weights(weight, ["nudity"])

@@ -139,7 +139,7 @@ def test_resolve_sd3_preservation(placement, given, precondition, expected_weigh
         precondition_outputs=precondition,
         preservation_placement=placement,
     )
-    official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=given is not None)
+    args = official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=given is not None)
     assert args.preservation_weight == pytest.approx(expected_weight, rel=1e-6)
     assert args.preservation_sigma == pytest.approx(expected_sigma, rel=1e-6)
     assert args.official_preservation_weight == 5e6
@@ -428,8 +428,8 @@ def test_sd3_defaults_are_the_official_runs(train_duo_sd3):
         "fresh",
         "sigma_one",
     )
-    arguments.resolve_training_args(args, family="sd3")
-    official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
+    args, _ = arguments.resolve_training_args(args, family="sd3")
+    args = official_flags.resolve_sd3_preservation(args, sd3_scheduler(), preservation_weight_given=False)
     assert args.preservation_weight == pytest.approx(44.82, abs=0.01)
 
 

@@ -552,9 +552,9 @@ def test_a_full_size_base_without_a_gpu_stops_before_any_download(monkeypatch, t
     memory.check_cpu_run(types.SimpleNamespace(**{**vars(hub), "allow_cpu": True}))
     memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), allow_cpu=False))
     # A tiny model already in the Hub cache, by repo id, is measured there (nothing downloads).
-    monkeypatch.setattr(memory, "cached_snapshot", lambda repo_id, revision, cache_dir: str(tiny_sd))
+    monkeypatch.setattr(memory.startup_check, "cached_snapshot", lambda repo_id, revision, cache_dir: str(tiny_sd))
     memory.check_cpu_run(types.SimpleNamespace(pretrained_model_name_or_path="duo-test/tiny-sd", allow_cpu=False))
-    monkeypatch.setattr(memory, "cached_snapshot", lambda repo_id, revision, cache_dir: None)
+    monkeypatch.setattr(memory.startup_check, "cached_snapshot", lambda repo_id, revision, cache_dir: None)
     big = tmp_path / "big"
     (big / "unet").mkdir(parents=True)
     with open(big / "unet" / "diffusion_pytorch_model.safetensors", "wb") as f:

@@ -166,9 +166,9 @@ def recipe_args(tiny_sd, tiny_pairs, tmp_path_factory):
         del argv[index : index + 2]
     argv += ["--concept", "nudity", "--pair_timesteps", "independent", "--preservation_noise", "pair"]
     args = train_duo.parse_args(argv)
-    preset = arguments.resolve_training_args(args, family="sd")
-    args.t_max = timing.resolve_t_max(args, preset, None, default=args.t_max)
-    return args
+    args, preset = arguments.resolve_training_args(args, family="sd")
+    t_max, _ = timing.resolve_t_max(args, preset, None, default=args.t_max)
+    return args.replace(t_max=t_max)
 
 
 @pytest.fixture(scope="module")

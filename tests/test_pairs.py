@@ -176,7 +176,7 @@ def test_rerun_generates_nothing(reference, tiny_sd, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a finished folder must not load the model")
 
-    monkeypatch.setattr(pairs, "load_text2img_pipeline", no_loading)
+    monkeypatch.setattr(pairs.generation, "load_text2img_pipeline", no_loading)
     report = pairs.main(pair_args(tiny_sd, folder, *CUSTOM, "--num_pairs", "4"))
     assert report.generated_now == 0 and report.accepted == 4
     assert {name: os.stat(folder / name).st_mtime_ns for name in pair_files(folder)} == before

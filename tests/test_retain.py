@@ -324,10 +324,10 @@ def test_the_concept_objective_fills_its_own_defaults_and_the_users_flags_win():
     from duo_plugin import arguments
 
     args = train_duo.parse_args(["--concept", "nudity", "--objective", "concept", "--retain_weight", "5"])
-    arguments.resolve_training_args(args, family="sd")
+    args, _ = arguments.resolve_training_args(args, family="sd")
     assert (args.beta_dpo, args.preservation_weight, args.retain_weight) == (100.0, 0.0, 5.0)
     assert args.preference_conditions == ["empty", "prompt", "guided"] and args.learning_rate == pytest.approx(3e-4)
     paper = train_duo.parse_args(["--concept", "nudity"])
-    arguments.resolve_training_args(paper, family="sd")
+    paper, _ = arguments.resolve_training_args(paper, family="sd")
     assert (paper.beta_dpo, paper.preservation_weight, paper.retain_weight) == (500.0, 5e6, 0.0)
     assert paper.preference_conditions == ["empty"]

@@ -612,7 +612,7 @@ def test_flow_matching_flags(train_duo_sd3):
 
 def test_official_sd3_defaults(train_duo_sd3):
     args = train_duo_sd3.parse_args(["--concept", "nudity"])
-    arguments.resolve_training_args(args, family="sd3")
+    args, _ = arguments.resolve_training_args(args, family="sd3")
     sd3.check_sd3_args(args)
     assert args.beta_dpo == 500 and args.learning_rate == pytest.approx(3e-5 * 100 / 500)
     # λ: the official run's effective strength at σ = 1, 5e6·σ_off² (tests/test_fidelity.py pins the relation).
@@ -620,7 +620,7 @@ def test_official_sd3_defaults(train_duo_sd3):
 
     from duo_plugin import official_flags
 
-    official_flags.resolve_sd3_preservation(
+    args = official_flags.resolve_sd3_preservation(
         args, FlowMatchEulerDiscreteScheduler(shift=3.0), preservation_weight_given=False
     )
     assert (

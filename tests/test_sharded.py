@@ -414,6 +414,18 @@ def test_fsdp_checkpoints_never_fall_back_to_accelerates_whole_model_save(tmp_pa
 # --------------------------------------------------------------------------------------------------
 
 
+def test_under_fsdp_the_denoiser_waits_in_host_memory_for_its_shards():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from duo_plugin.training import denoiser_home
+
+    gpu = torch.device("cuda", 1)  # never touched: only the choice is under test
+    assert denoiser_home(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu)) == torch.device("cpu")
+    assert denoiser_home(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, device=gpu)) == gpu
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_sd, tiny_pairs, tmp_path_factory):
     """Validation is on in the flags: under FSDP it is skipped with a warning (it samples on one process)."""
