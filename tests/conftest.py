@@ -1,4 +1,5 @@
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -222,3 +223,37 @@ def train_in_process(script: str, argv):
         module.main([str(arg) for arg in argv])
     finally:
         reset_accelerate_state()
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process command-line runs and their refusals (tests/test_bad_inputs.py, tests/test_faults.py)
+# --------------------------------------------------------------------------------------------------
+
+RUN_FLAGS = ("--max_train_steps", "3", "--checkpointing_steps", "1", "--skip_validation", "--learning_rate", "1e-3")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(REPO_ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(main, argv, capsys):
+    """(exit code, stderr) of an in-process CLI run; 0 when main returned."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code, err, words, exit_code=2):
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == exit_code, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]

@@ -3,22 +3,50 @@ checkpoint, broken state files, nonsense numbers and files that are not what the
 
 import errno
 import json
+import logging
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_args, train_in_process
+from conftest import (
+    REPO_ROOT,
+    RUN_FLAGS,
+    assert_refused,
+    load_script,
+    reset_accelerate_state,
+    run_main,
+    run_process,
+    tiny_train_args,
+    train_in_process,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from duo_plugin import checkpoints, files, outputs, run_guard
+from duo_plugin import checkpoints, files, lora, outputs, run_guard, training
 from duo_plugin.data import PairImages
-from duo_plugin.errors import StorageError, UsageError, exit_on_usage_error, storage_reason
+from duo_plugin.errors import StorageError, TrainingHalted, UsageError, exit_on_usage_error, storage_reason
 from duo_plugin.input_checks import read_tensor_file, to_rgb
+
+
+@pytest.fixture(scope="module")
+def train_duo():
+    return load_script("train_duo.py").main
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """In-process runs share accelerate's singletons: each test starts from none and leaves none."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 FULL_DISK = OSError(errno.ENOSPC, "No space left on device")
@@ -287,7 +315,7 @@ def test_the_evaluation_timing_and_sweep_read_their_state_through_the_loader(tmp
 # --------------------------------------------------------------------------------------------------
 
 
-def run_main(main, argv, capsys):
+def refusal_line(main, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
@@ -306,7 +334,7 @@ def run_main(main, argv, capsys):
 def test_the_memory_estimate_refuses_nonsense(argv, expected, capsys):
     from duo_plugin import memory
 
-    assert expected in run_main(memory.main, argv, capsys)
+    assert expected in refusal_line(memory.main, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +349,7 @@ def test_the_memory_estimate_refuses_nonsense(argv, expected, capsys):
 def test_the_timing_diagnostic_refuses_nonsense(argv, expected, capsys):
     from duo_plugin import timing
 
-    assert expected in run_main(
+    assert expected in refusal_line(
         timing.main, ["--pretrained_model_name_or_path", "x", "--concept", "nudity", *argv], capsys
     )
 
@@ -331,7 +359,7 @@ def test_the_timing_diagnostic_refuses_an_output_dir_that_is_a_file(tmp_path, ca
 
     (tmp_path / "file").write_text("x")
     argv = ["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path / "file")]
-    assert "is a file: give a folder" in run_main(timing.main, argv, capsys)
+    assert "is a file: give a folder" in refusal_line(timing.main, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -560,3 +588,246 @@ def test_the_sweep_refuses_nonsense(argv, expected, tmp_path):
     base = ["--pretrained_model_name_or_path", "m", "--concept", "nudity", "--output_dir", str(tmp_path / "s")]
     with pytest.raises(UsageError, match=expected):
         sweep.check_args(sweep.parse_args([*base, "--beta_dpo", "100", *argv]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint saves: interrupted at every point, disk full
+# --------------------------------------------------------------------------------------------------
+
+
+class FolderAccelerator:
+    """Just what save_checkpoint uses of an Accelerator: one process whose save_state writes real files."""
+
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self, payload: bytes = b"new", fail_after: int = None, error=None):
+        self.payload, self.fail_after, self.error = payload, fail_after, error
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        os.makedirs(folder)
+        for number, name in enumerate(run_guard.CHECKPOINT_FILES):
+            if self.fail_after is not None and number == self.fail_after:
+                raise self.error
+            (open(os.path.join(folder, name), "wb")).write(self.payload)
+
+
+def saved_checkpoint(output_dir, step, payload):
+    checkpoints.save_checkpoint(FolderAccelerator(payload), str(output_dir), step, None, {"learning_rate": 1.0})
+    return output_dir / f"checkpoint-{step}"
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at one point of a save: nothing after it runs."""
+
+
+@pytest.mark.parametrize("kill_at", range(6))
+def test_resave_interrupted_anywhere_leaves_a_complete_checkpoint(kill_at, tmp_path, monkeypatch):
+    """Re-saving step 2 over an existing checkpoint-2; a kill at the k-th rename/delete leaves a complete step 2."""
+    saved_checkpoint(tmp_path, 2, b"old")
+    calls = {"n": 0}
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def counted(real):
+        def wrapper(*args, **kwargs):
+            if calls["n"] == kill_at:
+                raise Killed()
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(run_guard.os, "replace", counted(real_replace))
+    monkeypatch.setattr(run_guard.shutil, "rmtree", counted(real_rmtree))
+    try:
+        checkpoints.save_checkpoint(FolderAccelerator(b"new"), str(tmp_path), 2, None, {"learning_rate": 1.0})
+        finished = True
+    except Killed:
+        finished = False
+    monkeypatch.undo()
+
+    run_guard.recover_interrupted_saves(str(tmp_path))
+    assert checkpoints.resolve_resume_path("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    for name in run_guard.CHECKPOINT_FILES:
+        assert (tmp_path / "checkpoint-2" / name).read_bytes() in (b"old", b"new")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+    if finished:
+        assert (tmp_path / "checkpoint-2" / "optimizer.bin").read_bytes() == b"new"
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoints(tmp_path):
+    import errno
+
+    saved_checkpoint(tmp_path, 1, b"one")
+    full = FolderAccelerator(fail_after=1, error=OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(StorageError) as info:
+        checkpoints.save_checkpoint(full, str(tmp_path), 2, None, {})
+    message = str(info.value)
+    assert "could not save checkpoint-2" in message and "disk is full" in message
+    assert "previous checkpoints are intact" in message and "checkpoint-1" in message and "resume" in message
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+    assert (tmp_path / "checkpoint-1" / "optimizer.bin").read_bytes() == b"one"
+
+
+def test_rotation_frees_space_before_the_save(tmp_path):
+    """With --checkpoints_total_limit 2, the oldest goes before the third is written (the disk needs room for it)."""
+    for step in (1, 2):
+        checkpoints.save_checkpoint(FolderAccelerator(), str(tmp_path), step, 2, {})
+    seen_during_save = []
+
+    class Watching(FolderAccelerator):
+        def save_state(self, folder):
+            seen_during_save.extend(sorted(n for n in os.listdir(tmp_path) if not n.endswith(".tmp")))
+            super().save_state(folder)
+
+    checkpoints.save_checkpoint(Watching(), str(tmp_path), 3, 2, {})
+    assert seen_during_save == ["checkpoint-2"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_disk_full_through_the_cli(train_duo, tiny_sd, tiny_pairs, tmp_path, capsys, monkeypatch):
+    """As the user sees it: one line, exit 2 (the disk, as issue 29 asks), checkpoint-1 intact and resumable."""
+    import errno
+
+    from accelerate import Accelerator
+
+    real_save_state = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        if "checkpoint-2" in str(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    output_dir = tmp_path / "out"
+    code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, *RUN_FLAGS), capsys)
+    assert_refused(
+        code,
+        err,
+        ["could not save checkpoint-2", "disk is full", "checkpoint-1", "--resume_from_checkpoint latest"],
+        exit_code=2,
+    )
+    assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-1"]
+    assert run_guard.is_complete(str(output_dir / "checkpoint-1"))
+
+
+def test_non_finite_loss_names_lambda_in_its_hint():
+    class OneProcess:
+        num_processes = 1
+
+    with pytest.raises(TrainingHalted) as info:
+        training.check_finite(OneProcess(), torch.tensor(float("inf")), 7, None)
+    assert "step 7" in str(info.value) and "--preservation_weight (λ)" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder lock
+# --------------------------------------------------------------------------------------------------
+
+
+def test_second_run_in_the_same_output_dir_is_refused(train_duo, tiny_sd, tiny_pairs, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        output_dir = tmp_path / "out"
+        output_dir.mkdir()
+        (output_dir / run_guard.LOCK_NAME).write_text(
+            json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "now"})
+        )
+        argv = tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--skip_validation")
+        assert_refused(
+            *run_main(train_duo, argv, capsys),
+            ["--output_dir", "in use by another run", f"pid {holder.pid}", run_guard.LOCK_NAME],
+        )
+        assert not (output_dir / "logs").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_is_taken_over(tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / run_guard.LOCK_NAME).write_text(
+        json.dumps({"pid": gone.pid, "host": __import__("socket").gethostname(), "started": "then"})
+    )
+    with caplog.at_level(logging.WARNING, logger="duo_plugin.run_guard"):
+        path = run_guard.acquire_output_lock(str(tmp_path))
+    assert "taking over the lock" in caplog.text
+    assert json.loads(open(path).read())["pid"] == os.getpid()
+    run_guard.release_output_lock(path)
+    assert not os.path.exists(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The config is written before anything optional can fail
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_is_written_before_validation_can_fail(train_duo, tiny_sd, tiny_pairs, tmp_path, capsys, monkeypatch):
+    def broken_validation(*args, **kwargs):
+        raise UsageError("validation failed on purpose")
+
+    monkeypatch.setattr(outputs, "validation_grid", broken_validation)
+    output_dir = tmp_path / "out"
+    code, err = run_main(train_duo, tiny_train_args(tiny_sd, tiny_pairs, output_dir, "--max_train_steps", "1"), capsys)
+    assert_refused(code, err, ["validation failed on purpose"])
+    config = json.loads((output_dir / "duo_config.json").read_text())
+    assert config["rank"] == 4 and (output_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# A real kill during the re-save of an existing step
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_during_resave_then_latest_resumes_exactly(tiny_sd, tiny_pairs, tmp_path):
+    """Resume from checkpoint-2 while checkpoint-3 exists, SIGKILL as soon as the re-save of step 3 starts; then
+    ``latest`` resumes and the final adapter equals an uninterrupted run's."""
+    flags = ("--max_train_steps", "5", "--checkpointing_steps", "1", "--skip_validation", "--learning_rate", "1e-3")
+    full = tmp_path / "full"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    command = [sys.executable, os.path.join(REPO_ROOT, "train_duo.py")]
+    assert run_process(command + tiny_train_args(tiny_sd, tiny_pairs, full, *flags), env=env).returncode == 0
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for step in (2, 3):
+        shutil.copytree(full / f"checkpoint-{step}", killed / f"checkpoint-{step}")
+    process = subprocess.Popen(
+        command
+        + tiny_train_args(
+            tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", str(killed / "checkpoint-2")
+        ),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    while process.poll() is None:
+        names = os.listdir(killed)
+        if "checkpoint-3.tmp" in names or "checkpoint-3.old" in names:
+            break
+        time.sleep(0.001)
+    try:
+        assert process.poll() is None, "the run ended before the re-save was seen"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    resumed = run_process(
+        command + tiny_train_args(tiny_sd, tiny_pairs, killed, *flags, "--resume_from_checkpoint", "latest"), env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    final, reference = load_file(killed / lora.LORA_WEIGHT_NAME), load_file(full / lora.LORA_WEIGHT_NAME)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in final)
+    assert not any(name.endswith((".tmp", ".old")) for name in os.listdir(killed))

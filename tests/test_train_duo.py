@@ -307,7 +307,7 @@ def test_default_tensorboard_prompt_conditioning_and_all_attention(tiny_sd, tiny
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="fp16 mixed precision needs a GPU: accelerate refuses it on CPU (see test_refusals)",
+    reason="fp16 mixed precision needs a GPU: accelerate refuses it on CPU (see test_bad_inputs)",
 )
 def test_fp16_on_a_gpu_trains_and_keeps_lora_parameters_fp32(tiny_sd, tiny_pairs, tmp_path):
     output_dir = tmp_path / "fp16"
