@@ -100,7 +100,6 @@ def main(argv=None):
     target_modules = lora.prepare_denoiser_for_training(args, unet)
     family_step = sd.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents, family)
     run = training.TrainingRun(args, accelerator, unet, sd.save_lora_weights, "unet", run_data)
-    args = run.settings  # an FSDP run skips validation
 
     validation = samples.ValidationSampler(
         args,
@@ -109,6 +108,7 @@ def main(argv=None):
         sd.validation_pipeline(family, noise_scheduler),
         pipeline_prompt_kwargs(embeddings),
         weight_dtype,
+        every_process=run.sharded,
     )
 
     for step in run.start("SDXL" if family == "sdxl" else "SD 1.x/2.x"):
@@ -121,13 +121,14 @@ def main(argv=None):
             validation.during_training(run.denoiser, step + 1)
     run.finish()
 
+    config = run.save_adapter(  # by the main process
+        sd.save_lora_weights,
+        sd.architecture_info(pipeline_class, run.model, noise_scheduler, family),
+        target_modules,
+    )
+    # Under FSDP every process takes part in sampling the sharded model; the main process keeps the images.
+    card_samples = validation.card_samples(run.denoiser, args.max_train_steps, preset)
     if accelerator.is_main_process:
-        config = run.save_adapter(
-            sd.save_lora_weights,
-            sd.architecture_info(pipeline_class, run.model, noise_scheduler, family),
-            target_modules,
-        )
-        card_samples = [] if args.skip_validation else validation(run.denoiser, args.max_train_steps, preset)
         outputs.finish_run(args, config, pipeline_class, card_samples)
     accelerator.end_training()
 

@@ -97,7 +97,6 @@ def main(argv=None):
         args, latents_cache, noise_scheduler, embeddings, run_data, guidance, retain_latents
     )
     run = training.TrainingRun(args, accelerator, transformer, flux.save_lora_weights, "transformer", run_data)
-    args = run.settings  # an FSDP run skips validation
     validation = samples.ValidationSampler(
         args,
         accelerator,
@@ -106,6 +105,7 @@ def main(argv=None):
         pipeline_prompt_kwargs(embeddings, negative=False),
         weight_dtype,
         extra_kwargs={} if guidance is None else {"guidance_scale": guidance},
+        every_process=run.sharded,
     )
 
     for step in run.start("FLUX.1", sd3.describe_flow_matching(args) + f"; guidance embedding = {guidance}"):
@@ -118,18 +118,19 @@ def main(argv=None):
             validation.during_training(run.denoiser, step + 1)
     run.finish()
 
+    config = run.save_adapter(  # by the main process
+        flux.save_lora_weights,
+        flux.architecture_info(pipeline_class, run.model, noise_scheduler),
+        target_modules,
+        extra={
+            **sd3.flow_matching_config(args),
+            **official_flags.sd3_preservation_record(args),
+            "training_guidance_scale": guidance,
+        },
+    )
+    # Under FSDP every process takes part in sampling the sharded model; the main process keeps the images.
+    card_samples = validation.card_samples(run.denoiser, args.max_train_steps, preset)
     if accelerator.is_main_process:
-        config = run.save_adapter(
-            flux.save_lora_weights,
-            flux.architecture_info(pipeline_class, run.model, noise_scheduler),
-            target_modules,
-            extra={
-                **sd3.flow_matching_config(args),
-                **official_flags.sd3_preservation_record(args),
-                "training_guidance_scale": guidance,
-            },
-        )
-        card_samples = [] if args.skip_validation else validation(run.denoiser, args.max_train_steps, preset)
         outputs.finish_run(args, config, pipeline_class, card_samples)
     accelerator.end_training()
 

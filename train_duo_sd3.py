@@ -104,7 +104,6 @@ def main(argv=None):
     target_modules = lora.prepare_denoiser_for_training(args, transformer)
     family_step = sd3.family_step(args, latents_cache, noise_scheduler, embeddings, run_data, retain_latents)
     run = training.TrainingRun(args, accelerator, transformer, sd3.save_lora_weights, "transformer", run_data)
-    args = run.settings  # an FSDP run skips validation
     validation = samples.ValidationSampler(
         args,
         accelerator,
@@ -112,6 +111,7 @@ def main(argv=None):
         sd3.validation_pipeline(noise_scheduler),
         pipeline_prompt_kwargs(embeddings),
         weight_dtype,
+        every_process=run.sharded,
     )
 
     for step in run.start("SD3", sd3.describe_flow_matching(args)):
@@ -124,14 +124,15 @@ def main(argv=None):
             validation.during_training(run.denoiser, step + 1)
     run.finish()
 
+    config = run.save_adapter(  # by the main process
+        sd3.save_lora_weights,
+        sd3.architecture_info(pipeline_class, run.model, noise_scheduler, has_t5),
+        target_modules,
+        extra={**sd3.flow_matching_config(args), **official_flags.sd3_preservation_record(args)},
+    )
+    # Under FSDP every process takes part in sampling the sharded model; the main process keeps the images.
+    card_samples = validation.card_samples(run.denoiser, args.max_train_steps, preset)
     if accelerator.is_main_process:
-        config = run.save_adapter(
-            sd3.save_lora_weights,
-            sd3.architecture_info(pipeline_class, run.model, noise_scheduler, has_t5),
-            target_modules,
-            extra={**sd3.flow_matching_config(args), **official_flags.sd3_preservation_record(args)},
-        )
-        card_samples = [] if args.skip_validation else validation(run.denoiser, args.max_train_steps, preset)
         outputs.finish_run(args, config, pipeline_class, card_samples)
     accelerator.end_training()
 

@@ -69,33 +69,42 @@ def log_images_to_trackers(accelerator, tag: str, grid, step: int):
             tracker.log({tag: wandb.Image(grid)}, step=step)
 
 
-def validation_grid(args, accelerator, model, generate, step):
-    """Base vs unlearned on the validation prompts, same seeds; saved and sent to the trackers.
+def validation_grid(args, accelerator, model, generate, step, save: bool = True):
+    """Base vs unlearned on the validation prompts, same seeds; saved and sent to the trackers (``save``: the
+    main process; the others only take part in a sharded model's forwards).
 
     The live model is used as it is (never cast): the adapter is switched off for the base images.
     ``generate(prompt, seeds) -> images`` hides the family's pipeline.
     """
-    logger.info("Running validation at step %d", step)
+    if save:
+        logger.info("Running validation at step %d", step)
     seeds = [args.seed + i for i in range(args.num_validation_images)]
     rows = []
     for prompt in args.validation_prompts:
         with adapters_disabled(model):
             base = generate(prompt, seeds)
         rows.append(base + generate(prompt, seeds))
+    if not save:
+        return
     grid = image_grid(rows)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
     log_images_to_trackers(accelerator, "validation (left: base, right: unlearned)", grid, step)
 
 
-def save_model_card_samples(args, preset, generate):
-    """Samples for the public model card: unrelated prompts only, and nothing a detector flags."""
+def save_model_card_samples(args, preset, generate, save: bool = True):
+    """Samples for the public model card: unrelated prompts only, and nothing a detector flags (``save``: as in
+    ``validation_grid``)."""
     from .detectors import get_detector
 
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    if not save:
+        for prompt in preset.unrelated_prompts:
+            generate(prompt, seeds)
+        return []
     detector = get_detector(preset.detector) if preset.detector else None
     samples = []
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    seeds = [args.seed + i for i in range(args.num_validation_images)]
     for p, prompt in enumerate(preset.unrelated_prompts):
         images = generate(prompt, seeds)
         verdicts = detector(images) if detector else [None] * len(images)

@@ -27,12 +27,24 @@ class ValidationSampler:
     prompt_kwargs: Callable
     weight_dtype: torch.dtype
     extra_kwargs: dict = field(default_factory=dict)
+    # A sharded denoiser (``TrainingRun.sharded``) needs every process in each forward: then all of them sample the
+    # same images (same seeds) and the main process keeps them.
+    every_process: bool = False
+
+    @property
+    def samples_here(self) -> bool:
+        return not self.args.skip_validation and (self.every_process or self.accelerator.is_main_process)
 
     def during_training(self, denoiser, step: int):
-        """The base-vs-unlearned grid at ``step``, on the main process; every process waits for it."""
-        if self.accelerator.is_main_process and not self.args.skip_validation:
+        """The base-vs-unlearned grid at ``step``, saved by the main process; every process waits for it."""
+        if self.samples_here:
             self(denoiser, step)
         self.accelerator.wait_for_everyone()
+
+    def card_samples(self, denoiser, step: int, preset) -> list:
+        """The last grid and the model card's samples; [] with ``--skip_validation`` and on other processes."""
+        samples = self(denoiser, step, preset) if self.samples_here else []
+        return samples if self.accelerator.is_main_process else []
 
     def __call__(self, denoiser, step: int, preset=None) -> list:
         """Base vs unlearned grid (and, with ``preset``, the model card samples). Returns the model card samples."""
@@ -59,7 +71,8 @@ class ValidationSampler:
                         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                     ).images
 
-            outputs.validation_grid(args, accelerator, model, generate, step)
-            samples = outputs.save_model_card_samples(args, preset, generate) if preset is not None else []
+            keep = accelerator.is_main_process
+            outputs.validation_grid(args, accelerator, model, generate, step, save=keep)
+            samples = outputs.save_model_card_samples(args, preset, generate, save=keep) if preset is not None else []
         free_memory()
         return samples

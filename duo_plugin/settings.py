@@ -3,7 +3,7 @@
 The training scripts parse their flags into an ``argparse.Namespace``; ``arguments.resolve_training_args`` fills what
 the user left unset (the concept's preset, the family's recipe, the named objective) into a ``Settings``. Nothing
 assigns to it afterwards: the values a run learns later (the flow-matching λ from the scheduler's table, the t_max
-the timing diagnostic measures, the pair folder generated, the FSDP run's skipped validation) make a new object with
+the timing diagnostic measures, the pair folder generated, the retain set's record) make a new object with
 ``replace``, so any function given settings sees one consistent run and cannot change what its caller holds.
 """
 
@@ -30,6 +30,8 @@ class Settings(argparse.Namespace):
         """A copy with ``changes`` applied."""
         return Settings(**{**vars(self), **changes})
 
-    def mutable_copy(self) -> argparse.Namespace:
-        """A plain namespace with the same values, for code that builds its own flags from a run's (tests, sweeps)."""
-        return argparse.Namespace(**vars(self))
+
+def with_values(namespace: argparse.Namespace, **changes) -> Settings:
+    """``namespace``'s values (a ``Settings`` or a plain ``argparse.Namespace``) with ``changes``, as a new
+    ``Settings``; ``namespace`` itself is left as it was."""
+    return Settings(**{**vars(namespace), **changes})

@@ -235,14 +235,7 @@ class TrainingRun:
         )
         checkpoints.check_sharding(accelerator)
         self.sharded = checkpoints.is_fsdp(accelerator)
-        if self.sharded and not args.skip_validation:
-            # Sampling runs on the main process only; a sharded model needs every process for each forward.
-            logger.warning(
-                "FSDP: validation images and model card samples are skipped (as with --skip_validation); "
-                "sample from the saved adapter instead"
-            )
-            args = args.replace(skip_validation=True)
-        self.settings = args  # the scripts read on from these: FSDP runs skip validation
+        self.settings = args
         self._configure_deepspeed()
         self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
         if self.sharded:
@@ -391,10 +384,13 @@ class TrainingRun:
         self.adapter_state = state if self.accelerator.is_main_process else None
 
     def save_adapter(self, save_lora_weights, architecture: dict, target_modules: List[str], extra=None) -> dict:
-        """The adapter, then ``duo_config.json`` (before anything optional can fail, so the folder loads)."""
+        """The adapter, then ``duo_config.json`` (before anything optional can fail, so the folder loads), written
+        by the main process; returns the config there and None elsewhere."""
         from . import outputs
         from .lora import lora_state_dict
 
+        if not self.accelerator.is_main_process:
+            return None
         if self.sharded and self.adapter_state is None:
             raise RuntimeError("under FSDP the adapter must be gathered on every process first: call run.finish()")
         state = self.adapter_state if self.sharded else lora_state_dict(self.model)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, run_process, run_script, tiny_train_args
+from PIL import Image
 from safetensors.torch import load_file
 
 from duo_plugin import checkpoints, lora
@@ -428,7 +429,7 @@ def test_under_fsdp_the_denoiser_waits_in_host_memory_for_its_shards():
 
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_sd, tiny_pairs, tmp_path_factory):
-    """Validation is on in the flags: under FSDP it is skipped with a warning (it samples on one process)."""
+    """Validation at step 2 and the model card's samples: every process samples the sharded model."""
     tmp = tmp_path_factory.mktemp("fsdp")
     log = sharded_launch(
         "fsdp", "train_duo.py", run_args(tiny_sd, tiny_pairs, tmp / "out", "--validation_steps", "2"), tmp
@@ -440,7 +441,7 @@ def fsdp_run(tiny_sd, tiny_pairs, tmp_path_factory):
 def ddp_run(tiny_sd, tiny_pairs, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("ddp") / "out"
     result = run_script(
-        "train_duo.py", run_args(tiny_sd, tiny_pairs, output_dir, "--skip_validation"), num_processes=2
+        "train_duo.py", run_args(tiny_sd, tiny_pairs, output_dir, "--validation_steps", "2"), num_processes=2
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir
@@ -460,8 +461,13 @@ def resume_under_fsdp(checkpoint, tiny_sd, tiny_pairs, tmp):
 def test_fsdp_trains_and_writes_once_what_ddp_writes(fsdp_run, ddp_run):
     output_dir, log = fsdp_run
     assert log.count("Saved the DUO adapter") == 1
-    assert "FSDP: validation images and model card samples are skipped" in log
-    assert not (output_dir / "validation").exists()
+    # The sharded model's validation grid and card samples are the unsharded run's images.
+    samples = sorted(os.listdir(output_dir / "samples"))
+    assert samples == sorted(os.listdir(ddp_run / "samples")) and samples
+    for image in ["validation/step-000002.png", "validation/step-000004.png"] + [f"samples/{n}" for n in samples]:
+        fsdp_image = np.asarray(Image.open(output_dir / image), dtype=np.float64)
+        ddp_image = np.asarray(Image.open(ddp_run / image), dtype=np.float64)
+        assert fsdp_image.shape == ddp_image.shape and np.abs(fsdp_image - ddp_image).mean() < 0.5, image
     assert [r["step"] for r in read_metrics(output_dir)] == [1, 2, 3, 4]
     # The adapter-only layout of a DDP checkpoint: no sharded model, no per-rank optimizer files.
     assert (

@@ -12,6 +12,7 @@ from ..errors import exit_on_usage_error
 from ..input_checks import check_output_dir
 from ..outputs import library_versions
 from ..precision import torch_dtype
+from ..settings import Settings
 from .attack_runs import (
     apply_concept_inversion,
     generate_heldout_concept_images,
@@ -36,18 +37,20 @@ def main(argv=None):
     """The evaluation; returns what it writes to results.json on the main process, None on the others."""
     from accelerate import PartialState
 
-    args = parse_args(argv)
+    args = Settings(**vars(parse_args(argv)))
     check_args(args)
     preset = resolve_concept_preset(args.concept, args.unsafe_prompt, args.safe_prompt)
-    args.output_dir = args.output_dir or f"eval-{preset.name}"
+    args = args.replace(output_dir=args.output_dir or f"eval-{preset.name}")
     check_output_dir(args.output_dir)
     state = PartialState(cpu=cpu_only_multi_process())
     logging.basicConfig(
         format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO if state.is_main_process else logging.ERROR
     )
     specs = resolve_models(args)
-    family = resolve_family(args)
-    skipped_attacks = skip_inapplicable_attacks(args, family)
+    args = args.replace(base_model=specs[0].source)  # the adapters' base model when --base_model is unset
+    args = resolve_family(args)
+    family = args.family
+    args, skipped_attacks = skip_inapplicable_attacks(args, family)
 
     plan = plan_prompt_sets(args, preset, specs)
     prompt_sets, ring_targets, inversion = plan.prompt_sets, plan.ring_a_bell_targets, plan.inversion

@@ -5,7 +5,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..hub import model_source_error
 from ..input_checks import read_tensor_file
 from ..pipeline import fetch_adapter, load_adapters
+from ..settings import Settings, with_values
 
 
 logger = logging.getLogger("duo_plugin.evaluate")
@@ -59,7 +60,9 @@ def parse_model_flag(value: str, kind: str) -> ModelSpec:
 
 
 def resolve_models(args) -> List[ModelSpec]:
-    """Base first, then every evaluated model; refuses duplicate names and an unknown base."""
+    """Base first, then every evaluated model; refuses duplicate names and an unknown base. Without
+    ``--base_model``, the base is the adapters' common base model: the base spec's ``source`` is the base model
+    the run uses (``args`` is only read)."""
     specs = [parse_model_flag(v, "adapter") for v in args.adapter]
     specs += [parse_model_flag(v, "pipeline") for v in args.pipeline]
     specs += [parse_model_flag(v, "unet") for v in args.unet]
@@ -67,14 +70,15 @@ def resolve_models(args) -> List[ModelSpec]:
         if spec.kind == "adapter":
             spec.duo_config = fetch_adapter(spec.source).config
     base_models = {s.duo_config.get("base_model") for s in specs if s.kind == "adapter"} - {None}
-    if args.base_model is None:
+    base_model = args.base_model
+    if base_model is None:
         if len(base_models) > 1:
             raise UsageError(
                 f"the adapters have different base models ({', '.join(sorted(base_models))}): pass --base_model"
             )
         if not base_models:
             raise UsageError("no base model: pass --base_model (a diffusers pipeline folder or Hub id)")
-        args.base_model = base_models.pop()
+        base_model = base_models.pop()
     else:
         for spec in specs:
             if spec.kind == "adapter" and spec.duo_config.get("base_model") not in (None, args.base_model):
@@ -84,7 +88,7 @@ def resolve_models(args) -> List[ModelSpec]:
                     spec.duo_config["base_model"],
                     args.base_model,
                 )
-    all_specs = [ModelSpec(BASE, "base", args.base_model)] + specs
+    all_specs = [ModelSpec(BASE, "base", base_model)] + specs
     names = [s.name for s in all_specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -166,10 +170,10 @@ def load_model(spec: ModelSpec, args, dtype, device):
     return pipe
 
 
-def resolve_family(args) -> str:
-    """The base model's family (read from its model_index.json), with the family's generation defaults filled
-    into the flags left unset: FLUX.1 is sampled as it is used (see the package docstring), every other family
-    with classifier-free guidance 7.5 over 50 steps."""
+def resolve_family(args) -> Settings:
+    """``args`` with the base model's family (read from its model_index.json) as ``family`` and the family's
+    generation defaults filled into the flags left unset: FLUX.1 is sampled as it is used (see the package
+    docstring), every other family with classifier-free guidance 7.5 over 50 steps. ``args`` is only read."""
     from ..families import detect_pipeline_class, pipeline_family
 
     try:
@@ -187,15 +191,18 @@ def resolve_family(args) -> str:
                 f"--resolution {args.resolution} is not a multiple of {info.resolution_multiple} for this FLUX.1 "
                 f"model: its pipeline would resize the images"
             )
-    args.family = family
-    args.num_inference_steps = steps if args.num_inference_steps is None else args.num_inference_steps
-    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
-    return family
+    return with_values(
+        args,
+        family=family,
+        num_inference_steps=steps if args.num_inference_steps is None else args.num_inference_steps,
+        guidance_scale=guidance if args.guidance_scale is None else args.guidance_scale,
+    )
 
 
-def skip_inapplicable_attacks(args, family: str) -> Dict[str, str]:
-    """Drop from ``args.attack`` the attacks that do not apply to the base model's family; returns {attack: the
-    one-line reason} for the report. Refuses a run left without any attack."""
+def skip_inapplicable_attacks(args, family: str) -> Tuple[Settings, Dict[str, str]]:
+    """``(settings, skipped)``: ``args`` with the attacks that do not apply to the base model's family dropped
+    from ``attack``, and {attack: the one-line reason} for the report. Refuses a run left without any attack.
+    ``args`` is only read."""
     from ..families import FAMILY_NAMES
 
     skipped = {}
@@ -210,5 +217,4 @@ def skip_inapplicable_attacks(args, family: str) -> Dict[str, str]:
             f"--attack {' '.join(args.attack)}: none applies to a {FAMILY_NAMES[family]} model ({first}: "
             f"{skipped[first]}); add --attack prompts"
         )
-    args.attack = [attack for attack in args.attack if attack not in skipped]
-    return skipped
+    return with_values(args, attack=[attack for attack in args.attack if attack not in skipped]), skipped

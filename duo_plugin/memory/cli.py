@@ -5,6 +5,7 @@ from dataclasses import asdict, replace
 
 from ..errors import UsageError, exit_on_usage_error
 from ..files import atomic_write_json
+from ..settings import Settings, with_values
 from .configs import TRAINING_SCRIPT, load_base_model_configs, vae_scale_factor
 from .estimator import estimate_inference, estimate_training
 from .recipes import (
@@ -99,18 +100,28 @@ def check_args(args):
         input_checks.check_output_file(args.json, "--json")
 
 
+def resolve_family_defaults(args, configs) -> Settings:
+    """``args`` with the base model's family's defaults filled into the flags left unset: ``--max_sequence_length``
+    (SD3/FLUX) and ``--resolution`` (1024 for SD3/FLUX, else the denoiser's sample size × 8). ``args`` is only
+    read."""
+    family = configs.family
+    max_sequence_length, resolution = args.max_sequence_length, args.resolution
+    if max_sequence_length is None:
+        max_sequence_length = default_max_sequence_length(family)
+    if resolution is None:
+        resolution = 1024 if family in ("sd3", "flux") else 8 * configs.denoiser.get("sample_size", 64)
+    return with_values(args, max_sequence_length=max_sequence_length, resolution=resolution)
+
+
 @exit_on_usage_error
 def main(argv=None):
-    args = parse_args(argv)
+    args = Settings(**vars(parse_args(argv)))
     check_args(args)
     configs = load_base_model_configs(
         args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.pretrained_vae_model_name_or_path
     )
     family = configs.family
-    if args.max_sequence_length is None:
-        args.max_sequence_length = default_max_sequence_length(family)
-    if args.resolution is None:
-        args.resolution = 1024 if family in ("sd3", "flux") else 8 * configs.denoiser.get("sample_size", 64)
+    args = resolve_family_defaults(args, configs)
     if args.resolution % 8:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of 8: the VAE downsamples by 8")
     patch = 2 * vae_scale_factor(configs.vae)

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..errors import UsageError, exit_on_usage_error
 from ..input_checks import check_output_dir
+from ..settings import Settings
 from .commands import TRAINING_SCRIPTS_TEXT, Command, resolve_training_script, run_in_subprocess
 from .curve import PRESERVATION_AXES
 from .grid import preservation_weight_value
@@ -118,12 +119,12 @@ def parse_args(argv=None):
         action="store_true",
         help="train nothing: write the curve from every run of --output_dir evaluated so far (e.g. grids of different shapes, or while a sweep runs)",
     )
-    args = parser.parse_args(argv)
-    check_args(args)
-    return args
+    return check_args(parser.parse_args(argv))
 
 
-def check_args(args):
+def check_args(args) -> Settings:
+    """The flags refused before anything runs; returns them as ``Settings``, ``--training_script`` resolved
+    (``args`` is only read)."""
     if args.beta_dpo is None and not args.report_only:
         raise UsageError(
             "--beta_dpo: give the β values of the grid (or --report_only to plot the runs already evaluated)"
@@ -149,7 +150,7 @@ def check_args(args):
         if not 0 <= seed < 2**32:
             raise UsageError(f"--train_seeds {seed}: give seeds between 0 and 2**32 - 1")
     check_output_dir(args.output_dir)
-    resolve_training_script(args)
+    args = resolve_training_script(args)
     for flag in ("baseline_unet", "baseline_pipeline", "baseline_adapter"):
         for value in getattr(args, flag):
             name, _, path = value.partition("=")
@@ -181,9 +182,10 @@ def check_args(args):
             raise UsageError(
                 f"--eval_args sets {flag.split('=')[0]}, which the sweep sets: leave it out (baselines: --baseline_unet/--baseline_pipeline)"
             )
+    return args
 
 
 @exit_on_usage_error
 def main(argv=None, runner: Callable[[Command, str], None] = run_in_subprocess):
-    args = parse_args(argv)
+    args = parse_args(argv)  # a Settings: read-only from here on
     return run_sweep(args, runner)

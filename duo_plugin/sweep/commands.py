@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
+from ..settings import Settings, with_values
 from .folder import EVAL_DIR
 from .grid import Run
 
@@ -34,23 +35,26 @@ def base_model_family(args) -> Optional[str]:
         return None
 
 
-def resolve_training_script(args):
-    """``--training_script``: the base model's family's DUO script unless given; a DUO script of another family
-    is refused, naming the right one (any other script is taken as given)."""
+def resolve_training_script(args) -> Settings:
+    """``args`` with ``--training_script`` resolved: the base model's family's DUO script unless given; a DUO
+    script of another family is refused, naming the right one (any other script is taken as given). ``args`` is
+    only read."""
     from ..families import FAMILY_NAMES, SCRIPT_OF_FAMILY
 
     family = base_model_family(args)
-    if args.training_script is None:
-        args.training_script = os.path.join(REPO_ROOT, SCRIPT_OF_FAMILY.get(family, "train_duo.py"))
-    if not os.path.isfile(args.training_script):
-        raise UsageError(f"--training_script {args.training_script} does not exist: give {TRAINING_SCRIPTS_TEXT}")
-    name = os.path.basename(args.training_script)
+    script = args.training_script
+    if script is None:
+        script = os.path.join(REPO_ROOT, SCRIPT_OF_FAMILY.get(family, "train_duo.py"))
+    if not os.path.isfile(script):
+        raise UsageError(f"--training_script {script} does not exist: give {TRAINING_SCRIPTS_TEXT}")
+    name = os.path.basename(script)
     expected = SCRIPT_OF_FAMILY.get(family)
     if expected is not None and name in SCRIPT_OF_FAMILY.values() and name != expected:
         raise UsageError(
             f"--training_script {name} does not train {args.pretrained_model_name_or_path}, a {FAMILY_NAMES[family]} "
             f"model: give {expected} ({TRAINING_SCRIPTS_TEXT})"
         )
+    return with_values(args, training_script=script)
 
 
 @dataclass

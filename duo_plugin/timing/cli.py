@@ -6,8 +6,9 @@ import os
 
 from .. import input_checks
 from ..errors import UsageError, exit_on_usage_error
+from ..settings import Settings
 from .analysis import DEFAULT_OPEN_LEVEL
-from .diagnostic import run_timing
+from .diagnostic import output_dir_of, run_timing
 from .inputs import DEFAULT_NUM_INFERENCE_STEPS, FLUX_SCHNELL_STEPS
 from .records import CURVES, PLOT_NAME, RESULT_NAME
 
@@ -120,10 +121,11 @@ def check_args(args):
 @exit_on_usage_error
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    args = parse_args(argv)
+    args = Settings(**vars(parse_args(argv)))
     check_args(args)
     result = run_timing(args)
     if result is not None:
         print(result["verdict"])
-        print(f"wrote {os.path.join(args.output_dir, RESULT_NAME)} and {PLOT_NAME}")
+        output_dir = output_dir_of(args, result["settings"]["concept"])
+        print(f"wrote {os.path.join(output_dir, RESULT_NAME)} and {PLOT_NAME}")
     return result

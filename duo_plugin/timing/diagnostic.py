@@ -39,6 +39,7 @@ import torch
 from .. import input_checks
 from ..errors import UsageError
 from ..files import atomic_write_json
+from ..settings import with_values
 from .analysis import FLOW_FAMILIES, default_window, summarise, window_sigma
 from .inputs import load_base, make_detector, resolve_preset
 from .plot import plot
@@ -183,8 +184,14 @@ def run_units(
     progress.close()
 
 
+def output_dir_of(args, concept: str) -> str:
+    """The diagnostic's folder: ``--output_dir``, or ``timing-<concept>`` when it is unset."""
+    return args.output_dir or f"timing-{concept}"
+
+
 def run_timing(args, state=None) -> dict:
-    """The whole diagnostic (resumable); returns the result the main process wrote (None elsewhere)."""
+    """The whole diagnostic (resumable); returns the result the main process wrote (None elsewhere). ``args`` is
+    only read: the values resolved here (the output folder, the family's sampling defaults) make new ``Settings``."""
     from accelerate import PartialState
 
     from ..distributed import cpu_only_multi_process
@@ -193,7 +200,7 @@ def run_timing(args, state=None) -> dict:
     state = state or PartialState(cpu=cpu_only_multi_process())
     preset = resolve_preset(args)
     detector = make_detector(args.detector or preset.detector, args.detector_threshold, preset.name)
-    args.output_dir = args.output_dir or f"timing-{preset.name}"
+    args = with_values(args, output_dir=output_dir_of(args, preset.name))
     input_checks.check_output_dir(args.output_dir)
     if (args.num_inference_steps is not None and args.num_inference_steps < 2) or args.num_images_per_prompt < 1:
         raise UsageError("--num_inference_steps must be at least 2 and --num_images_per_prompt at least 1")
@@ -204,8 +211,10 @@ def run_timing(args, state=None) -> dict:
     if not prompt_pairs:
         raise UsageError(f"the concept {preset.name!r} has no prompt pairs: pass --unsafe_prompt and --safe_prompt")
 
-    pipe, family = load_base(args)  # fills the family's defaults of --num_inference_steps and (FLUX.1) guidance
-    args.guidance_scale = args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
+    pipe, family, args = load_base(args)  # the family's defaults of --num_inference_steps and (FLUX.1) guidance
+    args = args.replace(
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
+    )
     if args.num_inference_steps < 2:
         raise UsageError("--num_inference_steps must be at least 2")
     pipe.to(state.device)

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..errors import UsageError
+from ..settings import with_values
 
 
 DEFAULT_NUM_INFERENCE_STEPS = 20
@@ -39,7 +40,8 @@ TIMED_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 def load_base(args):
-    """The base pipeline and its family; fills the family's sampling defaults into ``args`` (guidance, steps)."""
+    """``(pipe, family, settings)``: the base pipeline, its family, and ``args`` with the family's sampling defaults
+    filled into the flags left unset (guidance, steps) as a new ``Settings``; ``args`` is only read."""
     from diffusers import DiffusionPipeline
 
     from ..families import FAMILY_NAMES, detect_pipeline_class, pipeline_family
@@ -50,7 +52,7 @@ def load_base(args):
     if family not in TIMED_FAMILIES:
         covered = ", ".join(FAMILY_NAMES[f] for f in TIMED_FAMILIES)
         raise UsageError(f"{pipeline_class} is not supported by the timing diagnostic: it covers {covered}")
-    resolve_family_defaults(args, inspect_base_model(args.pretrained_model_name_or_path, args.revision))
+    args = resolve_family_defaults(args, inspect_base_model(args.pretrained_model_name_or_path, args.revision))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {
         "revision": args.revision,
@@ -61,23 +63,26 @@ def load_base(args):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, family
+    return pipe, family, args
 
 
 def resolve_family_defaults(args, info):
-    """Sampling defaults of the base model's family, for flags left unset.
+    """``args`` with the sampling defaults of the base model's family filled into the flags left unset, as a new
+    ``Settings`` (``args`` is only read).
 
     FLUX.1 has no classifier-free guidance: ``--guidance_scale`` is its guidance embedding's value (the
     pipeline's 3.5 for [dev]; [schnell] has no embedding, 0), never the preset's CFG 7.5. [schnell] samples in
     its distilled 4 steps. Every other family: the preset's CFG scale (set by the caller) and 20 steps.
     """
-    if args.num_inference_steps is None:
+    steps, guidance = args.num_inference_steps, args.guidance_scale
+    if steps is None:
         schnell = info.family == "flux" and info.guidance_embeds is False
-        args.num_inference_steps = FLUX_SCHNELL_STEPS if schnell else DEFAULT_NUM_INFERENCE_STEPS
-    if args.guidance_scale is None and info.default_guidance_scale is not None:
-        args.guidance_scale = info.default_guidance_scale
+        steps = FLUX_SCHNELL_STEPS if schnell else DEFAULT_NUM_INFERENCE_STEPS
+    if guidance is None and info.default_guidance_scale is not None:
+        guidance = info.default_guidance_scale
     if info.family == "flux" and args.resolution is not None and args.resolution % info.resolution_multiple:
         raise UsageError(
             f"--resolution {args.resolution} is not a multiple of {info.resolution_multiple} for this FLUX.1 model: "
             f"its pipeline would resize the images"
         )
+    return with_values(args, num_inference_steps=steps, guidance_scale=guidance)

@@ -5,6 +5,7 @@ import os
 from typing import Optional, Tuple
 
 from ..files import read_state_json
+from ..settings import with_values
 from .cli import parse_args
 from .diagnostic import run_timing
 from .records import RESULT_NAME
@@ -26,7 +27,7 @@ def resolve_t_max(args, preset, accelerator, default: int) -> Tuple[int, Optiona
     )
     # Beside the pair folder, not in it: a pair folder is read as an image dataset.
     cache = folder.rstrip("/\\") + "-timing" if folder else os.path.join(args.output_dir or ".", "timing")
-    timing_args = parse_args(
+    flags = parse_args(
         [
             "--pretrained_model_name_or_path",
             args.pretrained_model_name_or_path,
@@ -61,9 +62,12 @@ def resolve_t_max(args, preset, accelerator, default: int) -> Tuple[int, Optiona
         ]
     )
     # The preset's prompts (a custom concept's included) come from ``preset``, not from the flags.
-    timing_args.unsafe_prompt = [u for u, _ in preset.prompt_pairs]
-    timing_args.safe_prompt = [s for _, s in preset.prompt_pairs]
-    timing_args.detector = timing_args.detector or preset.detector
+    timing_args = with_values(
+        flags,
+        unsafe_prompt=[u for u, _ in preset.prompt_pairs],
+        safe_prompt=[s for _, s in preset.prompt_pairs],
+        detector=flags.detector or preset.detector,
+    )
     result_path = os.path.join(cache, RESULT_NAME)
     if not os.path.isfile(result_path):
         run_timing(timing_args)
