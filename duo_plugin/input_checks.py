@@ -142,17 +142,9 @@ def read_text_lines(path: str) -> List[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
-    """Refuse metadata.jsonl rows that are not JSON objects or name files outside the folder or missing.
-
-    datasets' own error for these names neither the line nor the problem.
-    """
-    path = os.path.join(folder, metadata_name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
-    except UnicodeDecodeError as error:
-        raise not_utf8_error(path, error) from None
+def json_object_rows(path: str, lines: Iterable[str]):
+    """``(line number, row)`` of each non-blank line of a JSON-lines file a person may have edited; a line that is
+    not a JSON object is refused naming the file and the line."""
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -164,6 +156,21 @@ def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
             ) from None
         if not isinstance(row, dict):
             raise UsageError(f"{path}, line {line_number}: not a JSON object: fix or remove that line")
+        yield line_number, row
+
+
+def check_pair_metadata(folder: str, metadata_name: str = "metadata.jsonl"):
+    """Refuse metadata.jsonl rows that are not JSON objects or name files outside the folder or missing.
+
+    datasets' own error for these names neither the line nor the problem.
+    """
+    path = os.path.join(folder, metadata_name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(path, error) from None
+    for line_number, row in json_object_rows(path, lines):
         for key, value in row.items():
             if not key.endswith("file_name"):
                 continue

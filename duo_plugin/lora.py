@@ -204,3 +204,14 @@ def set_sharded_lora_state(model, state: Dict[str, torch.Tensor], source: str):
             if _is_dtensor(param):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(value)
+
+
+def save_denoiser_lora(pipeline_class, prefix: str, output_dir: str, state_dict, denoiser=None):
+    """The adapter in diffusers' LoRA format, written by ``pipeline_class.save_lora_weights`` (``prefix``: ``unet`` or
+    ``transformer``), with peft's adapter config as metadata so stock loaders rebuild the same LoRA."""
+    metadata = denoiser.peft_config["default"].to_dict() if denoiser is not None else None
+    pipeline_class.save_lora_weights(
+        output_dir,
+        weight_name=LORA_WEIGHT_NAME,
+        **{f"{prefix}_lora_layers": state_dict, f"{prefix}_lora_adapter_metadata": metadata},
+    )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from ..input_checks import not_utf8_error, read_text_lines
+from ..input_checks import json_object_rows, not_utf8_error, read_text_lines
 
 
 PROMPT_COLUMNS = ("prompt", "caption", "text")
@@ -112,17 +112,7 @@ def _read_json(path: str) -> List[PromptSpec]:
 def _read_jsonl(path: str) -> List[PromptSpec]:
     prompts = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(
-                    f"{path}, line {line_number}: not a JSON object ({error.msg}): fix or remove that line"
-                ) from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}, line {line_number}: not a JSON object: fix or remove that line")
+        for line_number, row in json_object_rows(path, f):
             column = _first_column(list(row), PROMPT_COLUMNS)
             if column is None or not isinstance(row[column], str):
                 raise UsageError(f"{path}, line {line_number}: no text 'prompt' field")

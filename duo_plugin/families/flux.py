@@ -15,7 +15,7 @@ import torch
 
 from .. import objective
 from ..errors import UsageError
-from ..lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from ..lora import require_joint_attention_target, save_denoiser_lora
 from ..step import FamilyStep
 from . import sd3
 from .prompts import PromptEmbeddings, encode_once
@@ -141,13 +141,7 @@ def family_step(
 def save_lora_weights(output_dir, transformer_lora_state_dict, transformer=None):
     from diffusers import FluxPipeline
 
-    metadata = transformer.peft_config["default"].to_dict() if transformer is not None else None
-    FluxPipeline.save_lora_weights(
-        output_dir,
-        transformer_lora_layers=transformer_lora_state_dict,
-        weight_name=LORA_WEIGHT_NAME,
-        transformer_lora_adapter_metadata=metadata,
-    )
+    save_denoiser_lora(FluxPipeline, "transformer", output_dir, transformer_lora_state_dict, transformer)
 
 
 def validation_pipeline(noise_scheduler):

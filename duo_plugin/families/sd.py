@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import objective
-from ..lora import LORA_WEIGHT_NAME
+from ..lora import save_denoiser_lora
 from ..step import FamilyStep, StepSettings, duo_losses
 from .prompts import PromptEmbeddings, concat_conditions, condition_rows, encode_once, pair_condition, repeat_rows
 
@@ -255,13 +255,7 @@ def save_lora_weights(output_dir, unet_lora_state_dict, unet=None):
     """The adapter in diffusers' LoRA format; SDXL's pipeline writes the same ``unet.`` keys as SD 1.x/2.x's."""
     from diffusers import StableDiffusionPipeline
 
-    metadata = unet.peft_config["default"].to_dict() if unet is not None else None
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir,
-        unet_lora_layers=unet_lora_state_dict,
-        weight_name=LORA_WEIGHT_NAME,
-        unet_lora_adapter_metadata=metadata,
-    )
+    save_denoiser_lora(StableDiffusionPipeline, "unet", output_dir, unet_lora_state_dict, unet)
 
 
 def validation_pipeline(family: str, noise_scheduler):

@@ -12,7 +12,7 @@ import torch
 
 from .. import objective
 from ..errors import UsageError
-from ..lora import LORA_WEIGHT_NAME, require_joint_attention_target
+from ..lora import require_joint_attention_target, save_denoiser_lora
 from ..step import FamilyStep, StepSettings, duo_losses
 from . import base_has_t5
 from .prompts import PromptEmbeddings, encode_once, pair_condition
@@ -264,13 +264,7 @@ def duo_forward(
 def save_lora_weights(output_dir, transformer_lora_state_dict, transformer=None):
     from diffusers import StableDiffusion3Pipeline
 
-    metadata = transformer.peft_config["default"].to_dict() if transformer is not None else None
-    StableDiffusion3Pipeline.save_lora_weights(
-        output_dir,
-        transformer_lora_layers=transformer_lora_state_dict,
-        weight_name=LORA_WEIGHT_NAME,
-        transformer_lora_adapter_metadata=metadata,
-    )
+    save_denoiser_lora(StableDiffusion3Pipeline, "transformer", output_dir, transformer_lora_state_dict, transformer)
 
 
 def architecture_info(pipeline_class, transformer, noise_scheduler, has_t5: bool) -> dict:
