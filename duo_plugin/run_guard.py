@@ -21,6 +21,7 @@ from typing import List, Optional
 
 from .errors import StorageError, TrainingHalted, UsageError, storage_error, storage_reason
 from .lora import LORA_WEIGHT_NAME
+from .resumable import settings_changes
 
 
 logger = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def check_resume_checkpoint(path: str, args, accelerator=None):
         logger.warning("checkpoint %s predates recorded settings: resuming without checking them", path)
         return
     stored, current = record.get("settings") or {}, run_settings(args, accelerator)
-    names = [name for name in current if name in stored and stored[name] != current[name]]
+    names = settings_changes(stored, current)
     if "max_train_steps" in names and current.get("lr_scheduler") == "constant":
         names.remove("max_train_steps")  # a constant rate does not depend on the run's length
     if names:
