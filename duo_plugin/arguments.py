@@ -23,7 +23,7 @@ from .presets import (
     preservation_weight_for_beta,
     with_overrides,
 )
-from .settings import Settings
+from .settings import Settings, with_values
 
 
 # --objective: named settings; each flag the user gives still wins. ``paper`` takes β and λ from the concept
@@ -284,9 +284,9 @@ def resolve_training_args(args, family: str) -> Tuple[Settings, ConceptPreset]:
         given = getattr(args, name)
         return value if given is None else given
 
-    return Settings(
+    return with_values(
+        args,
         **{
-            **vars(args),
             "concept": preset.name,
             "beta_dpo": beta_dpo,
             "learning_rate": unless_given(
@@ -307,7 +307,7 @@ def resolve_training_args(args, family: str) -> Tuple[Settings, ConceptPreset]:
             "resolution": unless_given("resolution", recipe.default_resolution),
             "output_dir": unless_given("output_dir", f"duo-{preset.name}"),
             **resolved_objective_args(args),
-        }
+        },
     ), with_overrides(preset, beta_dpo=beta_dpo)
 
 

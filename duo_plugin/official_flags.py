@@ -19,7 +19,7 @@ from typing import Optional
 from . import objective
 from .files import read_state_json
 from .presets import preservation_effective_weight, preservation_weight_for_beta, sd3_preservation_weight_for_beta
-from .settings import Settings
+from .settings import with_values
 
 
 PRESERVATION_NOISE_MODES = ("fresh", "pair")
@@ -85,9 +85,9 @@ def resolve_sd3_preservation(
     if not preservation_weight_given:
         weight = sd3_preservation_weight_for_beta(settings.beta_dpo, official_sigma, sigma, precondition)
     official_weight = preservation_weight_for_beta(settings.beta_dpo)
-    return Settings(
+    return with_values(
+        settings,
         **{
-            **vars(settings),
             "preservation_weight": weight,
             "preservation_sigma": sigma,
             "preservation_timestep": timestep,
@@ -97,7 +97,7 @@ def resolve_sd3_preservation(
             "official_preservation_effective_weight": preservation_effective_weight(
                 official_weight, official_sigma, precondition
             ),
-        }
+        },
     )
 
 

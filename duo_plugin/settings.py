@@ -28,7 +28,7 @@ class Settings(argparse.Namespace):
 
     def replace(self, **changes) -> "Settings":
         """A copy with ``changes`` applied."""
-        return Settings(**{**vars(self), **changes})
+        return with_values(self, **changes)
 
 
 def with_values(namespace: argparse.Namespace, **changes) -> Settings:
