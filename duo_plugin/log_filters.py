@@ -16,6 +16,11 @@ SYMLINKS_WARNING = r"The `local_dir_use_symlinks` argument is deprecated"
 # for 8-bit Adam (--use_8bit_adam), which does not need that kernel.
 BITSANDBYTES_LOGGER = "bitsandbytes.backends.cpu.ops"
 BITSANDBYTES_KERNEL_WARNING = "kernels-community"
+# accelerate imports DeepSpeed whenever it is installed (unwrapping any model, e.g. in transformers' save_pretrained);
+# on a machine without CUDA DeepSpeed then warns that it picked its CPU accelerator, in every command, DeepSpeed
+# run or not.
+DEEPSPEED_LOGGER = "DeepSpeed"
+DEEPSPEED_CPU_WARNING = "Setting accelerator to CPU"
 # lpips builds its trunk with torchvision's old ``pretrained=`` argument; torchvision warns twice per metric
 # network. The evaluation's LPIPS is unchanged by it.
 TORCHVISION_PRETRAINED_WARNINGS = (
@@ -41,7 +46,10 @@ class DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
-_BITSANDBYTES_FILTER = DropMessages(BITSANDBYTES_KERNEL_WARNING)
+_LOGGER_FILTERS = {
+    BITSANDBYTES_LOGGER: DropMessages(BITSANDBYTES_KERNEL_WARNING),
+    DEEPSPEED_LOGGER: DropMessages(DEEPSPEED_CPU_WARNING),
+}
 
 
 def silence_library_noise():
@@ -50,9 +58,10 @@ def silence_library_noise():
     for message in TORCHVISION_PRETRAINED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     warnings.filterwarnings("ignore", message=NUMPY_COPY_WARNING, category=DeprecationWarning)
-    logger = logging.getLogger(BITSANDBYTES_LOGGER)
-    if _BITSANDBYTES_FILTER not in logger.filters:
-        logger.addFilter(_BITSANDBYTES_FILTER)
+    for name, drop in _LOGGER_FILTERS.items():
+        logger = logging.getLogger(name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 import contextlib
 import re
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -105,7 +105,7 @@ def lora_state_dict(model) -> Dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def _lora_parameters(model) -> Dict[str, torch.nn.Parameter]:
+def lora_parameters(model) -> Dict[str, torch.nn.Parameter]:
     """The adapter's parameters as registered on ``model`` now (under FSDP2 this process's shards, DTensors), under
     the names ``get_peft_model_state_dict`` gives them: the same selection, in the same order on every process."""
     from peft.utils import get_peft_model_state_dict
@@ -123,28 +123,34 @@ def _is_dtensor(tensor) -> bool:
 
 def lora_is_sharded(model) -> bool:
     """True when the adapter's weights are split across processes (FSDP2 shards them as DTensors)."""
-    return any(_is_dtensor(param) for param in _lora_parameters(model).values())
+    return any(_is_dtensor(param) for param in lora_parameters(model).values())
 
 
-def gather_lora_state_dict(model) -> Dict[str, torch.Tensor]:
+def gather_lora_state_dict(model, whole_tensor: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """The whole adapter in diffusers' LoRA format, on CPU, on every process that calls it.
 
     Sharded (FSDP2), each process holds a slice of every LoRA weight: they are all-gathered one weight after the
     other, in the same order everywhere, so EVERY process must call this, not only the one that writes. Only the
     adapter is gathered, never the frozen base weights (``get_model_state_dict(full_state_dict=True)`` would gather
     the whole model onto one process). Unsharded, it is ``lora_state_dict`` and nothing is exchanged.
+    ``whole_tensor(param)`` replaces the gathering: DeepSpeed ZeRO-2 passes its reader of the fp32 master weights.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    parameters = _lora_parameters(model)
-    if not any(_is_dtensor(param) for param in parameters.values()):
-        return lora_state_dict(model)
+    parameters = lora_parameters(model)
+    if whole_tensor is None:
+        if not any(_is_dtensor(param) for param in parameters.values()):
+            return lora_state_dict(model)
+        whole_tensor = _full_tensor
     gathered = {}
     with torch.no_grad():
         for key, param in parameters.items():
-            value = param.full_tensor() if _is_dtensor(param) else param
-            gathered[key] = value.detach().to("cpu", copy=True)
+            gathered[key] = whole_tensor(param).detach().to("cpu", copy=True)
     return convert_state_dict_to_diffusers(gathered)
+
+
+def _full_tensor(param):
+    return param.full_tensor() if _is_dtensor(param) else param
 
 
 def _read_lora_file(lora_dir: str, prefix: str) -> Dict[str, torch.Tensor]:
@@ -166,8 +172,9 @@ def _unexpected_keys_error(lora_dir: str, key: str) -> UsageError:
     )
 
 
-def load_lora_state_dict(model, lora_dir: str, prefix: str):
-    """Restore adapter weights saved by ``save_lora_weights`` into a model that has the adapter.
+def load_lora_state_dict(model, lora_dir: str, prefix: str) -> Dict[str, torch.Tensor]:
+    """Restore adapter weights saved by ``save_lora_weights`` into a model that has the adapter; returns them as
+    read (peft's names, the file's dtype).
 
     Sharded (FSDP2), every process reads the whole file and keeps its own slice of each weight: nothing is
     exchanged, and every process ends with the adapter that was saved, not only the first."""
@@ -176,11 +183,12 @@ def load_lora_state_dict(model, lora_dir: str, prefix: str):
     state = _read_lora_file(lora_dir, prefix)
     if lora_is_sharded(model):
         set_sharded_lora_state(model, state, lora_dir)
-        return
+        return state
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise _unexpected_keys_error(lora_dir, unexpected[0])
+    return state
 
 
 def set_sharded_lora_state(model, state: Dict[str, torch.Tensor], source: str):
@@ -188,7 +196,7 @@ def set_sharded_lora_state(model, state: Dict[str, torch.Tensor], source: str):
     process cuts its own slice (``distribute_tensor`` with no source rank sends nothing)."""
     from torch.distributed.tensor import distribute_tensor
 
-    parameters = _lora_parameters(model)
+    parameters = lora_parameters(model)
     unexpected = [key for key in state if key not in parameters]
     if unexpected:
         raise _unexpected_keys_error(source, unexpected[0])

@@ -234,9 +234,13 @@ class TrainingRun:
             power=args.lr_power,
         )
         checkpoints.check_sharding(accelerator)
-        self.sharded = checkpoints.is_fsdp(accelerator)
+        # Read before prepare: the CPU test entries' accelerate state says MULTI_CPU again afterwards.
+        engine = checkpoints.sharding_engine(accelerator)
+        self.sharded = engine == "FSDP"  # the weights themselves split across processes
         self.settings = args
         self._configure_deepspeed()
+        # The optimizer's weights in its order, before an engine swaps them: the positions of optimizer.bin.
+        parameter_groups = [list(group["params"]) for group in optimizer.param_groups]
         self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
         if self.sharded:
             # FSDP2 replaced the parameters by their shards (DTensors): clip and count those the optimizer holds.
@@ -246,15 +250,21 @@ class TrainingRun:
         )
         self.model = accelerator.unwrap_model(self.denoiser)
         checkpoints.register_adapter_state_hooks(accelerator, self.model, save_lora_weights, lora_prefix=lora_prefix)
-        # Under FSDP checkpoints are written by every process together (accelerate would save the whole model).
-        self.sharded_state = (
-            checkpoints.ShardedState(
-                accelerator, self.model, self.optimizer, self.lr_scheduler, save_lora_weights, lora_prefix
+        # Under FSDP and ZeRO-2 checkpoints are written by every process together (accelerate would save the whole
+        # model, in the engine's per-process layout).
+        self.sharded_state = None
+        if engine is not None:
+            self.sharded_state = checkpoints.ShardedState(
+                accelerator,
+                self.model,
+                self.optimizer,
+                self.lr_scheduler,
+                save_lora_weights,
+                lora_prefix,
+                engine,
+                parameter_groups,
             )
-            if self.sharded
-            else None
-        )
-        self.adapter_state = None  # the gathered adapter, under FSDP, from finish() on
+        self.adapter_state = None  # the gathered adapter, under FSDP and ZeRO-2, from finish() on
 
         self.first_step = 0
         self.last_checkpoint = checkpoints.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
@@ -367,20 +377,19 @@ class TrainingRun:
         )
 
     def finish(self):
-        """End of the loop, on every process: under FSDP this also gathers the adapter (``gather_adapter_state``)."""
+        """End of the loop, on every process: under FSDP and ZeRO-2 this also gathers the adapter
+        (``gather_adapter_state``)."""
         self.progress_bar.close()
-        if self.sharded:
-            self.gather_adapter_state()
+        self.gather_adapter_state()
         self.accelerator.wait_for_everyone()
 
     def gather_adapter_state(self):
-        """Under FSDP, gather the whole adapter from every process's shards for ``save_adapter``; every process
-        must call it (``finish`` does). Kept on the main process only. Unsharded, there is nothing to gather."""
-        from .lora import gather_lora_state_dict
-
-        if not self.sharded:
+        """Under FSDP and ZeRO-2, gather the whole adapter (ZeRO-2: its fp32 master weights) from every process for
+        ``save_adapter``; every process must call it (``finish`` does). Kept on the main process only. Otherwise
+        there is nothing to gather."""
+        if self.sharded_state is None:
             return
-        state = gather_lora_state_dict(self.model)
+        state = self.sharded_state.whole_adapter()
         self.adapter_state = state if self.accelerator.is_main_process else None
 
     def save_adapter(self, save_lora_weights, architecture: dict, target_modules: List[str], extra=None) -> dict:
@@ -391,9 +400,10 @@ class TrainingRun:
 
         if not self.accelerator.is_main_process:
             return None
-        if self.sharded and self.adapter_state is None:
-            raise RuntimeError("under FSDP the adapter must be gathered on every process first: call run.finish()")
-        state = self.adapter_state if self.sharded else lora_state_dict(self.model)
+        gathered = self.sharded_state is not None
+        if gathered and self.adapter_state is None:
+            raise RuntimeError("a sharded run's adapter must be gathered on every process first: call run.finish()")
+        state = self.adapter_state if gathered else lora_state_dict(self.model)
         outputs.save_adapter(
             self.settings.output_dir,
             lambda folder: save_lora_weights(folder, state, self.model),

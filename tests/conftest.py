@@ -54,6 +54,13 @@ def tiny_sd_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from duo_plugin.testing import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     from duo_plugin.testing import make_tiny_sdxl_pipeline
 

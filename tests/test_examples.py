@@ -519,13 +519,6 @@ def check_smoke(result):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
-
-
-@pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from duo_plugin.testing import make_tiny_clip
 

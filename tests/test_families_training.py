@@ -22,13 +22,6 @@ FAMILY_FLAGS = {"flux": ("--max_sequence_length", "16"), "sd3": ("--max_sequence
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
-
-
-@pytest.fixture(scope="module")
 def tiny_flux_schnell(tmp_path_factory):
     from duo_plugin.testing import make_tiny_flux_pipeline
 

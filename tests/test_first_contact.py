@@ -188,28 +188,33 @@ def test_library_noise_is_silenced_and_other_messages_are_not(capsys):
         warnings.warn("something else")
     assert [str(w.message) for w in caught] == ["something else"]
 
-    bitsandbytes_logger = logging.getLogger(log_filters.BITSANDBYTES_LOGGER)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    bitsandbytes_logger.addHandler(handler)
-    try:
-        bitsandbytes_logger.warning(
-            "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
-        )
-        bitsandbytes_logger.warning("another bitsandbytes warning")
-    finally:
-        bitsandbytes_logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["another bitsandbytes warning"]
+    for name, noise in (
+        (log_filters.BITSANDBYTES_LOGGER, "Failed to load CPU gemm_4bit_forward from kernels-community: No module"),
+        (log_filters.DEEPSPEED_LOGGER, "Setting accelerator to CPU. If you have GPU or other accelerator, we were"),
+    ):
+        library_logger = logging.getLogger(name)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        library_logger.addHandler(handler)
+        try:
+            library_logger.warning(noise)
+            library_logger.warning("another warning")
+        finally:
+            library_logger.removeHandler(handler)
+        assert [r.getMessage() for r in records] == ["another warning"], name
 
 
 def test_library_warnings_do_not_reach_a_commands_console():
     """In a fresh process, as a command runs: diffusers imports bitsandbytes whenever it is installed
     (its model classes do), and reads configs from the Hub cache through an argument huggingface_hub
-    calls deprecated; neither prints anything after duo_plugin is imported. (Without --use_8bit_adam the
-    training code itself never uses bitsandbytes.)"""
+    calls deprecated; accelerate imports DeepSpeed whenever it unwraps a model, which on a machine without CUDA
+    says it chose its CPU accelerator. None prints anything after duo_plugin is imported. (Without --use_8bit_adam
+    the training code itself never uses bitsandbytes.)"""
     script = (
-        "import duo_plugin.families as t, diffusers.quantizers\n"
+        "import duo_plugin.families as t, diffusers.quantizers, torch\n"
+        "from accelerate.utils import extract_model_from_parallel\n"
+        "extract_model_from_parallel(torch.nn.Linear(1, 1))\n"
         "try:\n    t.detect_pipeline_class('duo-test/never-cached', None)\nexcept Exception as e:\n    print(e)"
     )
     result = run_process(
@@ -220,6 +225,7 @@ def test_library_warnings_do_not_reach_a_commands_console():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "offline mode is on" in result.stdout
     assert "kernels-community" not in result.stderr and "local_dir_use_symlinks" not in result.stderr
+    assert "Setting accelerator to CPU" not in result.stderr + result.stdout
 
 
 # --- Point 7: diffusers' own entry, then one plugin call, offline ---------------------------------

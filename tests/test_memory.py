@@ -13,13 +13,6 @@ from duo_plugin.errors import UsageError
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3_memory")))
-
-
 def relative_error(estimate: int, measured: int) -> float:
     return abs(estimate / measured - 1)
 

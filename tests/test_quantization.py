@@ -39,13 +39,6 @@ def quantizing_on_cpu(monkeypatch):
                 monkeypatch.setattr(candidate, "validate_environment", allow)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
-
-
 def train_quantized(family, model, pairs, output_dir, mode, monkeypatch):
     """Train 4 steps (λ 0, a large rate, so the adapter moves) and return the module kinds the loss saw."""
     seen = {}

@@ -43,13 +43,6 @@ def train_duo_sd3():
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
-
-
-@pytest.fixture(scope="module")
 def tiny_sd3_without_t5(tmp_path_factory):
     from duo_plugin.testing import make_tiny_sd3_pipeline
 

@@ -243,13 +243,6 @@ def test_train_duo_t_max_auto_measures_first_and_records_it(tiny_sd, tiny_pairs,
 # --- --t_max auto for SD3: the σ-table reading ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from duo_plugin.testing import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3")))
-
-
 class NearReferenceDetector:
     """Flags an image whose mean absolute pixel difference (in [0, 1]) to one of ``references`` is below ``threshold``.
 
