@@ -43,14 +43,18 @@ class ResumableFolder:
     """``folder`` with its settings file ``settings_name``.
 
     ``contents`` says what the folder holds in a refusal ("a timing run", "images"); ``resume_hint`` is how to go
-    on ("rerun with the same flags to resume, or use a new --output_dir").
+    on ("rerun with the same flags to resume, or use a new --output_dir"); ``refusal`` words the refusal from
+    ``folder``, ``contents``, ``changes`` (the changed names, comma-separated) and ``hint``.
     """
 
-    def __init__(self, folder: str, settings_name: str, contents: str, resume_hint: str):
+    REFUSAL = "{folder} holds {contents} made with other settings ({changes}): {hint}"
+
+    def __init__(self, folder: str, settings_name: str, contents: str, resume_hint: str, refusal: str = REFUSAL):
         self.folder = folder
         self.settings_path = os.path.join(folder, settings_name)
         self.contents = contents
         self.resume_hint = resume_hint
+        self.refusal = refusal
 
     def stored_settings(self) -> dict:
         if not os.path.isfile(self.settings_path):
@@ -65,8 +69,9 @@ class ResumableFolder:
         changes = settings_changes(stored, settings)
         if changes:
             raise UsageError(
-                f"{self.folder} holds {self.contents} made with other settings ({', '.join(changes)}): "
-                f"{self.resume_hint}"
+                self.refusal.format(
+                    folder=self.folder, contents=self.contents, changes=", ".join(changes), hint=self.resume_hint
+                )
             )
         merged = merged_settings(stored, settings)
         if is_main:

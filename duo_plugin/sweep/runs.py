@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 from .. import saturation
 from ..errors import UsageError
-from ..resumable import ResumableFolder, settings_changes
+from ..resumable import ResumableFolder
 from .commands import Command, concept_flags, evaluation_command, run_in_subprocess, training_command
 from .curve import PRESERVATION_AXES, SATURATION_KEYS, write_curve
 from .folder import BASELINES_NAME, EVAL_DIR, RUN_RESULT_NAME, SWEEP_SETTINGS_NAME, read_json, write_json
@@ -31,14 +31,9 @@ def check_sweep_settings(args):
         SWEEP_SETTINGS_NAME,
         contents="a sweep",
         resume_hint="rerun with the same flags (only the grid and the baselines may change), or use a new --output_dir",
+        # The sweep's settings are its flags: the refusal names them ("made with other train_args").
+        refusal="{folder} holds {contents} made with other {changes}: {hint}",
     )
-    # Refused here, before the folder's own check, so the message names the changed flags as the sweep always has
-    # ("made with other train_args"); the folder's check then records the settings.
-    changed = settings_changes(folder.stored_settings(), settings)
-    if changed:
-        raise UsageError(
-            f"{args.output_dir} holds {folder.contents} made with other {', '.join(changed)}: {folder.resume_hint}"
-        )
     folder.check_settings(settings)
 
 
