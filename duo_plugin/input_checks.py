@@ -86,6 +86,16 @@ def check_training_args(args):
     check_output_dir(args.output_dir)
 
 
+def check_zero2_optimizer(use_8bit_adam: bool):
+    """Under DeepSpeed ZeRO-2 a checkpoint gathers AdamW's moments weight by weight; bitsandbytes' 8-bit state
+    (block-wise codes and scales) has no such layout."""
+    if use_8bit_adam:
+        raise UsageError(
+            "--use_8bit_adam does not run under DeepSpeed ZeRO-2 (its 8-bit optimizer state cannot be gathered into "
+            "a checkpoint): drop --use_8bit_adam (ZeRO-2 already splits the optimizer state across GPUs) or use FSDP"
+        )
+
+
 def check_output_file(path: str, flag: str):
     """Refuse an output file that is a folder, or whose folder is missing or not writable, before any work."""
     if os.path.isdir(path):

@@ -217,7 +217,7 @@ class TrainingRun:
     def __init__(self, args, accelerator, denoiser, save_lora_weights, lora_prefix: str, run_data: RunData):
         from diffusers.optimization import get_scheduler
 
-        from . import checkpoints, outputs, run_guard, saturation
+        from . import checkpoints, input_checks, outputs, run_guard, saturation
 
         self.accelerator, self.run_data = accelerator, run_data
         self.step_settings = step_settings(args, accelerator, run_data.variant)
@@ -236,6 +236,8 @@ class TrainingRun:
         checkpoints.check_sharding(accelerator)
         # Read before prepare: the CPU test entries' accelerate state says MULTI_CPU again afterwards.
         engine = checkpoints.sharding_engine(accelerator)
+        if engine == "DeepSpeed":
+            input_checks.check_zero2_optimizer(args.use_8bit_adam)
         self.sharded = engine == "FSDP"  # the weights themselves split across processes
         self.settings = args
         self._configure_deepspeed()

@@ -259,6 +259,13 @@ def test_fp16s_dynamic_loss_scale_is_kept_in_the_checkpoint(tmp_path):
 
 
 def test_zero2_refuses_optimizers_whose_state_it_cannot_gather(zero2_process_group, tiny_sd):
+    from duo_plugin import input_checks
+
+    # Before DeepSpeed is set up, from the flags (TrainingRun asks when the launch is DeepSpeed's) ...
+    input_checks.check_zero2_optimizer(use_8bit_adam=False)
+    with pytest.raises(UsageError, match="--use_8bit_adam does not run under DeepSpeed ZeRO-2.*or use FSDP"):
+        input_checks.check_zero2_optimizer(use_8bit_adam=True)
+    # ... and from the engine's optimizer, whatever made it.
     unet = adapted_unet(tiny_sd)
     stranger = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
     with pytest.raises(UsageError, match="only with torch's AdamW \\(found SGD\\): drop --use_8bit_adam"):

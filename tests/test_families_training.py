@@ -321,3 +321,31 @@ def ddpm_scheduler():
 def test_flux_card_loads_in_bf16(trained_flux):
     card = (trained_flux / "README.md").read_text()
     assert "FluxPipeline.from_pretrained" in card and "torch.bfloat16" in card and "torch.float16" not in card
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_validation_pipelines_sample_the_trained_denoiser_without_text_encoders(family, model_of):
+    """Each family's pipeline, built around the run's own denoiser and VAE, with a sampling scheduler of its own
+    and no text encoder, tokenizer or safety checker (prompts come as embeddings)."""
+    import diffusers
+
+    from duo_plugin.families import sd3
+
+    model = model_of(family)
+    denoiser_name = "unet" if family in ("sd", "sdxl") else "transformer"
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model)
+    make = {
+        "sd": lambda s: sd.validation_pipeline("sd", s),
+        "sdxl": lambda s: sd.validation_pipeline("sdxl", s),
+        "sd3": sd3.validation_pipeline,
+        "flux": flux.validation_pipeline,
+    }[family](pipe.scheduler)
+    denoiser = getattr(pipe, denoiser_name)
+    validation = make(denoiser, pipe.vae)
+    assert type(validation) is type(pipe)
+    assert getattr(validation, denoiser_name) is denoiser and validation.vae is pipe.vae
+    assert validation.scheduler is not pipe.scheduler
+    encoders = [name for name in validation.components if name.startswith(("text_encoder", "tokenizer"))]
+    assert encoders and all(getattr(validation, name) is None for name in encoders)
+    if family == "sd":
+        assert validation.safety_checker is None and validation.config.requires_safety_checker is False

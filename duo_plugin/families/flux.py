@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..lora import require_joint_attention_target, save_denoiser_lora
 from ..step import FamilyStep
 from . import sd3
-from .prompts import PromptEmbeddings, encode_once
+from .prompts import PromptEmbeddings, encode_once, pipeline_for_embeddings
 from .quantization import text_quantization_config, to_device
 
 
@@ -150,15 +150,8 @@ def validation_pipeline(noise_scheduler):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     def make(transformer, vae):
-        return FluxPipeline(
-            transformer=transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config),
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-        )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+        return pipeline_for_embeddings(FluxPipeline, transformer=transformer, vae=vae, scheduler=scheduler)
 
     return make
 

@@ -71,3 +71,16 @@ def pair_condition(embeddings: PromptEmbeddings, unsafe_prompts, pair_indices):
     if unsafe_prompts is None:
         return None
     return embeddings([unsafe_prompts[i] for i in pair_indices.tolist()])
+
+
+def pipeline_for_embeddings(pipeline_class, **components):
+    """``pipeline_class`` built from ``components``, with None for every other module its constructor requires
+    (text encoders, tokenizers, SD's safety checker): a run samples it with prompt embeddings from this module."""
+    import inspect
+
+    required = [
+        name
+        for name, parameter in inspect.signature(pipeline_class.__init__).parameters.items()
+        if name != "self" and parameter.default is inspect.Parameter.empty
+    ]
+    return pipeline_class(**{name: None for name in required if name not in components}, **components)

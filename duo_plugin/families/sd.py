@@ -14,7 +14,15 @@ import torch
 from .. import objective
 from ..lora import save_denoiser_lora
 from ..step import FamilyStep, StepSettings, duo_losses
-from .prompts import PromptEmbeddings, concat_conditions, condition_rows, encode_once, pair_condition, repeat_rows
+from .prompts import (
+    PromptEmbeddings,
+    concat_conditions,
+    condition_rows,
+    encode_once,
+    pair_condition,
+    pipeline_for_embeddings,
+    repeat_rows,
+)
 
 
 @torch.no_grad()
@@ -266,24 +274,9 @@ def validation_pipeline(family: str, noise_scheduler):
     def make(unet, vae):
         scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
         if family == "sdxl":
-            return StableDiffusionXLPipeline(
-                vae=vae,
-                text_encoder=None,
-                text_encoder_2=None,
-                tokenizer=None,
-                tokenizer_2=None,
-                unet=unet,
-                scheduler=scheduler,
-            )
-        return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            return pipeline_for_embeddings(StableDiffusionXLPipeline, unet=unet, vae=vae, scheduler=scheduler)
+        return pipeline_for_embeddings(
+            StableDiffusionPipeline, unet=unet, vae=vae, scheduler=scheduler, requires_safety_checker=False
         )
 
     return make

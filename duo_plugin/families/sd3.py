@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..lora import require_joint_attention_target, save_denoiser_lora
 from ..step import FamilyStep, StepSettings, duo_losses
 from . import base_has_t5
-from .prompts import PromptEmbeddings, encode_once, pair_condition
+from .prompts import PromptEmbeddings, encode_once, pair_condition, pipeline_for_embeddings
 from .quantization import text_quantization_config, to_device
 
 
@@ -313,17 +313,8 @@ def validation_pipeline(noise_scheduler):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     def make(transformer, vae):
-        return StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config),
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+        return pipeline_for_embeddings(StableDiffusion3Pipeline, transformer=transformer, vae=vae, scheduler=scheduler)
 
     return make
 

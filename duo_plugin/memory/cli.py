@@ -133,7 +133,7 @@ def main(argv=None):
     all_on = replace(
         settings,
         gradient_checkpointing=True,
-        use_8bit_adam=True,
+        use_8bit_adam=settings.sharding != "zero2",  # refused under ZeRO-2 (input_checks.check_zero2_optimizer)
         mixed_precision=settings.mixed_precision if settings.mixed_precision != "no" else "bf16",
     )
     print(
