@@ -105,8 +105,8 @@ def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_pre
 
     ``save_lora_weights(output_dir, state_dict, model)`` is the family's pipeline saver; ``model`` is the
     unwrapped denoiser that carries the adapter, the only model a DUO run prepares. Under FSDP2 and ZeRO-2
-    ``save_checkpoint`` uses ``ShardedState`` instead; should ``save_state`` be called there all the same, the
-    adapter is gathered from every process (the hook runs on all of them) and written once.
+    ``save_checkpoint`` uses ``ShardedState`` and never calls ``save_state``; the hook still gathers an adapter whose
+    weights are sharded (FSDP2's DTensors) from every process (it runs on all of them) and writes it once.
     """
 
     def check_models(models):
@@ -143,9 +143,7 @@ def register_adapter_state_hooks(accelerator, model, save_lora_weights, lora_pre
 
 
 def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+    return sharding_engine(accelerator) == "FSDP"
 
 
 def sharding_engine(accelerator) -> Optional[str]:

@@ -81,6 +81,26 @@ def tiny_pairs(tmp_path_factory):
     return make_tiny_pair_folder(str(tmp_path_factory.mktemp("tiny_pairs")), num_pairs=4)
 
 
+# A checkpoint of a two-process run: the adapter and the run state only (no model weights, no per-rank optimizer).
+DDP_CHECKPOINT_FILES = [
+    "duo_checkpoint.json",
+    "optimizer.bin",
+    "pytorch_lora_weights.safetensors",
+    "random_states_0.pkl",
+    "random_states_1.pkl",
+    "scheduler.bin",
+]
+
+
+def sample_red_square(pipe):
+    """Three sampling steps of an SD pipeline at a fixed seed, as numbers (the tests' before/after an adapter)."""
+    import torch
+
+    return pipe(
+        "a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+
+
 def tiny_train_args(model, pairs, output_dir, *extra):
     """Flags for a fast train_duo.py run on the tiny pipeline."""
     return [

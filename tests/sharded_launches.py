@@ -1,18 +1,22 @@
-"""Two-process launches under FSDP2 and DeepSpeed ZeRO-2 on CPU, and what they are compared with: a DDP run of the
-same seed (tests/test_sharded.py, tests/test_deepspeed.py).
+"""What the sharded tests share (tests/test_sharded.py, tests/test_deepspeed.py): two-process launches under FSDP2 and
+DeepSpeed ZeRO-2 on CPU and what they are compared with (a DDP run of the same seed), and the pieces of the in-process
+tests (a one-process gloo group, a tiny adapted UNet, DUO-ordered steps, the accelerator a ShardedState reads).
 
 accelerate sets FSDP and DeepSpeed up only on accelerators: on CPU processes it runs DDP instead (the scripts say so
 in a warning). The launches therefore go through a small entry script (``ENTRIES``) that lets accelerate's FSDP2 (or
 DeepSpeed) code path run on CPU tensors with gloo, then runs the training script unchanged.
 """
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from conftest import REPO_ROOT, run_process, run_script, tiny_train_args
+from conftest import DDP_CHECKPOINT_FILES, REPO_ROOT, run_process, run_script, sample_red_square, tiny_train_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -211,14 +215,7 @@ def check_sharded_run_against_ddp(output_dir, log, ddp_dir):
     assert (
         sorted(os.listdir(output_dir / "checkpoint-2"))
         == sorted(os.listdir(ddp_dir / "checkpoint-2"))
-        == [
-            "duo_checkpoint.json",
-            "optimizer.bin",
-            "pytorch_lora_weights.safetensors",
-            "random_states_0.pkl",
-            "random_states_1.pkl",
-            "scheduler.bin",
-        ]
+        == DDP_CHECKPOINT_FILES
     )
     # Rank divergence: the checkpoint and the final adapter equal the DDP run's, every tensor whole.
     for folder in ("checkpoint-2", "."):
@@ -246,15 +243,77 @@ def stock_diffusers_adapter(family, model_dir, adapter_dir):
     }[family]
     pipe = pipeline_class.from_pretrained(model_dir, **({"safety_checker": None} if family == "sd" else {}))
     if family == "sd":
-
-        def sample():
-            return pipe(
-                "a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
-            ).images
-
-        base = sample()
+        base = sample_red_square(pipe)
         pipe.load_lora_weights(str(adapter_dir))
-        assert np.abs(sample() - base).max() > 1e-3
+        assert np.abs(sample_red_square(pipe) - base).max() > 1e-3
         return loaded_adapter(pipe.unet, "unet")
     pipe.load_lora_weights(str(adapter_dir))
     return loaded_adapter(pipe.transformer, "transformer")
+
+
+# --------------------------------------------------------------------------------------------------
+# In process: one gloo process, a tiny adapted UNet, steps in DUO's order
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_gloo_process():
+    """A one-process gloo group for this process (skipped where one exists already), destroyed afterwards."""
+    import pytest
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(folder, "store"), 1), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def adapted_unet(model_dir, seed=0):
+    """The tiny UNet with a rank-4 DUO adapter on its self-attention, its LoRA weights drawn from ``seed``."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").requires_grad_(False)
+    flags = SimpleNamespace(
+        enable_xformers_memory_efficient_attention=False,
+        gradient_checkpointing=False,
+        allow_tf32=False,
+        lora_target="self_attn",
+        rank=4,
+        lora_alpha=4,
+    )
+    torch.manual_seed(seed)
+    lora.prepare_denoiser_for_training(flags, unet)
+    return unet
+
+
+def unet_inputs(seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(2, 4, 16, 16, generator=generator).to(dtype),
+        torch.tensor([10, 500]),
+        torch.randn(2, 4, 32, generator=generator).to(dtype),
+    )
+
+
+def duo_ordered_loss(unet, forward, inputs):
+    """DUO's order: the reference forward with the adapter off and no grad, then the adapted forward through
+    ``forward`` (the engine, where one wraps ``unet``); a loss that trains the adapter."""
+    with torch.no_grad(), lora.adapters_disabled(unet):
+        reference = unet(*inputs).sample.float()
+    prediction = forward(*inputs).sample.float()
+    return ((prediction - reference) ** 2 + prediction**2).mean()
+
+
+def checkpoint_accelerator():
+    """What ``ShardedState`` reads of the accelerator in a one-process test."""
+    return SimpleNamespace(
+        is_main_process=True,
+        process_index=0,
+        step=0,
+        scaler=None,
+        project_configuration=SimpleNamespace(save_on_each_node=False),
+    )

@@ -13,18 +13,23 @@ import pytest
 import torch
 from sharded_launches import (
     TOLERANCE,
+    adapted_unet,
     adapter,
     assert_adapters_close,
     assert_bit_equal,
     assert_optimizer_states_close,
     check_sharded_run_against_ddp,
+    checkpoint_accelerator,
     ddp_launch,
+    duo_ordered_loss,
+    one_gloo_process,
     optimizer_state,
     read_metrics,
     resume_launch,
     run_args,
     sharded_launch,
     stock_diffusers_adapter,
+    unet_inputs,
 )
 
 from duo_plugin import checkpoints, lora
@@ -48,40 +53,17 @@ ZERO2_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def zero2_process_group(tmp_path_factory):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
+def zero2_process_group():
     environment = dict(os.environ)
     os.environ["LOCAL_RANK"] = "0"  # DeepSpeed asks for it; accelerate launch sets it
-    store = dist.FileStore(str(tmp_path_factory.mktemp("zero2") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        yield
+        with one_gloo_process():
+            yield
     finally:
-        dist.destroy_process_group()
         # Whatever DeepSpeed set (LOCAL_RANK above, its rank variables) would make later tests' accelerate
         # believe it runs under a launcher.
         os.environ.clear()
         os.environ.update(environment)
-
-
-def adapted_unet(model_dir, seed=0):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").requires_grad_(False)
-    flags = SimpleNamespace(
-        enable_xformers_memory_efficient_attention=False,
-        gradient_checkpointing=False,
-        allow_tf32=False,
-        lora_target="self_attn",
-        rank=4,
-        lora_alpha=4,
-    )
-    torch.manual_seed(seed)
-    lora.prepare_denoiser_for_training(flags, unet)
-    return unet
 
 
 def zero2_run(unet, engine=True, bf16=False):
@@ -98,15 +80,8 @@ def zero2_run(unet, engine=True, bf16=False):
         return SimpleNamespace(model=unet, engine=None, optimizer=optimizer, lr_scheduler=scheduler)
     config = {**ZERO2_CONFIG, "bf16": {"enabled": bf16}}
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=config)
-    accelerator = SimpleNamespace(
-        is_main_process=True,
-        process_index=0,
-        step=0,
-        scaler=None,
-        project_configuration=SimpleNamespace(save_on_each_node=False),
-    )
     state = checkpoints.ShardedState(
-        accelerator,
+        checkpoint_accelerator(),
         unet,
         SimpleNamespace(optimizer=zero_optimizer),  # accelerate's optimizer wrapper
         scheduler,
@@ -120,16 +95,9 @@ def zero2_run(unet, engine=True, bf16=False):
 
 
 def train_steps(run, steps, first=0, dtype=torch.float32):
-    """DUO's order: the reference forward with the adapter off and no grad, then the adapted forward."""
     for step in range(first, first + steps):
-        generator = torch.Generator().manual_seed(step)
-        x, t = torch.randn(2, 4, 16, 16, generator=generator).to(dtype), torch.tensor([10, 500])
-        context = torch.randn(2, 4, 32, generator=generator).to(dtype)
-        with torch.no_grad(), lora.adapters_disabled(run.model):
-            reference = run.model(x, t, context).sample.float()
         engine = getattr(run, "engine_module", None)
-        prediction = (engine or run.model)(x, t, context).sample.float()
-        loss = ((prediction - reference) ** 2 + prediction**2).mean()
+        loss = duo_ordered_loss(run.model, engine or run.model, unet_inputs(step, dtype))
         if engine is None:
             loss.backward()
             run.optimizer.step()

@@ -7,24 +7,28 @@ a one-process gloo group (the parameters become DTensors all the same); the slow
 """
 
 import os
-import tempfile
 from types import SimpleNamespace
 
 import pytest
 import torch
 from sharded_launches import (
     TOLERANCE,
+    adapted_unet,
     adapter,
     assert_adapters_close,
     assert_bit_equal,
     check_sharded_run_against_ddp,
+    checkpoint_accelerator,
     ddp_launch,
+    duo_ordered_loss,
+    one_gloo_process,
     optimizer_state,
     read_metrics,
     resume_launch,
     run_args,
     sharded_launch,
     stock_diffusers_adapter,
+    unet_inputs,
 )
 
 from duo_plugin import checkpoints, lora
@@ -38,35 +42,10 @@ from duo_plugin.errors import UsageError
 
 @pytest.fixture(scope="module")
 def one_process_group():
-    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    with tempfile.TemporaryDirectory() as folder:
-        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(folder, "store"), 1), rank=0, world_size=1)
-        try:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            yield init_device_mesh("cpu", (1,))
-        finally:
-            dist.destroy_process_group()
-
-
-def adapted_unet(model_dir, seed=0):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").requires_grad_(False)
-    flags = SimpleNamespace(
-        enable_xformers_memory_efficient_attention=False,
-        gradient_checkpointing=False,
-        allow_tf32=False,
-        lora_target="self_attn",
-        rank=4,
-        lora_alpha=4,
-    )
-    torch.manual_seed(seed)
-    lora.prepare_denoiser_for_training(flags, unet)
-    return unet
+    with one_gloo_process():
+        yield init_device_mesh("cpu", (1,))
 
 
 def shard(unet, mesh, blocks=True):
@@ -81,23 +60,9 @@ def shard(unet, mesh, blocks=True):
     return unet
 
 
-def unet_inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(2, 4, 16, 16, generator=generator),
-        torch.tensor([10, 500]),
-        torch.randn(2, 4, 32, generator=generator),
-    )
-
-
 def train_steps(unet, optimizer, steps=2):
-    """DUO's order: the reference forward with the adapter off and no grad, then the adapted forward."""
     for step in range(steps):
-        x, t, context = unet_inputs(step)
-        with torch.no_grad(), lora.adapters_disabled(unet):
-            reference = unet(x, t, context).sample
-        prediction = unet(x, t, context).sample
-        ((prediction - reference) ** 2 + prediction**2).mean().backward()
+        duo_ordered_loss(unet, unet, unet_inputs(step)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -168,14 +133,9 @@ def test_a_sharded_checkpoint_round_trips_in_the_unsharded_format(
     def run_state(unet):
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
         scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2, num_training_steps=10)
-        accelerator = SimpleNamespace(
-            is_main_process=True,
-            process_index=0,
-            step=0,
-            scaler=None,
-            project_configuration=SimpleNamespace(save_on_each_node=False),
+        return checkpoints.ShardedState(
+            checkpoint_accelerator(), unet, optimizer, scheduler, sd.save_lora_weights, "unet"
         )
-        return checkpoints.ShardedState(accelerator, unet, optimizer, scheduler, sd.save_lora_weights, "unet")
 
     plain = adapted_unet(tiny_sd)
     plain_state = run_state(plain)

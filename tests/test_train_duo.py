@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, tiny_train_args, train_in_process
+from conftest import DDP_CHECKPOINT_FILES, run_script, sample_red_square, tiny_train_args, train_in_process
 from safetensors.torch import load_file
 
 
@@ -118,15 +118,9 @@ def test_stock_diffusers_loads_the_adapter_and_outputs_change(trained, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
-
-    def sample():
-        return pipe(
-            "a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
-        ).images
-
-    base = sample()
+    base = sample_red_square(pipe)
     pipe.load_lora_weights(str(trained))
-    adapted = sample()
+    adapted = sample_red_square(pipe)
     assert np.abs(adapted - base).max() > 1e-3
 
 
@@ -220,14 +214,7 @@ def test_two_processes_complete_and_only_rank_zero_writes(tiny_sd, tiny_pairs, t
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint")) == ["checkpoint-2"]
     # accelerate keeps one RNG file per process; everything else is written once, by rank 0.
-    assert sorted(os.listdir(output_dir / "checkpoint-2")) == [
-        "duo_checkpoint.json",
-        "optimizer.bin",
-        "pytorch_lora_weights.safetensors",
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-        "scheduler.bin",
-    ]
+    assert sorted(os.listdir(output_dir / "checkpoint-2")) == DDP_CHECKPOINT_FILES
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_sd, tiny_pairs, tmp_path, capsys):
